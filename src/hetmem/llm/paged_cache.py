@@ -1,0 +1,103 @@
+"""A paged KV cache for transformers (through ``transformers.cache_utils``).
+
+Keys and values live in one preallocated buffer per layer, ``[B, H_kv, capacity, D]``, whose
+capacity is a whole number of pages and grows geometrically, so appending a decode token is a
+copy of one token (not a concatenation of the whole cache). When the layer has a ``pipeline``, its
+Prepare step runs on every update and keeps the page summaries (the Memory) up to date during
+prefill and decode.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.types import Memory
+
+
+class PagedKVLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, page_size: int = 16, pipeline: MemoryPipeline | None = None, reserve_tokens: int = 0):
+        super().__init__()
+        self.page_size = page_size
+        self.pipeline = pipeline
+        self.reserve_tokens = reserve_tokens
+        self.length = 0
+        self.memory: Memory | None = None
+
+    # -- transformers' layer interface -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        self._alloc(B, H, D, value_states.shape[-1], max(self.reserve_tokens, key_states.shape[-2]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.capacity:
+            self._grow(end)
+        self.buf_k[:, :, start:end] = key_states
+        self.buf_v[:, :, start:end] = value_states
+        self.length = end
+        if self.pipeline is not None:
+            self.memory = self.pipeline.build((self, start, end), self.memory)
+        return self.buf_k[:, :, :end], self.buf_v[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        self.memory = None
+
+    # -- storage ------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.buf_k.shape[2]
+
+    @property
+    def n_pages(self) -> int:
+        return -(-self.length // self.page_size)
+
+    def _round(self, n: int) -> int:
+        return -(-n // self.page_size) * self.page_size
+
+    def _alloc(self, B: int, H: int, Dk: int, Dv: int, tokens: int) -> None:
+        cap = self._round(max(tokens, self.page_size))
+        self.buf_k = torch.empty(B, H, cap, Dk, dtype=self.dtype, device=self.device)
+        self.buf_v = torch.empty(B, H, cap, Dv, dtype=self.dtype, device=self.device)
+        self.keys, self.values = self.buf_k, self.buf_v
+
+    def _grow(self, needed: int) -> None:
+        old_k, old_v, n = self.buf_k, self.buf_v, self.length
+        B, H, _, Dk = old_k.shape
+        self._alloc(B, H, Dk, old_v.shape[-1], max(needed, 2 * self.capacity))
+        self.buf_k[:, :, :n] = old_k[:, :, :n]
+        self.buf_v[:, :, :n] = old_v[:, :, :n]
+        if self.memory is not None:
+            for name, t in self.memory.tensors.items():
+                grown = t.new_empty(*t.shape[:2], self.capacity // self.page_size, *t.shape[3:])
+                grown[:, :, : t.shape[2]] = t
+                self.memory.tensors[name] = grown
+
+
+class PagedKVCache(Cache):
+    """One PagedKVLayer per decoder layer; each layer gets its own pipeline (its own timer is shared)."""
+
+    def __init__(self, num_layers: int, page_size: int = 16, pipelines=None, reserve_tokens: int = 0):
+        pipelines = pipelines or [None] * num_layers
+        layers = [PagedKVLayer(page_size, p, reserve_tokens) for p in pipelines]
+        super().__init__(layers=layers)
+        self.page_size = page_size

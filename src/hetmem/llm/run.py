@@ -1,0 +1,41 @@
+"""One question against one context with one method: the record ``hetmem run --json`` prints."""
+
+from __future__ import annotations
+
+import time
+
+from hetmem.errors import HetmemError
+from hetmem.llm.generate import generate
+from hetmem.llm.models import LoadedModel
+from hetmem.llm.prompt import build_prompt_ids, eos_ids
+from hetmem.methods.base import Method
+
+
+def answer_question(
+    lm: LoadedModel, method: Method, context: str, question: str, max_new_tokens: int = 32, progress: bool = True
+) -> dict:
+    t0 = time.perf_counter()
+    ids = build_prompt_ids(lm.tokenizer, context, question)
+    n_prompt = ids.shape[1]
+    if n_prompt + max_new_tokens > lm.max_context:
+        raise HetmemError(
+            f"the prompt is {n_prompt} tokens; with {max_new_tokens} new tokens it needs "
+            f"{n_prompt + max_new_tokens}, more than {lm.name}'s {lm.max_context}-token window"
+        )
+    res = generate(lm.model, ids, method, max_new_tokens, eos_token_ids=eos_ids(lm.tokenizer, lm.model), progress=progress)
+    answer = lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
+    steps = res.timer.summary()
+    return {
+        "answer": answer,
+        "method": method.name,
+        "params": method.params(),
+        "model": lm.name,
+        "device": str(next(lm.model.parameters()).device),
+        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        "time_source": "measured",
+        "total_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        "prefill_ms": round(res.prefill_ms, 3),
+        "decode_ms": round(res.decode_ms, 3),
+        "tokens": {"prompt": n_prompt, "generated": len(res.token_ids)},
+        "steps": steps,
+    }

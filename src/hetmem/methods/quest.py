@@ -1,0 +1,134 @@
+"""``quest``: page-level sparse attention in decode (Quest; LServe's page selection).
+
+    Prepare    per-page elementwise key min/max, kept current in prefill and decode  (ops.page_minmax)
+    Relevancy  upper bound of q.k per page, per KV head, max over its GQA group       (ops.page_score)
+    Retrieval  top pages under a token budget; sink page and recent page(s) always in  (ops.topk)
+    Apply      gather the selected pages of K/V, attend over only those               (ops.sparse_attention)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
+from hetmem.errors import HetmemError
+from hetmem.methods.base import Method, register
+from hetmem.ops.page_minmax import update_page_minmax
+from hetmem.ops.page_score import quest_upper_bound
+from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
+from hetmem.ops.topk import budget_page_indices
+
+
+@dataclass
+class PageMinMaxPrepare:
+    """Prepare: raw = (paged layer, start, end) of the tokens just written."""
+
+    page_size: int
+    device: str = "cpu"
+    name: str = "page-minmax"
+
+    def prepare(self, raw, memory: Memory | None = None) -> Memory:
+        layer, start, end = raw
+        n_cap = layer.capacity // self.page_size
+        if memory is None:
+            B, H, _, D = layer.buf_k.shape
+            shape = (B, H, n_cap, D)
+            memory = Memory(
+                kind="page-minmax",
+                tensors={"kmin": layer.buf_k.new_empty(shape), "kmax": layer.buf_k.new_empty(shape)},
+                unit_size=self.page_size,
+            )
+        update_page_minmax(memory.tensors["kmin"], memory.tensors["kmax"], layer.buf_k, start, end, self.page_size)
+        memory.n_units = -(-end // self.page_size)
+        memory.meta["length"] = end
+        return memory
+
+
+@dataclass
+class QuestRelevancy:
+    """Relevancy: Quest upper bound for the candidate pages (between the sink and the recent window)."""
+
+    sink_pages: int
+    recent_pages: int
+    budget_pages: int
+    device: str = "cpu"
+    name: str = "quest-upper-bound"
+
+    def score(self, memory: Memory, query: Query) -> Scores:
+        n = memory.n_units
+        lo = min(self.sink_pages, n)
+        hi = max(lo, n - self.recent_pages)
+        if self.budget_pages >= n:  # everything fits: nothing to rank
+            hi = lo
+        kmin = memory.tensors["kmin"][:, :, lo:hi]
+        kmax = memory.tensors["kmax"][:, :, lo:hi]
+        return Scores(quest_upper_bound(query.vectors, kmin, kmax), offset=lo)
+
+
+@dataclass
+class PageBudgetTopK:
+    """Retrieval: ``budget_pages`` pages per KV head = sink + top-k candidates + recent window."""
+
+    budget_pages: int
+    sink_pages: int
+    recent_pages: int
+    device: str = "cpu"
+    name: str = "page-topk"
+
+    def select(self, scores: Scores, memory: Memory) -> Selection:
+        n = memory.n_units
+        idx = budget_page_indices(
+            scores.values, scores.offset, n, self.budget_pages, self.sink_pages, self.recent_pages
+        )
+        return Selection(indices=idx, n_units=n, unit_size=memory.unit_size, length=memory.meta["length"])
+
+
+@dataclass
+class PageGatherAttention:
+    """Apply: gather the selected pages' K and V and attend over only those tokens."""
+
+    device: str = "cpu"
+    name: str = "page-gather-attention"
+
+    def apply(self, raw, selection: Selection, target: DecodeTarget):
+        L = selection.length
+        if selection.indices.shape[-1] >= selection.n_units:  # everything selected: no gather needed
+            k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
+        else:
+            k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, selection.unit_size, L)
+        return grouped_decode_attention(target.q, k, v, target.scale)
+
+
+@register
+@dataclass
+class Quest(Method):
+    name = "quest"
+    family = "sparse-attention"
+    summary = "page min/max upper-bound scoring, top pages under a token budget (Quest/LServe)"
+
+    budget: int = 1024
+    page_size: int = 16
+    sink_pages: int = 1
+    recent_pages: int = 1
+
+    def validate(self) -> None:
+        if self.page_size < 1:
+            raise HetmemError(f"--page-size must be at least 1 (got {self.page_size})")
+        if self.budget < self.page_size:
+            raise HetmemError(f"--budget {self.budget} is smaller than one page ({self.page_size} tokens)")
+        if self.sink_pages < 0 or self.recent_pages < 1:
+            raise HetmemError("quest needs sink_pages >= 0 and recent_pages >= 1")
+
+    @property
+    def budget_pages(self) -> int:
+        return self.budget // self.page_size
+
+    def pipeline(self, device, timer):
+        return MemoryPipeline(
+            PageMinMaxPrepare(self.page_size, device),
+            QuestRelevancy(self.sink_pages, self.recent_pages, self.budget_pages, device),
+            PageBudgetTopK(self.budget_pages, self.sink_pages, self.recent_pages, device),
+            PageGatherAttention(device),
+            timer,
+        )
