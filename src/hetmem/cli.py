@@ -34,9 +34,15 @@ def _read_context(path: str) -> str:
 
 
 def _method_from_args(args):
+    """Build the method from every CLI option whose name matches one of its parameters."""
     from hetmem.methods import get_method
 
-    return get_method(args.method, budget=args.budget, page_size=args.page_size)
+    return get_method(args.method, **{k: v for k, v in vars(args).items() if k not in ("method", "func", "cmd")})
+
+
+# Runners for method families other than in-model attention methods: family -> callable(args, method) -> int.
+# A family registers itself here (e.g. RAG, whose Apply assembles a prompt from retrieved passages).
+RUNNERS: dict = {}
 
 
 def cmd_run(args) -> int:
@@ -45,6 +51,10 @@ def cmd_run(args) -> int:
     from hetmem.profiling.report import step_table
 
     method = _method_from_args(args)
+    if method.family in RUNNERS:
+        return RUNNERS[method.family](args, method)
+    if not args.context:
+        raise HetmemError(f"--context FILE is required for method '{method.name}'")
     if not args.question or not args.question.strip():
         raise HetmemError("the question is empty")
     if args.max_new_tokens < 1:
@@ -123,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", required=True, choices=sorted(REGISTRY))
     r.add_argument("--budget", type=int, default=None, help="token budget for sparse methods (default 1024)")
     r.add_argument("--page-size", type=int, default=None, help="tokens per page (default 16)")
-    r.add_argument("--context", required=True, help="a UTF-8 text file")
-    r.add_argument("--question", required=True)
+    r.add_argument("--context", help="a UTF-8 text file (attention methods)")
+    r.add_argument("--question")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--json", action="store_true", help="print one JSON object")
     model_args(r)
@@ -141,7 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the memory methods and their parameters")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_methods)
+
+    # Other subcommands and method families plug in here: each module's register(sub, run_parser) adds its
+    # own subcommands and `hetmem run` options (and may add to RUNNERS).
+    import importlib
+
+    for mod_name in EXTENSIONS:
+        importlib.import_module(mod_name).register(sub, r)
     return p
+
+
+# Modules with a `register(subparsers, run_parser)` function (profile, plan, index, train, ...).
+EXTENSIONS: list[str] = []
 
 
 def main(argv: list[str] | None = None) -> int:

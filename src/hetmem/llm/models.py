@@ -56,6 +56,13 @@ ALIASES = {"qwen": "qwen2.5-coder-0.5b", "default": "qwen2.5-coder-0.5b", "smoll
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def log(msg: str) -> None:
     print(f"[hetmem] {msg}", file=sys.stderr, flush=True)
 
@@ -111,10 +118,16 @@ def _assemble_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     t0 = time.perf_counter()
     log(f"converting {path.name} from GGUF (one-off, ~15-60 s)")
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    hf_logging.enable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    finally:
+        hf_logging.disable_progress_bar()
     # The dequantised weights are plain tensors; drop the quantizer so the model saves as safetensors.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -170,6 +183,7 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
     """Load an embedded model by name, a local HF model directory, or a local .gguf file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     name = resolve_model_name(name)
     torch_dtype = _parse_dtype(dtype, device)
     if name in EMBEDDED:
