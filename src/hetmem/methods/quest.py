@@ -18,6 +18,7 @@ from hetmem.ops.page_minmax import update_page_minmax
 from hetmem.ops.page_score import quest_upper_bound
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
 from hetmem.ops.topk import budget_page_indices
+from hetmem.profiling.timer import substep
 
 
 @dataclass
@@ -96,7 +97,8 @@ class PageGatherAttention:
         if selection.indices.shape[-1] >= selection.n_units:  # everything selected: no gather needed
             k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
         else:
-            k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, selection.unit_size, L)
+            with substep("gather", self.device):  # timed as apply.gather (inside apply)
+                k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, selection.unit_size, L)
         return grouped_decode_attention(target.q, k, v, target.scale)
 
 
