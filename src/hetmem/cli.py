@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", required=True, choices=sorted(REGISTRY))
     r.add_argument("--budget", type=int, default=None, help="token budget for sparse methods (default 1024)")
     r.add_argument("--page-size", type=int, default=None, help="tokens per page (default 16)")
+    r.add_argument("--dense-layers", type=int, default=None, help="quest: first layers kept dense (default 2)")
     r.add_argument("--context", help="a UTF-8 text file (attention methods)")
     r.add_argument("--question")
     r.add_argument("--max-new-tokens", type=int, default=32)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from hetmem.llm import attention
 from hetmem.llm.paged_cache import PagedKVCache
 from hetmem.methods.base import Method
+from hetmem.profiling.recall import RecallMeter
 from hetmem.profiling.timer import StepTimer
 
 
@@ -23,6 +24,8 @@ class GenerationResult:
     prefill_ms: float
     decode_ms: float
     logits: list[torch.Tensor] = field(default_factory=list)
+    recall: dict | None = None  # attention-mass recall of the method's selections (when asked for)
+    memory: dict = field(default_factory=dict)  # KV bytes held at the end, and the method's own report
 
     @property
     def total_ms(self) -> float:
@@ -46,6 +49,7 @@ def generate(
     progress: bool = True,
     keep_logits: bool = False,
     timer: StepTimer | None = None,
+    recall: bool = False,
 ) -> GenerationResult:
     """Prefill the prompt (dense, chunked), then decode greedily with ``method`` in every layer."""
     attention.install(model)
@@ -53,17 +57,42 @@ def generate(
     timer = timer or StepTimer()
     n_layers = model.config.num_hidden_layers
     page_size = getattr(method, "page_size", 16)
-    pipelines = [method.pipeline(device, timer) for _ in range(n_layers)]
+    method.bind(model)  # methods with per-layer weights (gates, indexers) size and load them here
+    pipelines = [method.pipeline(device, timer, layer_idx=i) for i in range(n_layers)]
     prompt_len = input_ids.shape[1]
-    cache = PagedKVCache(n_layers, page_size, pipelines, reserve_tokens=prompt_len + max_new_tokens)
-    runtime = attention.SparseRuntime(cache, device)
+    cache = PagedKVCache(n_layers, page_size, pipelines, reserve_tokens=prompt_len + max_new_tokens,
+                         layer_cls=getattr(method, "cache_layer", None))
+    meter = RecallMeter(n_layers) if recall else None
+    runtime = attention.SparseRuntime(cache, device, recall=meter)
+    hooks = attention.capture_hidden(model, cache) if getattr(method, "needs_hidden", False) else []
     eos = eos_token_ids or set()
     input_ids = input_ids.to(device)
     out_ids: list[int] = []
     logits_kept: list[torch.Tensor] = []
     show = progress and (prompt_len > prefill_chunk or max_new_tokens > 16)
 
-    with runtime.activate():
+    try:
+        with runtime.activate():
+            times = _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show,
+                         keep_logits, eos, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    memory = {
+        "kv_bytes": sum(layer.kv_nbytes() for layer in cache.layers),
+        "tokens_stored_max": max(layer.length for layer in cache.layers),
+        "tokens_seen": cache.layers[0].seen,
+        "source": "measured",
+    }
+    memory.update(method.report(cache) or {})
+    return GenerationResult(out_ids, prompt_len, timer, times[0], times[1], logits_kept,
+                            meter.summary() if meter else None, memory)
+
+
+def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show, keep_logits, eos,
+         device) -> tuple[float, float]:
+    prompt_len = input_ids.shape[1]
+    if True:
         timer.phase = "prefill"
         t0 = time.perf_counter()
         bar = tqdm(total=prompt_len, desc="prefill", unit="tok", file=sys.stderr, disable=not show, leave=False)
@@ -90,5 +119,4 @@ def generate(
             logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
         bar.close()
         decode_ms = (time.perf_counter() - t1) * 1e3
-
-    return GenerationResult(out_ids, prompt_len, timer, prefill_ms, decode_ms, logits_kept)
+    return prefill_ms, decode_ms

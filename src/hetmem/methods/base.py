@@ -26,8 +26,16 @@ class Method:
     def validate(self) -> None:
         """Raise HetmemError for parameter values that cannot work."""
 
-    def pipeline(self, device: str, timer: StepTimer) -> MemoryPipeline:
+    def pipeline(self, device: str, timer: StepTimer, layer_idx: int = 0) -> MemoryPipeline:
+        """The four steps for one attention layer (methods may treat some layers differently)."""
         raise NotImplementedError
+
+    def bind(self, model) -> None:
+        """Called once per generation before ``pipeline``: methods with per-layer weights size/load them here."""
+
+    def report(self, cache) -> dict | None:
+        """Extra measured facts about the method's memory after a run (evictions, quantisation error)."""
+        return None
 
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

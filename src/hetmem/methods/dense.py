@@ -29,5 +29,5 @@ class Dense(Method):
     family = "baseline"
     summary = "full attention over the whole context (the baseline)"
 
-    def pipeline(self, device, timer):
+    def pipeline(self, device, timer, layer_idx: int = 0):
         return MemoryPipeline(None, None, None, DenseAttentionApply(device), timer)

@@ -14,6 +14,7 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, register
+from hetmem.methods.dense import Dense
 from hetmem.ops.page_minmax import update_page_minmax
 from hetmem.ops.page_score import quest_upper_bound
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
@@ -113,20 +114,23 @@ class Quest(Method):
     page_size: int = 16
     sink_pages: int = 1
     recent_pages: int = 1
+    dense_layers: int = 2  # as in Quest: the first layers attend densely (their attention is not sparse)
 
     def validate(self) -> None:
         if self.page_size < 1:
             raise HetmemError(f"--page-size must be at least 1 (got {self.page_size})")
         if self.budget < self.page_size:
             raise HetmemError(f"--budget {self.budget} is smaller than one page ({self.page_size} tokens)")
-        if self.sink_pages < 0 or self.recent_pages < 1:
-            raise HetmemError("quest needs sink_pages >= 0 and recent_pages >= 1")
+        if self.sink_pages < 0 or self.recent_pages < 1 or self.dense_layers < 0:
+            raise HetmemError("quest needs sink_pages >= 0, recent_pages >= 1 and dense_layers >= 0")
 
     @property
     def budget_pages(self) -> int:
         return self.budget // self.page_size
 
-    def pipeline(self, device, timer):
+    def pipeline(self, device, timer, layer_idx: int = 0):
+        if layer_idx < self.dense_layers:
+            return Dense().pipeline(device, timer)
         return MemoryPipeline(
             PageMinMaxPrepare(self.page_size, device),
             QuestRelevancy(self.sink_pages, self.recent_pages, self.budget_pages, device),
