@@ -10,24 +10,34 @@ import torch.nn.functional as F
 
 
 def gather_pages(buf: torch.Tensor, indices: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Gather full pages: ``buf [B, H, cap, D]``, ``indices [B, H, k]`` -> ``[B, H, k * page_size, D]``."""
+    """Gather whole pages: ``buf [B, H, cap, D]``, ``indices [B, H, k]`` -> ``[B, H, k * page_size, D]``.
+
+    One ``index_select`` over a (B*H*pages, P*D) view: a single copy of exactly the selected bytes.
+    """
     B, H, cap, D = buf.shape
-    pages = buf[:, :, : (cap // page_size) * page_size].reshape(B * H, cap // page_size, page_size, D)
+    n = cap // page_size
     k = indices.shape[-1]
-    rows = torch.arange(B * H, device=buf.device).unsqueeze(-1)
-    out = pages[rows, indices.reshape(B * H, k)]  # [B*H, k, P, D]
-    return out.reshape(B, H, k * page_size, D)
+    flat = buf[:, :, : n * page_size].reshape(B * H * n, page_size * D)
+    base = torch.arange(B * H, device=buf.device).unsqueeze(-1) * n
+    rows = (indices.reshape(B * H, k) + base).reshape(-1)
+    return flat.index_select(0, rows).reshape(B, H, k * page_size, D)
 
 
 def gather_selected_kv(
     keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, page_size: int, length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the selected pages. The last selected page must be the last page (possibly partial)."""
-    n_pages = -(-length // page_size)
-    full = indices[..., :-1]
-    last_start = (n_pages - 1) * page_size
-    k_sel = torch.cat([gather_pages(keys, full, page_size), keys[:, :, last_start:length]], dim=2)
-    v_sel = torch.cat([gather_pages(values, full, page_size), values[:, :, last_start:length]], dim=2)
+    """K and V of the selected pages, ``[B, H, S, D]`` with S <= k * page_size.
+
+    The last selected page must be the last page of the context (possibly partial): the buffers hold
+    whole pages, so it is gathered whole and its unused tail, at the end of every row, is sliced off.
+    """
+    pad = -(-length // page_size) * page_size - length
+    if keys.shape[2] < length + pad:
+        raise ValueError("KV buffers must hold whole pages (capacity a multiple of the page size)")
+    k_sel = gather_pages(keys, indices, page_size)
+    v_sel = gather_pages(values, indices, page_size)
+    if pad:
+        k_sel, v_sel = k_sel[:, :, :-pad], v_sel[:, :, :-pad]
     return k_sel, v_sel
 
 
