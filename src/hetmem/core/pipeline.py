@@ -52,6 +52,7 @@ class MemoryPipeline:
     def query_and_apply(self, memory: Memory | None, query: Query, raw: Any, target: Any) -> Any:
         """Answer one query against prepared memory: relevancy, retrieval, then apply to ``target``."""
         selection = self.select(memory, query) if memory is not None else None
+        self.last_selection = selection  # kept for measurements (attention-mass recall)
         with self.timer.step("apply", self.apply.device):
             return self.apply.apply(raw, selection, target)
 

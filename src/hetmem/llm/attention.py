@@ -39,12 +39,31 @@ def install(model) -> None:
         model.set_attn_implementation(ATTN_NAME)
 
 
+def attention_modules(model) -> list:
+    """The model's attention modules (those our attention function is called with), in layer order."""
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def capture_hidden(model, cache) -> list:
+    """Forward pre-hooks that hand each attention module's input hidden state to its cache layer
+    (``layer.hidden``), for methods whose memory is computed from it (the DSA indexer). Returns the
+    hook handles; remove them when done."""
+
+    def hook(module, args, kwargs):
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        cache.layers[module.layer_idx].hidden = hs
+
+    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+
+
 class SparseRuntime:
     """Binds a paged cache (whose layers hold the per-layer pipelines) to the attention hook."""
 
-    def __init__(self, cache, device: str = "cpu"):
+    def __init__(self, cache, device: str = "cpu", recall=None):
         self.cache = cache
         self.device = device
+        self.recall = recall  # a RecallMeter measuring each decode selection's attention-mass recall, or None
 
     @contextmanager
     def activate(self):
@@ -63,9 +82,17 @@ class SparseRuntime:
             if pipe is None:
                 return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)
             with pipe.timer.step("apply", self.device):
-                return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)
+                out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)
+            observe = getattr(pipe.prepare, "observe", None)
+            if observe is not None:  # Prepare steps that learn from prefill queries (H2O, SnapKV)
+                with pipe.timer.step("prepare", self.device):
+                    observe(layer, query, scale)
+            return out
         B, H, _, D = query.shape
         Hkv = key.shape[1]
         q = query.reshape(B, Hkv, H // Hkv, D)  # [B, H_kv, G, D]: GQA groups, K/V never repeated
-        out = pipe.query_and_apply(layer.memory, Query(vectors=q), layer, DecodeTarget(q, scale))
+        query_obj = Query(vectors=q, meta={"hidden": layer.hidden, "layer": module.layer_idx, "scale": scale})
+        out = pipe.query_and_apply(layer.memory, query_obj, layer, DecodeTarget(q, scale))
+        if self.recall is not None:
+            self.recall.measure(module.layer_idx, q, layer, getattr(pipe, "last_selection", None), scale)
         return out.reshape(B, H, 1, -1).transpose(1, 2), None

@@ -62,7 +62,8 @@ def generate(
     prompt_len = input_ids.shape[1]
     cache = PagedKVCache(n_layers, page_size, pipelines, reserve_tokens=prompt_len + max_new_tokens,
                          layer_cls=getattr(method, "cache_layer", None))
-    meter = RecallMeter(n_layers) if recall else None
+    # recall compares a selection with the oracle over the same cache: defined for sparse attention only
+    meter = RecallMeter(n_layers) if recall and method.family == "sparse-attention" else None
     runtime = attention.SparseRuntime(cache, device, recall=meter)
     hooks = attention.capture_hidden(model, cache) if getattr(method, "needs_hidden", False) else []
     eos = eos_token_ids or set()

@@ -26,8 +26,10 @@ class PagedKVLayer(CacheLayerMixin):
         self.page_size = page_size
         self.pipeline = pipeline
         self.reserve_tokens = reserve_tokens
-        self.length = 0
+        self.length = 0  # tokens stored (fewer than seen once a compressed-memory method evicts)
+        self.seen = 0  # tokens ever appended: positions and masks count these
         self.memory: Memory | None = None
+        self.hidden: torch.Tensor | None = None  # attention input of the current step, for methods that ask
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -45,21 +47,24 @@ class PagedKVLayer(CacheLayerMixin):
         self.buf_k[:, :, start:end] = key_states
         self.buf_v[:, :, start:end] = value_states
         self.length = end
+        self.seen += key_states.shape[-2]
         if self.pipeline is not None:
             self.memory = self.pipeline.build((self, start, end), self.memory)
         return self.buf_k[:, :, :end], self.buf_v[:, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        # After eviction the stored tokens are a subset of the past: all of them precede the query.
+        return self.length + query_length, self.seen - self.length
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.seen
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
         self.length = 0
+        self.seen = 0
         self.memory = None
 
     # -- storage ------------------------------------------------------------------------------
@@ -87,17 +92,45 @@ class PagedKVLayer(CacheLayerMixin):
         self.buf_k[:, :, :n] = old_k[:, :, :n]
         self.buf_v[:, :, :n] = old_v[:, :, :n]
         if self.memory is not None:
-            for name, t in self.memory.tensors.items():
-                grown = t.new_empty(*t.shape[:2], self.capacity // self.page_size, *t.shape[3:])
+            for name, t in self.memory.tensors.items():  # dim 2 counts units of memory.unit_size tokens
+                grown = t.new_empty(*t.shape[:2], self.capacity // self.memory.unit_size, *t.shape[3:])
                 grown[:, :, : t.shape[2]] = t
                 self.memory.tensors[name] = grown
+
+
+    # -- compressed memory: eviction -----------------------------------------------------------
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep only tokens ``keep [B, H_kv, k]`` (sorted ids, per KV head), evicting the rest.
+
+        The kept K/V move to the front of the buffer; the buffer is reallocated smaller when it is more
+        than twice what is kept, so memory really shrinks. Positions are unaffected (RoPE is applied
+        before caching); ``seen`` still counts every token.
+        """
+        from hetmem.ops.token_gather import gather_tokens
+
+        k_keep, v_keep = gather_tokens(self.buf_k, keep), gather_tokens(self.buf_v, keep)
+        n = keep.shape[-1]
+        want = self._round(n + self.page_size)
+        if self.capacity > 2 * want:
+            B, H, _, Dk = self.buf_k.shape
+            self._alloc(B, H, Dk, self.buf_v.shape[-1], want)
+        self.buf_k[:, :, :n] = k_keep
+        self.buf_v[:, :, :n] = v_keep
+        self.length = n
+
+    def kv_nbytes(self) -> int:
+        """Bytes allocated for this layer's keys and values."""
+        if not self.is_initialized:
+            return 0
+        return self.buf_k.nbytes + self.buf_v.nbytes
 
 
 class PagedKVCache(Cache):
     """One PagedKVLayer per decoder layer; each layer gets its own pipeline (its own timer is shared)."""
 
-    def __init__(self, num_layers: int, page_size: int = 16, pipelines=None, reserve_tokens: int = 0):
+    def __init__(self, num_layers: int, page_size: int = 16, pipelines=None, reserve_tokens: int = 0, layer_cls=None):
         pipelines = pipelines or [None] * num_layers
-        layers = [PagedKVLayer(page_size, p, reserve_tokens) for p in pipelines]
+        layer_cls = layer_cls or PagedKVLayer
+        layers = [layer_cls(page_size, p, reserve_tokens) for p in pipelines]
         super().__init__(layers=layers)
         self.page_size = page_size

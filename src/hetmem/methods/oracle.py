@@ -1,0 +1,99 @@
+"""``oracle``: exact top-k tokens by true attention -- the upper bound every relevancy estimator is compared with.
+
+    Prepare    nothing to summarise: relevancy reads the exact keys of the layer's cache
+    Relevancy  true decode attention per token (softmax of q.k), averaged over each GQA group  (ops.attention_mass)
+    Retrieval  the top ``budget`` tokens per KV head                                           (ops.topk)
+    Apply      gather the selected tokens' K and V and attend over only those                   (ops.token_gather)
+
+It needs the dense scores, so it saves no relevancy work; it is the accuracy reference, not a speed-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
+from hetmem.errors import HetmemError
+from hetmem.methods.base import Method, register
+from hetmem.ops.attention_mass import attention_probs
+from hetmem.ops.sparse_attention import grouped_decode_attention
+from hetmem.ops.token_gather import gather_tokens
+from hetmem.ops.topk import topk_indices
+
+
+@dataclass
+class ExactKeysPrepare:
+    """Prepare: the memory is the layer's exact key cache itself (nothing is computed)."""
+
+    device: str = "cpu"
+    name: str = "exact-keys"
+
+    def prepare(self, raw, memory: Memory | None = None) -> Memory:
+        layer, start, end = raw
+        memory = memory or Memory(kind="exact-keys", unit_size=1)
+        memory.meta["layer"] = layer
+        memory.n_units = layer.length
+        memory.meta["length"] = layer.length
+        return memory
+
+
+@dataclass
+class TrueAttentionRelevancy:
+    """Relevancy: the real attention probability of every cached token (GQA group mean)."""
+
+    device: str = "cpu"
+    name: str = "true-attention"
+
+    def score(self, memory: Memory, query: Query) -> Scores:
+        layer = memory.meta["layer"]
+        L = layer.length
+        scale = query.meta.get("scale", query.vectors.shape[-1] ** -0.5)
+        return Scores(attention_probs(query.vectors, layer.buf_k[:, :, :L], scale).mean(dim=2))
+
+
+@dataclass
+class TokenTopK:
+    """Retrieval: the ``budget`` highest-scoring tokens per KV head (all of them when they fit)."""
+
+    budget: int
+    device: str = "cpu"
+    name: str = "token-topk"
+
+    def select(self, scores: Scores, memory: Memory) -> Selection:
+        L = memory.meta["length"]
+        return Selection(indices=topk_indices(scores.values, self.budget), n_units=L, unit_size=1, length=L)
+
+
+@dataclass
+class TokenGatherAttention:
+    """Apply: gather the selected tokens' K and V (per KV head) and attend over only those."""
+
+    device: str = "cpu"
+    name: str = "token-gather-attention"
+
+    def apply(self, raw, selection: Selection, target: DecodeTarget):
+        L = selection.length
+        if selection.indices.shape[-1] >= L:  # everything selected: no gather needed
+            k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
+        else:
+            k, v = gather_tokens(raw.buf_k, selection.indices), gather_tokens(raw.buf_v, selection.indices)
+        return grouped_decode_attention(target.q, k, v, target.scale)
+
+
+@register
+@dataclass
+class Oracle(Method):
+    name = "oracle"
+    family = "sparse-attention"
+    summary = "exact top-k tokens by true attention (the accuracy upper bound; needs dense scores)"
+
+    budget: int = 1024
+
+    def validate(self) -> None:
+        if self.budget < 1:
+            raise HetmemError(f"--budget must be at least 1 (got {self.budget})")
+
+    def pipeline(self, device, timer, layer_idx: int = 0):
+        return MemoryPipeline(ExactKeysPrepare(device), TrueAttentionRelevancy(device), TokenTopK(self.budget, device),
+                              TokenGatherAttention(device), timer)
