@@ -144,6 +144,9 @@ def _save_cache(model, tok, target: Path, meta: dict) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "hetmem.json").write_text(json.dumps(meta))
+        if (target / "hetmem.json").exists():  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)  # atomic: a half-written cache is never seen
@@ -171,6 +174,18 @@ def ensure_embedded(name: str) -> Path:
     return target
 
 
+def ensure_gguf_file(path: Path) -> Path:
+    """Convert a user's .gguf file once into the cache (keyed by its path, size and mtime)."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"gguf-{path.stem}-{key}-v{CACHE_FORMAT}"
+    if not (target / "hetmem.json").exists():
+        model, tok = _load_gguf(path, torch.float32)
+        log(f"caching as safetensors in {target}")
+        _save_cache(model, tok, target, {"model": str(path), "format": CACHE_FORMAT})
+    return target
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -193,25 +208,25 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
         if not path.exists():
             known = ", ".join(sorted(EMBEDDED))
             raise HetmemError(f"unknown model '{name}': use one of {known}, a local HF model directory or a .gguf file")
+    label = name if name in EMBEDDED else str(path)
     t0 = time.perf_counter()
     try:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise HetmemError(f"model file {path} is not a .gguf file")
-            model, tok = _load_gguf(path, torch_dtype)
-        else:
-            if not (path / "config.json").exists():
-                raise HetmemError(f"model directory {path} has no config.json")
-            tok = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+            path = ensure_gguf_file(path)
+        if not (path / "config.json").exists():
+            raise HetmemError(f"model directory {path} has no config.json")
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
     except HetmemError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise HetmemError(f"could not load model from {path}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     log(f"loaded {name} ({model.config.model_type}, {torch_dtype}) in {time.perf_counter() - t0:.1f} s (measured)")
     max_ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-    return LoadedModel(name=name if name in EMBEDDED else str(path), model=model, tokenizer=tok, max_context=max_ctx)
+    return LoadedModel(name=label, model=model, tokenizer=tok, max_context=max_ctx)
 
 
 def _parse_dtype(dtype: str, device: str) -> torch.dtype:
