@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules with a `register(subparsers, run_parser)` function (profile, plan, index, train, ...).
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["hetmem.profiling.cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,128 @@
+"""Device peaks, measured: copy bandwidth and matmul throughput at a dtype, cached per machine.
+
+The roofline and the overhead analysis use these *measured* figures, never datasheet numbers. The
+cache lives in ``<hetmem cache>/calibration.json`` keyed by a machine key (host, CPU model, core
+count, torch version, GPU name) and then by ``device:dtype:threads``; ``force=True`` re-measures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from hetmem.errors import HetmemError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    cuda = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        cuda = torch.cuda.get_device_name(torch.device(device))
+    info = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": cuda,
+    }
+    ident = json.dumps({k: info[k] for k in ("hostname", "cpu", "cpu_count", "torch", "cuda_device")}, sort_keys=True)
+    info["key"] = hashlib.sha1(ident.encode()).hexdigest()[:16]
+    return info
+
+
+def cache_path() -> Path:
+    from hetmem.llm.models import cache_dir
+
+    return cache_dir() / "calibration.json"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _best_seconds(fn, device: str, repeats: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> dict:
+    """Measure copy bandwidth (GB/s, read+write) and square-matmul throughput (GFLOP/s) now."""
+    if dtype not in DTYPES:
+        raise HetmemError(f"cannot calibrate dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    td = DTYPES[dtype]
+    cuda = device.startswith("cuda")
+    copy_bytes = (1 << 30 if cuda else 1 << 28) >> (3 if quick else 0)
+    n = (8192 if cuda else (1024 if td == torch.float32 else 512)) >> (1 if quick else 0)
+    repeats = 3 if quick else 5
+    src = torch.empty(copy_bytes // torch.empty(0, dtype=td).element_size(), dtype=td, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t_copy = _best_seconds(lambda: dst.copy_(src), device, repeats)
+    del src, dst
+    a = torch.randn(n, n, device=device).to(td)
+    b = torch.randn(n, n, device=device).to(td)
+    t_mm = _best_seconds(lambda: torch.mm(a, b), device, repeats)
+    copy_gbps = 2 * copy_bytes / t_copy / 1e9
+    gflops = 2 * n**3 / t_mm / 1e9
+    return {
+        "device": device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "source": "measured",
+        "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "copy_gbps": round(copy_gbps, 3),
+        "matmul_gflops": round(gflops, 3),
+        "ridge_flop_per_byte": round(gflops / copy_gbps, 3),
+        "details": {"copy_bytes": copy_bytes, "matmul_n": n, "repeats": repeats, "statistic": "best of repeats"},
+    }
+
+
+def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False, quick: bool = False) -> dict:
+    """Cached calibration for this machine at ``device:dtype`` (measured on first use or with ``force``)."""
+    info = machine_info(device)
+    path = cache_path()
+    data: dict = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            data = {}  # a corrupt cache is re-measured, not fatal
+    slot = f"{device}:{dtype}:threads={torch.get_num_threads()}"
+    entry = data.get(info["key"], {}).get(slot)
+    if entry is not None and not force:
+        return dict(entry, cached=True)
+    entry = measure(device, dtype, quick=quick)
+    data.setdefault(info["key"], {})[slot] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return dict(entry, cached=False)

@@ -1,0 +1,304 @@
+"""Analytic op counts: FLOPs (or integer/comparison ops), bytes read and bytes written per op call.
+
+Every count here is computed from the shapes and dtypes of an op's inputs (``count_source:
+"analytic"``); nothing is measured. The conventions (one place, so the unit tests and the docs agree):
+
+* a multiply-add is 2 flops; a comparison, max/min, add, exp or divide is 1 op;
+* bytes read = every input element read once from memory (weights once per call, no cache reuse
+  across calls); bytes written = every output element written once;
+* ``e`` is the element size in bytes of the op's main tensors (4 for float32, 2 for bfloat16);
+  scores are float32 (4 bytes) and indices int64 (8 bytes), as the ops produce them.
+
+Op-level functions take plain ints, so they are cheap. ``StepCounter`` wraps a method's pipeline
+steps and counts each step call from its real inputs (``COUNTERS`` maps a step class name to its
+counting function; a step class of another method may instead define ``op_counts(*args)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class OpCount:
+    op: str
+    cls: str  # reduce | gemv | topk | gather | attention | dense | copy
+    flops: float = 0.0
+    bytes_read: float = 0.0
+    bytes_written: float = 0.0
+
+    @property
+    def bytes(self) -> float:
+        return self.bytes_read + self.bytes_written
+
+    def as_dict(self) -> dict:
+        return {"op": self.op, "class": self.cls, "flops": self.flops, "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written}
+
+
+def total(counts: list[OpCount]) -> tuple[float, float, float]:
+    return (sum(c.flops for c in counts), sum(c.bytes_read for c in counts), sum(c.bytes_written for c in counts))
+
+
+def intensity(flops: float | None, bytes_read: float | None, bytes_written: float | None) -> float | None:
+    if flops is None or bytes_read is None:
+        return None
+    b = bytes_read + (bytes_written or 0.0)
+    return flops / b if b > 0 else None
+
+
+def _log2(k: int) -> int:
+    return max(1, math.ceil(math.log2(max(k, 2))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops (ops/*.py)
+# ---------------------------------------------------------------------------------------------
+def page_minmax(B: int, H: int, L: int, D: int, page_size: int, e: int) -> OpCount:
+    """ops.page_minmax over L tokens: one min and one max comparison per key element."""
+    n_pages = -(-L // page_size)
+    return OpCount("page_minmax", "reduce", 2.0 * B * H * L * D, float(e * B * H * L * D), float(e * 2 * B * H * n_pages * D))
+
+
+def page_minmax_update(B: int, H: int, D: int, start: int, end: int, page_size: int, e: int) -> OpCount:
+    """ops.update_page_minmax for tokens [start, end) (what Prepare does on each cache update)."""
+    if end <= start:
+        return OpCount("update_page_minmax", "reduce")
+    if end - start == 1:
+        if start % page_size == 0:  # first token of a page: copied into min and max
+            return OpCount("update_page_minmax", "reduce", 0.0, float(e * B * H * D), float(e * 2 * B * H * D))
+        # running min and max: read key + page min + page max, write min and max
+        return OpCount("update_page_minmax", "reduce", 2.0 * B * H * D, float(e * 3 * B * H * D), float(e * 2 * B * H * D))
+    p0 = start // page_size
+    c = page_minmax(B, H, end - p0 * page_size, D, page_size, e)
+    c.op = "update_page_minmax"
+    return c
+
+
+def quest_upper_bound(B: int, H_kv: int, G: int, N: int, D: int, e: int) -> OpCount:
+    """ops.quest_upper_bound: q+ . M + q- . m for N pages, then max over the G query heads of a KV head.
+
+    flops = 2 clamps of q (2*B*H_kv*G*D) + two matmuls (2 * 2*B*H_kv*G*N*D) + their sum (B*H_kv*G*N)
+            + the max over G (B*H_kv*(G-1)*N)
+    read  = q (B*H_kv*G*D) + page min and max (2*B*H_kv*N*D), at e bytes
+    write = scores B*H_kv*N float32
+    """
+    flops = 2.0 * B * H_kv * G * D + 4.0 * B * H_kv * G * N * D + B * H_kv * G * N + B * H_kv * (G - 1) * N
+    read = e * (B * H_kv * G * D + 2 * B * H_kv * N * D)
+    return OpCount("quest_upper_bound", "gemv", flops, float(read), 4.0 * B * H_kv * N)
+
+
+def topk(rows: int, n: int, k: int, sort: bool = True) -> OpCount:
+    """ops.topk_indices: a heap top-k (n*log2(k) comparisons per row) plus sorting the k ids (k*log2(k)).
+
+    read: the float32 scores; write: k int64 ids per row.
+    """
+    k = max(0, min(k, n))
+    if k == 0 or n == 0:
+        return OpCount("topk", "topk")
+    ops = rows * n * _log2(k) + (rows * k * _log2(k) if sort else 0)
+    return OpCount("topk", "topk", float(ops), 4.0 * rows * n, 8.0 * rows * k)
+
+
+def budget_page_indices(rows: int, n_candidates: int, n_pages: int, budget_pages: int, sink_pages: int,
+                        recent_pages: int) -> list[OpCount]:
+    """ops.budget_page_indices: top-k over the candidate pages, then writing the budget's page ids."""
+    if budget_pages >= n_pages:
+        return [OpCount("page_ids", "copy", 0.0, 0.0, 8.0 * rows * n_pages)]
+    recent = min(recent_pages, n_pages, budget_pages)
+    sink = min(sink_pages, n_pages - recent, budget_pages - recent)
+    k = budget_pages - recent - sink
+    out = [topk(rows, n_candidates, k)] if k > 0 else []
+    # concatenation: read the k ids, write all budget ids
+    out.append(OpCount("page_ids", "copy", 0.0, 8.0 * rows * max(k, 0), 8.0 * rows * budget_pages))
+    return out
+
+
+def gather_pages(B: int, H: int, n_tokens: int, D: int, n_index: int, e: int, tensors: int = 2) -> OpCount:
+    """Gather ``n_tokens`` selected tokens of ``tensors`` KV tensors (K and V): pure data movement.
+
+    read = the selected rows (tensors*B*H*n_tokens*D at e) + the page ids (B*H*n_index int64); write = the rows.
+    """
+    rows = tensors * B * H * n_tokens * D
+    return OpCount("gather_pages", "gather", 0.0, float(e * rows + 8 * B * H * n_index), float(e * rows))
+
+
+def decode_attention(B: int, H_kv: int, G: int, S: int, D: int, e: int) -> OpCount:
+    """ops.grouped_decode_attention: G query heads per KV head against S keys and values.
+
+    flops = q.K (2*B*H_kv*G*S*D) + P.V (2*B*H_kv*G*S*D) + softmax (5 per score: scale, max, sub+exp, sum, divide)
+    read  = K and V (2*B*H_kv*S*D) + q (B*H_kv*G*D); write = the output (B*H_kv*G*D), all at e bytes.
+    """
+    flops = 4.0 * B * H_kv * G * S * D + 5.0 * B * H_kv * G * S
+    return OpCount("decode_attention", "attention", flops, float(e * (2 * B * H_kv * S * D + B * H_kv * G * D)),
+                   float(e * B * H_kv * G * D))
+
+
+def prefill_attention(B: int, H: int, H_kv: int, Lq: int, Lk: int, D: int, e: int) -> OpCount:
+    """Causal attention of the last ``Lq`` of ``Lk`` tokens (a prefill chunk), counting only the causal pairs."""
+    pairs = Lq * (Lk - Lq) + Lq * (Lq + 1) // 2
+    flops = 4.0 * B * H * pairs * D + 5.0 * B * H * pairs
+    read = e * (B * H * Lq * D + 2 * B * H_kv * Lk * D)
+    return OpCount("prefill_attention", "attention", flops, float(read), float(e * B * H * Lq * D))
+
+
+def linear(name: str, T: int, n_in: int, n_out: int, e: int) -> OpCount:
+    """y = x W^T for T tokens: 2*T*n_in*n_out flops; read W and x, write y."""
+    return OpCount(name, "dense", 2.0 * T * n_in * n_out, float(e * (n_in * n_out + T * n_in)), float(e * T * n_out))
+
+
+def elementwise(name: str, n: int, ops_per: float, reads: int, writes: int, e: int) -> OpCount:
+    return OpCount(name, "dense", float(ops_per * n), float(e * reads * n), float(e * writes * n))
+
+
+def dense_layer(T: int, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, e: int) -> list[OpCount]:
+    """The dense parts of one Llama/Qwen2 decoder layer for T tokens: 2 RMSNorms, Q/K/V/O projections,
+    the gated MLP (gate, up, SiLU*mul, down), 2 residual adds, and the KV-cache append."""
+    return [
+        elementwise("rmsnorm", T * hidden, 4, 1, 1, e),
+        linear("q_proj", T, hidden, heads * head_dim, e),
+        linear("k_proj", T, hidden, kv_heads * head_dim, e),
+        linear("v_proj", T, hidden, kv_heads * head_dim, e),
+        OpCount("kv_append", "copy", 0.0, float(e * 2 * T * kv_heads * head_dim), float(e * 2 * T * kv_heads * head_dim)),
+        linear("o_proj", T, heads * head_dim, hidden, e),
+        elementwise("residual_add", T * hidden, 1, 2, 1, e),
+        elementwise("rmsnorm", T * hidden, 4, 1, 1, e),
+        linear("gate_proj", T, hidden, intermediate, e),
+        linear("up_proj", T, hidden, intermediate, e),
+        elementwise("silu_mul", T * intermediate, 5, 2, 1, e),
+        linear("down_proj", T, intermediate, hidden, e),
+        elementwise("residual_add", T * hidden, 1, 2, 1, e),
+    ]
+
+
+def lm_head(T: int, hidden: int, vocab: int, e: int) -> list[OpCount]:
+    return [elementwise("final_norm", T * hidden, 4, 1, 1, e), linear("lm_head", T, hidden, vocab, e)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Step counters: a step object and its call's inputs -> {step name: [OpCount]} ("apply.gather" split out)
+# ---------------------------------------------------------------------------------------------
+def _count_page_minmax_prepare(step, raw, memory=None):
+    layer, start, end = raw
+    B, H, _, D = layer.buf_k.shape
+    return {"prepare": [page_minmax_update(B, H, D, start, end, step.page_size, layer.buf_k.element_size())]}
+
+
+def _count_quest_relevancy(step, memory, query):
+    n = memory.n_units
+    lo = min(step.sink_pages, n)
+    hi = max(lo, n - step.recent_pages)
+    if step.budget_pages >= n:
+        hi = lo
+    B, Hkv, G, D = query.vectors.shape
+    return {"relevancy": [quest_upper_bound(B, Hkv, G, hi - lo, D, memory.tensors["kmin"].element_size())]}
+
+
+def _count_page_budget_topk(step, scores, memory):
+    v = scores.values
+    rows = math.prod(v.shape[:-1])
+    return {"retrieval": budget_page_indices(rows, v.shape[-1], memory.n_units, step.budget_pages, step.sink_pages,
+                                             step.recent_pages)}
+
+
+def _count_page_gather_attention(step, raw, selection, target):
+    B, Hkv, G, D = target.q.shape
+    e = raw.buf_k.element_size()
+    L = selection.length
+    k = selection.indices.shape[-1]
+    if k >= selection.n_units:
+        return {"apply": [decode_attention(B, Hkv, G, L, D, e)]}
+    P = selection.unit_size
+    tail = L - (-(-L // P) - 1) * P
+    S = (k - 1) * P + tail
+    g = gather_pages(B, Hkv, S, D, k - 1, e)
+    return {"apply": [g, decode_attention(B, Hkv, G, S, D, e)], "apply.gather": [g]}
+
+
+def _count_dense_attention(step, raw, selection, target):
+    B, Hkv, G, D = target.q.shape
+    return {"apply": [decode_attention(B, Hkv, G, raw.length, D, raw.buf_k.element_size())]}
+
+
+COUNTERS: dict[str, Callable] = {
+    "PageMinMaxPrepare": _count_page_minmax_prepare,
+    "QuestRelevancy": _count_quest_relevancy,
+    "PageBudgetTopK": _count_page_budget_topk,
+    "PageGatherAttention": _count_page_gather_attention,
+    "DenseAttentionApply": _count_dense_attention,
+}
+
+
+def counter_for(step) -> Callable | None:
+    fn = COUNTERS.get(type(step).__name__)
+    if fn is not None:
+        return fn
+    own = getattr(step, "op_counts", None)
+    if own is not None:
+        return lambda _step, *args: own(*args)
+    return None
+
+
+class StepCounter:
+    """Accumulates analytic counts per (step, phase), reading the phase from the timer.
+
+    ``totals[(step, phase)] = [flops, bytes_read, bytes_written, calls]``; ``ops[(step, phase)]`` keeps the
+    per-op breakdown of the last call (the per-call picture the profile reports). Steps with no counter
+    are listed in ``uncounted``.
+    """
+
+    def __init__(self, timer, enabled: bool = True):
+        self.timer = timer
+        self.enabled = enabled
+        self.totals: dict[tuple[str, str], list[float]] = {}
+        self.ops: dict[tuple[str, str], list[OpCount]] = {}
+        self.uncounted: set[str] = set()
+
+    def add(self, counts: dict[str, list[OpCount]], phase: str | None = None) -> None:
+        phase = phase or self.timer.phase
+        for name, cs in counts.items():
+            t = self.totals.setdefault((name, phase), [0.0, 0.0, 0.0, 0])
+            for c in cs:
+                t[0] += c.flops
+                t[1] += c.bytes_read
+                t[2] += c.bytes_written
+            t[3] += 1
+            self.ops[(name, phase)] = cs
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.ops.clear()
+
+    def wrap(self, pipeline):
+        """Wrap the pipeline's step objects (in place) so every call is counted from its inputs."""
+        if not self.enabled:
+            return pipeline
+        for attr in ("prepare", "relevancy", "retrieval", "apply"):
+            step = getattr(pipeline, attr)
+            if step is None:
+                continue
+            fn = counter_for(step)
+            if fn is None:
+                self.uncounted.add(attr)
+                continue
+            setattr(pipeline, attr, _Counted(step, fn, self, attr))
+        return pipeline
+
+
+class _Counted:
+    """Proxy for a step object: same name/device/attributes; counts each call, then delegates."""
+
+    def __init__(self, inner, fn, counter: StepCounter, kind: str):
+        self.__dict__.update(_inner=inner, _fn=fn, _counter=counter)
+        method = {"prepare": "prepare", "relevancy": "score", "retrieval": "select", "apply": "apply"}[kind]
+
+        def call(*args):
+            counter.add(fn(inner, *args))
+            return getattr(inner, method)(*args)
+
+        self.__dict__[method] = call
+
+    def __getattr__(self, item):
+        return getattr(self.__dict__["_inner"], item)

@@ -1,0 +1,169 @@
+"""profile.json records (schema ``hetmem.profile/1``, docs/profile-schema.md) and the resumable store."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hetmem.errors import HetmemError
+from hetmem.profiling.counters import OpCount, intensity, total
+
+SCHEMA = "hetmem.profile/1"
+STEP_ORDER = ("prepare", "relevancy", "retrieval", "apply", "apply.gather", "rest", "total")
+MEMORY_STEPS = ("prepare", "relevancy", "retrieval", "apply.gather")
+OP_CLASS = {"prepare": "reduce", "relevancy": "gemv", "retrieval": "topk", "apply": "attention",
+            "apply.gather": "gather", "rest": "dense", "total": "mixed"}
+
+
+def _r(x, nd=4):
+    return None if x is None else round(float(x), nd)
+
+
+def phase_records(*, base: dict, phase: str, timer, counter, total_ms: float | None, tokens: int, layers: int,
+                  scale: float = 1.0, time_source: str = "measured", rest_ms_extra: float = 0.0,
+                  rest_counts: list[OpCount] | None = None, rest_calls: int = 0, rest_ops: list[OpCount] | None = None,
+                  extra_counts: dict[str, list[OpCount]] | None = None) -> tuple[list[dict], dict]:
+    """Records for one phase of one (method, length) run, and the phase's summary for ``runs[]``.
+
+    Step times and counts come from ``timer``/``counter`` and are multiplied by ``scale`` (sweep mode:
+    layers / layers_timed). ``rest_ms_extra``/``rest_counts`` add measured work outside the timed
+    layer (the LM head); ``extra_counts`` adds analytic counts for steps timed outside a pipeline
+    (prefill attention, timed as Apply by the attention hook).
+    """
+    extra_counts = extra_counts or {}
+    recs: list[dict] = []
+    step_ms: dict[str, float] = {}
+    names = [n for n in STEP_ORDER[:5] if timer.phase_calls(n, phase) > 0]
+    for name in names:
+        ms = timer.phase_ms(name, phase) * scale
+        calls = int(round(timer.phase_calls(name, phase) * scale))
+        step_ms[name] = ms
+        t = counter.totals.get((name, phase)) if counter is not None else None
+        ops = counter.ops.get((name, phase), []) if counter is not None else []
+        if name in extra_counts:
+            f, br, bw = total(extra_counts[name])
+            ops = []  # analytic totals for calls timed outside a pipeline (no per-call breakdown)
+            t = [f, br, bw, calls / scale]
+        if t is not None:
+            flops, br, bw = t[0] * scale, t[1] * scale, t[2] * scale
+        else:
+            flops = br = bw = None
+        recs.append(_record(base, phase, name, ms, calls, tokens, layers, flops, br, bw, ops, time_source))
+    if total_ms is not None:
+        tot_ms = total_ms
+        rest_ms = max(0.0, tot_ms - sum(v for k, v in step_ms.items() if k != "apply.gather"))
+        rc = rest_counts or []
+        f, br, bw = total(rc) if rc else (None, None, None)
+        rest_rec = _record(base, phase, "rest", rest_ms, rest_calls, tokens, layers, f, br, bw,
+                           rest_ops if rest_ops is not None else rc, time_source)
+        recs.append(rest_rec)
+        parts = [r for r in recs if r["step"] != "apply.gather"]
+        tf = sum(r["flops"] for r in parts) if all(r["flops"] is not None for r in parts) else None
+        tbr = sum(r["bytes_read"] for r in parts) if tf is not None else None
+        tbw = sum(r["bytes_written"] for r in parts) if tf is not None else None
+        recs.append(_record(base, phase, "total", tot_ms, 0, tokens, layers, tf, tbr, tbw, [], time_source))
+    summary: dict = {"tokens": tokens, "total_ms": _r(total_ms, 3)}
+    if total_ms:
+        mem = sum(step_ms.get(s, 0.0) for s in MEMORY_STEPS)
+        summary["overhead"] = _r(mem / total_ms)
+        summary["overhead_incl_apply"] = _r(sum(step_ms.get(s, 0.0) for s in ("prepare", "relevancy", "retrieval", "apply")) / total_ms)
+        if phase == "decode" and tokens:
+            summary["ms_per_token"] = _r(total_ms / tokens, 3)
+    return recs, summary
+
+
+def _record(base, phase, step, ms, calls, tokens, layers, flops, br, bw, ops, time_source) -> dict:
+    per = max(calls, 1)
+    return {
+        **base,
+        "phase": phase,
+        "step": step,
+        "part_of": "apply" if step == "apply.gather" else None,
+        "op_class": OP_CLASS[step],
+        "status": "ok",
+        "reason": None,
+        "ms": _r(ms),
+        "time_source": time_source,
+        "calls": calls,
+        "tokens": tokens,
+        "layers": layers,
+        "flops": flops,
+        "bytes_read": br,
+        "bytes_written": bw,
+        "intensity": _r(intensity(flops, br, bw), 6),
+        "count_source": "analytic",
+        "per_call": {
+            "ms": _r(ms / per, 6) if calls else None,
+            "flops": None if flops is None or not calls else flops / per,
+            "bytes_read": None if br is None or not calls else br / per,
+            "bytes_written": None if bw is None or not calls else bw / per,
+        },
+        "ops": [o.as_dict() for o in ops],
+    }
+
+
+def skipped_records(base: dict, steps: list[str], reason: str) -> list[dict]:
+    out = []
+    for s in steps:
+        r = _record(base, "decode", s, None, 0, 0, base.get("layers", 0), None, None, None, [], "not run")
+        r.update(status="skipped", reason=reason, ms=None)
+        out.append(r)
+    return out
+
+
+class ProfileStore:
+    """profile.json in DIR: loaded on start (resume), rewritten atomically after every run."""
+
+    def __init__(self, out_dir: Path, meta: dict, resume_keys: tuple[str, ...]):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "profile.json"
+        self.doc = {"schema": SCHEMA, **meta, "runs": [], "records": []}
+        if self.path.exists():
+            try:
+                old = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise HetmemError(f"{self.path} exists but is not valid JSON ({exc}); use another --out") from None
+            if old.get("schema") != SCHEMA:
+                raise HetmemError(f"{self.path} is not a {SCHEMA} profile; use another --out")
+            for k in resume_keys:
+                if _norm(old.get(k)) != _norm(meta.get(k)):
+                    raise HetmemError(f"{self.path} was made with a different {k} ({_short(old.get(k))}); "
+                                      "use another --out to profile these settings")
+            old_m = old.get("settings", {}).get("methods", {})
+            for name, params in self.doc.get("settings", {}).get("methods", {}).items():
+                if name in old_m and _norm(old_m[name]) != _norm(params):
+                    raise HetmemError(f"{self.path} profiled {name} with other parameters ({_short(old_m[name])}); "
+                                      "use another --out")
+            self.doc["runs"] = old.get("runs", [])
+            self.doc["records"] = old.get("records", [])
+            # the union of lengths and methods profiled so far
+            s_old, s_new = old.get("settings", {}), self.doc.get("settings", {})
+            if s_old and s_new:
+                s_new["lengths"] = sorted(set(s_old.get("lengths", [])) | set(s_new.get("lengths", [])))
+                s_new["methods"] = {**s_old.get("methods", {}), **s_new.get("methods", {})}
+
+    def done(self, method: str, length: int) -> bool:
+        return any(r["method"] == method and r["length"] == length for r in self.doc["runs"])
+
+    def add(self, run: dict, records: list[dict]) -> None:
+        self.doc["runs"].append(run)
+        self.doc["records"].extend(records)
+        self.save()
+
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.doc["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _norm(v):
+    return json.loads(json.dumps(v, sort_keys=True)) if v is not None else None
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) < 60 else s[:57] + "..."
