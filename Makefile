@@ -1,4 +1,4 @@
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo test clean
 
 $(STAMP): requirements.txt requirements-embedded.txt pyproject.toml
-	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (set PY=/path/to/python3.11)" >&2; exit 1; }
+	@test -n "$(PY)" || { echo "error: no python3.11 or python3 found (set PY=/path/to/python3.11)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
