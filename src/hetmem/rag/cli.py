@@ -1,0 +1,175 @@
+"""CLI for RAG: ``hetmem index`` and the RAG options of ``hetmem run`` (registered as the "rag" runner).
+
+    hetmem index --corpus PATH --method rag-bm25|rag-dense|rag-hybrid --out DIR
+    hetmem run --method rag-bm25 (--corpus PATH | --memory DIR) (--question TEXT | --questions FILE.jsonl)
+               [--top-k K] [--active] [--json]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from hetmem.errors import HetmemError
+
+RAG_METHODS = ("rag-bm25", "rag-dense", "rag-hybrid")
+
+
+def _add(parser, flag: str, **kw) -> None:
+    """Add an option unless another extension already added the same flag (then share it)."""
+    if flag not in parser._option_string_actions:  # noqa: SLF001 -- argparse has no public lookup
+        parser.add_argument(flag, **kw)
+
+
+def _prepare_options(p) -> None:
+    _add(p, "--passage-tokens", type=int, default=None, help="RAG: word tokens per passage (default 128)")
+    _add(p, "--passage-overlap", type=int, default=None, help="RAG: tokens shared by neighbouring passages (default 32)")
+    _add(p, "--k1", type=float, default=None, help="BM25 k1 (default 1.2)")
+    _add(p, "--b", type=float, default=None, help="BM25 length normalisation b (default 0.75; 0 = the paper's prototype)")
+    _add(p, "--embed-model", default=None, help="dense RAG embedding model: all-minilm-l6-v2 (default, packaged) or a local directory")
+    _add(p, "--dense-index", default=None, help="FAISS index: flat (exact inner product, default) or hnsw")
+    _add(p, "--embed-batch", type=int, default=None, help="passages per embedding batch (default 32)")
+
+
+def register(subparsers, run_parser) -> None:
+    from hetmem.cli import RUNNERS
+
+    r = run_parser
+    _add(r, "--corpus", default=None, help="RAG: a directory of .txt/.md files, a .jsonl file (text, id, title) or a text file")
+    _add(r, "--memory", default=None, help="RAG: a memory directory written by 'hetmem index'")
+    _add(r, "--questions", default=None, help="RAG: a .jsonl file, one {\"question\": ...} per line; prints one JSON object per line")
+    _add(r, "--top-k", type=int, default=None, help="RAG: passages retrieved per query (default 8)")
+    _add(r, "--active", action="store_true", default=None,
+         help="RAG: FLARE-like active retrieval, re-querying after every generated sentence")
+    _add(r, "--max-rounds", type=int, default=None, help="RAG --active: re-query rounds at most (default 3)")
+    _add(r, "--new-per-round", type=int, default=None, help="RAG --active: new passages per round at most (default 3)")
+    _add(r, "--max-prompt-tokens", type=int, default=None, help="RAG: prompt + answer token limit (default: the model's window)")
+    _add(r, "--fusion", default=None, help="rag-hybrid: convex (default: alpha*BM25 + (1-alpha)*cosine, min-max normalised) or rrf")
+    _add(r, "--alpha", type=float, default=None, help="rag-hybrid convex fusion: weight of BM25 (default 0.5)")
+    _add(r, "--rrf-k", type=float, default=None, help="rag-hybrid: reciprocal-rank-fusion constant (default 60)")
+    _add(r, "--candidates", type=int, default=None, help="rag-hybrid: depth of each ranking that is fused (default 50)")
+    _prepare_options(r)
+    RUNNERS["rag"] = run_rag
+
+    i = subparsers.add_parser("index", help="build a RAG memory (BM25 statistics / embedding index) and write it to a directory")
+    i.add_argument("--corpus", required=True, help="a directory of .txt/.md files, a .jsonl file or a text file")
+    i.add_argument("--method", required=True, choices=RAG_METHODS)
+    i.add_argument("--out", required=True, help="the memory directory to write (replaced atomically if it is a memory)")
+    i.add_argument("--device", default="cpu", help="device for the embedding model: cpu or cuda")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    _prepare_options(i)
+    i.set_defaults(func=cmd_index)
+
+
+def _method(args):
+    from hetmem.cli import _method_from_args
+
+    return _method_from_args(args)
+
+
+def cmd_index(args) -> int:
+    from hetmem.rag.corpus import load_corpus
+    from hetmem.rag.run import RagSession
+    from hetmem.rag.store import save_memory
+
+    method = _method(args)
+    corpus = load_corpus(args.corpus, method.passage_tokens, method.passage_overlap)
+    session = RagSession.build(method, corpus, args.device)
+    out = save_memory(args.out, method, corpus, session.memory, session.memory_info["build_ms"])
+    rec = {"memory": str(out), "method": method.name, "documents": corpus.n_documents, "passages": len(corpus),
+           "build_ms": session.memory_info["build_ms"], "time_source": "measured",
+           "embedding_model": session.memory.meta.get("embed_model"), "steps": session.build_steps}
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        print(f"wrote {method.name} memory to {out}: {len(corpus)} passages from {corpus.n_documents} documents, "
+              f"built in {rec['build_ms'] / 1e3:.2f} s (measured)")
+    return 0
+
+
+def _read_questions(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise HetmemError(f"questions file {path} does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise HetmemError(f"questions file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise HetmemError(f"cannot read questions file {path}: {exc.strerror}") from None
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HetmemError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+            raise HetmemError(f"{path} line {n}: expected an object with a non-empty string 'question' field")
+        out.append(obj)
+    if not out:
+        raise HetmemError(f"questions file {path} has no questions")
+    return out
+
+
+def _print_text(rec: dict) -> None:
+    print(rec["answer"])
+    err = sys.stderr
+    print(f"retrieved ({rec['retrievals']} retrieval{'s' if rec['retrievals'] != 1 else ''}):", file=err)
+    for r in rec["retrieved"]:
+        mark = "" if r["in_prompt"] else "  [dropped: did not fit]"
+        print(f"  {r['rank']:>3}. {r['score']:>9.4f}  {r['id']}{mark}", file=err)
+    print("Per-step time (measured wall time on this machine)", file=err)
+    print(f"  {'step':<10} {'ms':>10} {'calls':>6}  phases", file=err)
+    for name, s in rec["steps"].items():
+        phases = ", ".join(f"{ph} {v['ms']:.1f} ms x{v['calls']}" for ph, v in s["phases"].items()) or "-"
+        print(f"  {name:<10} {s['ms']:>10.1f} {s['calls']:>6}  {phases}", file=err)
+    print(f"  prompt {rec['tokens']['prompt']} tokens, generated {rec['tokens']['generated']}; "
+          f"prefill {rec['prefill_ms']:.0f} ms, decode {rec['decode_ms']:.0f} ms (measured)", file=err)
+
+
+def run_rag(args, method) -> int:
+    from hetmem.llm.models import load_model
+    from hetmem.rag.corpus import load_corpus
+    from hetmem.rag.run import RagSession
+    from hetmem.rag.store import check_compatible, load_memory, read_meta
+
+    if bool(args.corpus) == bool(args.memory):
+        raise HetmemError(f"{method.name} needs exactly one of --corpus PATH or --memory DIR")
+    if (args.question is not None) == bool(args.questions):
+        raise HetmemError(f"{method.name} needs exactly one of --question TEXT or --questions FILE.jsonl")
+    if args.question is not None and not args.question.strip():
+        raise HetmemError("the question is empty")
+    if args.max_new_tokens < 1:
+        raise HetmemError("--max-new-tokens must be at least 1")
+    questions = _read_questions(args.questions) if args.questions else [{"question": args.question}]
+
+    if args.memory:
+        meta = read_meta(args.memory)
+        explicit = {k for k, v in vars(args).items() if v is not None}
+        check_compatible(args.memory, meta, method, explicit)
+        method.validate()
+        corpus, memory = load_memory(args.memory, meta)
+        info = {"source": "loaded", "path": str(args.memory), "passages": len(corpus),
+                "build_ms": meta.get("build_ms"), "built": meta.get("created")}
+        session = RagSession(method, corpus, memory, args.device, None, info)
+    else:
+        corpus = load_corpus(args.corpus, method.passage_tokens, method.passage_overlap)
+        session = RagSession.build(method, corpus, args.device)
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    jsonl = bool(args.questions)
+    for q in questions:
+        rec = session.answer(lm, q["question"], args.max_new_tokens, progress=not jsonl)
+        if "id" in q:
+            rec = {"id": q["id"], **rec}
+        if isinstance(q.get("answer"), str):
+            rec["expected"] = q["answer"]
+            rec["correct"] = q["answer"].strip().lower() in rec["answer"].lower()
+        if args.json or jsonl:
+            print(json.dumps(rec), flush=True)
+        else:
+            _print_text(rec)
+    return 0
