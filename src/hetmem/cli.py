@@ -61,7 +61,7 @@ def cmd_run(args) -> int:
         raise HetmemError("--max-new-tokens must be at least 1")
     context = _read_context(args.context)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    rec = answer_question(lm, method, context, args.question, args.max_new_tokens)
+    rec = answer_question(lm, method, context, args.question, args.max_new_tokens, recall=getattr(args, "recall", False))
     if args.json:
         print(json.dumps(rec))
     else:
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules with a `register(subparsers, run_parser)` function (profile, plan, index, train, ...).
-EXTENSIONS: list[str] = ["hetmem.profiling.cli"]
+EXTENSIONS: list[str] = ["hetmem.rag.cli", "hetmem.profiling.cli", "hetmem.hw.cli", "hetmem.train.cli"]
 
 
 def main(argv: list[str] | None = None) -> int:
