@@ -70,7 +70,11 @@ class ModelRunner:
             from hetmem.eval.haystack import essay_text
 
             text = essay_text()
-            ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            chars = 8 * length + 1024  # tokenize only what is needed (a few characters per token)
+            ids = self.lm.tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+            while len(ids) < length and chars < len(text):
+                chars *= 4
+                ids = self.lm.tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
             while len(ids) < length:
                 ids = ids + ids
             self._ids = torch.tensor([ids])
