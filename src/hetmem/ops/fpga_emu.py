@@ -23,6 +23,7 @@ boundary, and a threshold bitmap can differ for scores within a quantum of the t
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -95,39 +96,27 @@ def streaming_topk(scores: torch.Tensor, k: int, lanes: int = LANES) -> tuple[to
     R = x.shape[0]
     if k == 0:
         return torch.zeros(*lead, 0, dtype=torch.int64), FpgaCycles()
-    vals = x[:, :k].clone()
-    idx = torch.arange(k).expand(R, k).clone()
-    rows = torch.arange(R)
-    inserts = torch.zeros(R, dtype=torch.int64)
-    big = torch.iinfo(torch.int64).max
-
-    def cur_min():
-        m = vals.min(dim=1).values
-        return m
-
-    m = cur_min()
-    for start in range(k, n, lanes):  # 16 scores per cycle against the running minimum
-        chunk = x[:, start : start + lanes]
-        if not bool((chunk > m.unsqueeze(1)).any()):
-            continue
-        for j in range(chunk.shape[1]):
-            v = chunk[:, j]
-            ins = v > m
-            if not bool(ins.any()):
+    out = torch.empty(R, k, dtype=torch.int64)
+    inserts = 0
+    for r, row in enumerate(x.tolist()):
+        # k slots as a min-heap on (score, -index): the root is the running minimum, and among equal
+        # minima the newest index, which is the one a strictly greater score evicts.
+        slots = [(row[i], -i) for i in range(k)]  # fill
+        heapq.heapify(slots)
+        m = slots[0][0]
+        for start in range(k, n, lanes):  # one cycle: 16 scores against the running minimum
+            chunk = row[start : start + lanes]
+            if max(chunk) <= m:
                 continue
-            # evict the minimum slot; among equal minima the newest (largest index) goes
-            at_min = vals == m.unsqueeze(1)
-            slot = torch.where(at_min, idx, torch.full_like(idx, -1)).argmax(dim=1)
-            r = rows[ins]
-            vals[r, slot[ins]] = v[ins]
-            idx[r, slot[ins]] = start + j
-            inserts += ins.to(torch.int64)
-            m = cur_min()
-    _ = big
-    out = idx.sort(dim=1).values.reshape(*lead, k)
+            for j, v in enumerate(chunk):
+                if v > m:
+                    heapq.heapreplace(slots, (v, -(start + j)))
+                    inserts += 1
+                    m = slots[0][0]
+        out[r] = torch.tensor(sorted(-i for _, i in slots))
     log2k = math.ceil(math.log2(max(k, 2)))
-    cycles = R * (math.ceil(n / lanes) + k) + log2k * float(inserts.sum())
-    return out, FpgaCycles(cycles=cycles, hbm_bytes=x.numel() * 4 + R * k * 4)
+    cycles = R * (math.ceil(n / lanes) + k) + log2k * inserts
+    return out.reshape(*lead, k), FpgaCycles(cycles=cycles, hbm_bytes=x.numel() * 4 + R * k * 4)
 
 
 def topk_reference_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
