@@ -120,7 +120,7 @@ def check_compatible(path, meta: dict, method, explicit: set[str]) -> None:
     for k, v in meta.get("params", {}).items():
         if not hasattr(method, k):
             continue
-        if k in explicit and k in method.memory_params and getattr(method, k) != v:
+        if k in explicit and k in method.memory_params and k != "embed_model" and getattr(method, k) != v:
             raise HetmemError(f"memory {path} was built with --{k.replace('_', '-')} {v}, not {getattr(method, k)}: "
                               "rebuild it with 'hetmem index' or leave the option out")
         if k not in explicit:
