@@ -22,7 +22,7 @@ from hetmem.errors import HetmemError
 
 DATA_DIR = Path(__file__).parent / "data"
 STEPS = ("prepare", "relevancy", "retrieval", "apply")
-OP_CLASSES = ("matmul", "gemv", "reduce", "topk", "threshold", "gather", "attention", "sparse")
+OP_CLASSES = ("matmul", "gemv", "reduce", "copy", "topk", "threshold", "gather", "attention", "sparse")
 DEVICE_KINDS = ("cpu", "gpu", "fpga", "memnode")
 DEVICE_FIGURES = ("peak_tflops", "mem_bw_gbs", "mem_gb", "launch_us", "power_w", "op_classes")
 
@@ -69,7 +69,7 @@ class Device:
     def op(self, cls: str) -> OpClass:
         if cls in self.op_classes:
             return self.op_classes[cls]
-        for alt in {"attention": "gather", "threshold": "reduce", "gather": "sparse", "topk": "sparse"}.get(cls, ""), "sparse":
+        for alt in {"attention": "gather", "threshold": "reduce", "copy": "reduce", "gather": "sparse", "topk": "sparse"}.get(cls, ""), "sparse":
             if alt and alt in self.op_classes:
                 return self.op_classes[alt]
         return OpClass(0.5, 0.3, self.launch_us)

@@ -4,8 +4,8 @@ One op on one device:
 
     t = max(bytes / (mem_bw x bw_eff), ops / (peak[dtype] x compute_eff)) + latency     (roofline)
 
-with ``bw_eff``, ``compute_eff`` and ``latency`` per op class (matmul, gemv, reduce, topk, threshold,
-gather, attention, sparse) from the device's data file. A step is the sum of its ops. On a device
+with ``bw_eff``, ``compute_eff`` and ``latency`` per op class (matmul, gemv, reduce, copy, topk,
+threshold, gather, attention, sparse) from the device's data file. A step is the sum of its ops. On a device
 whose top-k class is ``streaming-topk`` (the FPGA), top-k of n scores keeping k is a cycle count:
 
     cycles = ceil(n / lanes) + k + ceil(log2 k) x k ln(n / k)       (scan 16 per cycle, fill the k slots,
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from hetmem.hw.catalog import STEPS, Device, System
 
-_CLASS_ALIASES = {"dense": "matmul", "copy": "reduce", "mixed": "sparse"}
+_CLASS_ALIASES = {"dense": "matmul", "mixed": "sparse"}
 
 
 @dataclass
