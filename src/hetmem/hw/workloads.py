@@ -187,7 +187,7 @@ def bm25(n_docs: int, query_terms: int = 8, df_frac: float = 0.01, k: int = 64, 
 
 
 def paper_workloads() -> list[Workload]:
-    out = []
+    out = [design_example()]
     for L in (8192, 32768, 131072):
         out += [seer_attention_r(L), dsa(L), lserve(L)]
     out += [bm25(n) for n in (100_000, 1_000_000, 10_000_000)]
