@@ -12,7 +12,8 @@ from hetmem.methods.base import Method
 
 
 def answer_question(
-    lm: LoadedModel, method: Method, context: str, question: str, max_new_tokens: int = 32, progress: bool = True
+    lm: LoadedModel, method: Method, context: str, question: str, max_new_tokens: int = 32, progress: bool = True,
+    recall: bool = False,
 ) -> dict:
     t0 = time.perf_counter()
     ids = build_prompt_ids(lm.tokenizer, context, question)
@@ -22,10 +23,11 @@ def answer_question(
             f"the prompt is {n_prompt} tokens; with {max_new_tokens} new tokens it needs "
             f"{n_prompt + max_new_tokens}, more than {lm.name}'s {lm.max_context}-token window"
         )
-    res = generate(lm.model, ids, method, max_new_tokens, eos_token_ids=eos_ids(lm.tokenizer, lm.model), progress=progress)
+    res = generate(lm.model, ids, method, max_new_tokens, eos_token_ids=eos_ids(lm.tokenizer, lm.model), progress=progress,
+                   recall=recall)
     answer = lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
     steps = res.timer.summary()
-    return {
+    rec = {
         "answer": answer,
         "method": method.name,
         "params": method.params(),
@@ -38,4 +40,11 @@ def answer_question(
         "decode_ms": round(res.decode_ms, 3),
         "tokens": {"prompt": n_prompt, "generated": len(res.token_ids)},
         "steps": steps,
+        "memory": res.memory,
     }
+    if recall:  # attention-mass recall vs the oracle top-k at the same budget (sparse attention methods)
+        rec["recall"] = res.recall or {
+            "attention_mass_recall": None,
+            "note": f"'{method.name}' ({method.family}) makes no per-step selection over the full cache to compare",
+        }
+    return rec

