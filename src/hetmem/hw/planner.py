@@ -115,5 +115,5 @@ def table(entries: list[dict], system: System, objective: str) -> str:
     for e in entries:
         lines.append(f"{e['method'][:24]:<24} {e['size']:>8} {e['best_key'][:46]:<46} {e['best']['latency_us']:>10.1f} "
                      f"{e['all_gpu']['latency_us']:>10.1f} {e['speedup']:>7.2f}x {e['energy_ratio']:>7.2f}x "
-                     f"{(e['speedup_memory_processing'] or 0):>9.2f}x")
+                     + (f"{e['speedup_memory_processing']:>9.2f}x" if e['speedup_memory_processing'] else f"{'-':>10}"))
     return "\n".join(lines + [foot])
