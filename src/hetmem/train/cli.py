@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
     save_gates(out, args.method, obj.export(), meta)
     e = rec["eval"]
     if args.json:
-        print(json.dumps({"out": str(out), **meta}))
+        print(json.dumps({"out": str(out), "method": args.method, **meta}))
     else:
         print(f"wrote {out}/gates.safetensors ({args.steps} steps, {rec['train_ms'] / 1e3:.1f} s measured)")
         print(f"held-out attention-mass recall at {rec['eval_budget_tokens']} tokens (measured, vs exact top-k):")
