@@ -83,3 +83,21 @@ def test_run_placement_fpga_emu_same_answer(tmp_path, capsys):
     sched.write_text(json.dumps({"rules": {"quest": [{"devices": {"apply": "u55c"}}]}}))
     assert main(base + ["--placement", str(sched)]) == 2
     assert "has no fpga-emu kernel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,extra", [("dsa", ["--budget", "64"]), ("seer", ["--threshold", "0.05", "--page-size", "16"])])
+def test_run_placement_other_methods(tmp_path, capsys, method, extra):
+    model = save_tiny_model_dir(tmp_path / "m", "llama", max_position_embeddings=512)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("Alpha beta gamma delta. The code word is kiwi. " * 6, encoding="utf-8")
+    sched = tmp_path / "schedule.json"
+    sched.write_text(json.dumps({"rules": {method: [{"devices": {"relevancy": "u55c", "retrieval": "u55c"}}]}}))
+    base = ["run", "--method", method, *extra, "--dense-layers", "0", "--model", str(model), "--context", str(ctx),
+            "--question", "What is the code word?", "--max-new-tokens", "3", "--json"]
+    assert main(base) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert main(base + ["--placement", str(sched)]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["answer"] == ref["answer"]
+    assert rec["steps"]["retrieval"]["source"] == "modelled" and rec["steps"]["retrieval"]["calls"] > 0
+    assert rec["steps"]["prepare"]["source"] == "measured"

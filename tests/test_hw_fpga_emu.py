@@ -101,3 +101,16 @@ def test_bm25_16_lanes_matches_float():
     sel_q, _ = fpga_emu.streaming_topk(torch.from_numpy(si)[None], k)
     sel_f = fpga_emu.topk_reference_stable(torch.from_numpy(ref)[None], k)
     _boundary_ok(torch.from_numpy(ref)[None], sel_q, sel_f, 2 * len(terms) * scale)
+
+
+def test_index_scores_int16_matches_float():
+    from hetmem.ops.index_score import index_scores
+
+    torch.manual_seed(3)
+    q, w, k = torch.randn(1, 16, 64), torch.rand(1, 16), torch.randn(1, 500, 64)
+    s, scale, cyc = fpga_emu.index_scores_int16(q, w, k)
+    ref = index_scores(q, w, k)
+    assert (s * scale - ref).abs().max() < 1e-2 * ref.abs().max()
+    sel_q, _ = fpga_emu.streaming_topk(s, 50)
+    sel_f = fpga_emu.topk_reference_stable(ref, 50)
+    _boundary_ok(ref, sel_q, sel_f, 2e-2 * float(ref.abs().max()))

@@ -83,6 +83,19 @@ def quest_upper_bound_int16(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Ten
     return out, sq * sk, cyc
 
 
+def index_scores_int16(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, float, FpgaCycles]:
+    """DSA's lightning indexer, sum_h w_h ReLU(q_h . k_t), with int16 q, w and keys: ``q [B, H_i, D]``,
+    ``w [B, H_i]``, ``k [B, L, D]`` -> int ``[B, L]`` (x ``scale`` = float score)."""
+    qi, sq = quantize_int16(q)
+    wi, sw = quantize_int16(w)
+    ki, sk = quantize_int16(k)
+    s = torch.relu(torch.matmul(qi, ki.transpose(-1, -2)))  # [B, H_i, L]
+    out = torch.matmul(wi.unsqueeze(1), s).squeeze(1)
+    macs = q.shape[0] * q.shape[1] * k.shape[1] * (k.shape[2] + 1)
+    cyc = FpgaCycles(cycles=macs / MACS_PER_CYCLE, hbm_bytes=k.numel() * 2 + q.numel() * 2 + out.numel() * 4)
+    return out, sq * sw * sk, cyc
+
+
 def streaming_topk(scores: torch.Tensor, k: int, lanes: int = LANES) -> tuple[torch.Tensor, FpgaCycles]:
     """Top-``k`` indices (ascending) of each row of ``scores [..., N]`` by the streaming unit.
 

@@ -57,7 +57,7 @@ class FpgaQuestRelevancy:
         else:
             ub, scale, cyc = torch.zeros(*kmin.shape[:2], 0, dtype=torch.int64), 1.0, fpga_emu.FpgaCycles()
         self.ledger.charge("relevancy", self.timer.phase, cyc)
-        return Scores(ub.to(query.vectors.device), offset=lo)
+        return Scores(_dequant(ub, scale, query.vectors.device), offset=lo)
 
 
 @dataclass
@@ -100,3 +100,149 @@ FPGA_STEPS = {
     "QuestRelevancy": ("relevancy", FpgaQuestRelevancy),
     "PageBudgetTopK": ("retrieval", FpgaPageBudgetTopK),
 }
+
+
+def _dequant(ints: torch.Tensor, scale: float, device) -> torch.Tensor:
+    """Scores leave the FPGA as integers x one scale; float64 keeps their order exactly for downstream steps."""
+    return (ints.double() * scale).to(device)
+
+
+def _budget_topk(vals: torch.Tensor, offset: int, n: int, budget: int, sink: int, recent_n: int):
+    """ops.topk.budget_page_indices with the streaming top-k unit for the ranked part."""
+    lead = vals.shape[:-1]
+    cyc = fpga_emu.FpgaCycles()
+    if budget >= n:
+        return torch.arange(n).expand(*lead, n), cyc
+    recent = min(recent_n, n, budget)
+    sink = min(sink, n - recent, budget - recent)
+    k = budget - recent - sink
+    parts = []
+    if sink:
+        parts.append(torch.arange(sink).expand(*lead, sink))
+    if k > 0:
+        top, cyc = fpga_emu.streaming_topk(vals, k)
+        parts.append(top + offset)
+    parts.append(torch.arange(n - recent, n).expand(*lead, recent))
+    return torch.cat(parts, dim=-1), cyc
+
+
+@dataclass
+class FpgaIndexerRelevancy:
+    """DSA's lightning indexer with int16 operands (emulated FPGA). The index query and head weights are
+    projected from the decode token's hidden state where the model runs; the FPGA scores every key."""
+
+    inner: object  # methods.dsa.LightningIndexerRelevancy
+    ledger: ModelLedger
+    timer: object
+    device: str = "fpga-emu"
+    name: str = "lightning-indexer-int16"
+
+    def score(self, memory: Memory, query: Query) -> Scores:
+        from hetmem.methods.dsa import indexer_query
+
+        r = self.inner
+        L = memory.n_units
+        hi = max(0, L - r.recent) if r.budget < L else 0
+        h = query.meta["hidden"][:, -1].float()
+        q, w = indexer_query(r.weights, h, r.index_heads)
+        k = memory.tensors["kidx"][:, 0, :hi].float().cpu()
+        if hi:
+            s, scale, cyc = fpga_emu.index_scores_int16(q.cpu(), w.cpu(), k)
+        else:
+            s, scale, cyc = torch.zeros(k.shape[0], 0, dtype=torch.int64), 1.0, fpga_emu.FpgaCycles()
+        self.ledger.charge("relevancy", self.timer.phase, cyc)
+        return Scores(_dequant(s, scale, h.device))
+
+
+@dataclass
+class FpgaSharedTokenTopK:
+    """DSA's top-``budget`` tokens (recent window forced) by the streaming top-k unit."""
+
+    inner: object  # methods.dsa.SharedTokenTopK
+    ledger: ModelLedger
+    timer: object
+    device: str = "fpga-emu"
+    name: str = "token-streaming-topk"
+
+    def select(self, scores: Scores, memory: Memory) -> Selection:
+        r = self.inner
+        L = memory.n_units
+        idx, cyc = _budget_topk(scores.values.cpu(), 0, L, r.budget, 0, r.recent)
+        self.ledger.charge("retrieval", self.timer.phase, cyc)
+        idx = idx.to(scores.values.device)
+        idx = idx.unsqueeze(1).expand(idx.shape[0], memory.meta["n_kv"], idx.shape[-1])
+        return Selection(indices=idx, n_units=L, unit_size=1, length=L)
+
+
+@dataclass
+class FpgaGateRelevancy:
+    """SeerAttention-R: gated query . gated block summaries as an int16 GEMV (emulated FPGA). The query-side
+    gate (a D x D projection of one vector) runs where the query is produced."""
+
+    inner: object  # methods.seer.GateRelevancy
+    ledger: ModelLedger
+    timer: object
+    device: str = "fpga-emu"
+    name: str = "gate-score-int16"
+
+    def score(self, memory: Memory, query: Query) -> Scores:
+        r = self.inner
+        n = memory.n_units
+        lo = min(r.sink_pages, n)
+        hi = max(lo, n - r.recent_pages)
+        if r.budget_pages >= n:
+            hi = lo
+        q = query.vectors.float().mean(dim=2)
+        qg = torch.einsum("bhd,hde->bhe", q, r.wq.to(q.device)).cpu()
+        kg = memory.tensors["kgated"][:, :, lo:hi].float().cpu()
+        if hi > lo:
+            s, scale, cyc = fpga_emu.gemv_int16(qg, kg)  # [B, H_kv, N]
+        else:
+            s, scale, cyc = torch.zeros(*kg.shape[:2], 0, dtype=torch.int64), 1.0, fpga_emu.FpgaCycles()
+        self.ledger.charge("relevancy", self.timer.phase, cyc)
+        return Scores(_dequant(s, scale * qg.shape[-1] ** -0.5, query.vectors.device), offset=lo)
+
+
+@dataclass
+class FpgaBlockBudgetOrThreshold:
+    """SeerAttention-R retrieval on the FPGA: streaming top-k under the budget, or the threshold bitmap in
+    128-key words. The gate-probability threshold p becomes a score threshold log(p) + logsumexp(scores)
+    (one extra pass over the scores, 16 per cycle)."""
+
+    inner: object  # methods.seer.BlockBudgetOrThreshold
+    ledger: ModelLedger
+    timer: object
+    device: str = "fpga-emu"
+    name: str = "block-select-fpga"
+
+    def select(self, scores: Scores, memory: Memory) -> Selection:
+        import math
+
+        r = self.inner
+        n, L, P = memory.n_units, memory.meta["length"], memory.unit_size
+        vals = scores.values.cpu()
+        dev = scores.values.device
+        if r.threshold <= 0:
+            idx, cyc = _budget_topk(vals, scores.offset, n, r.budget_pages, r.sink_pages, r.recent_pages)
+            self.ledger.charge("retrieval", self.timer.phase, cyc)
+            return Selection(indices=idx.to(dev), n_units=n, unit_size=P, length=L)
+        lead = vals.shape[:-1]
+        bitmap = torch.zeros(*lead, n, dtype=torch.bool)
+        cyc = fpga_emu.FpgaCycles()
+        if scores.n_units:
+            thr = (math.log(r.threshold) + torch.logsumexp(vals, dim=-1, keepdim=True))
+            _, bits, cyc = fpga_emu.threshold_bitmap_128(vals - thr, 0.0)
+            cyc.cycles += vals.numel() / fpga_emu.LANES  # the logsumexp pass
+            bitmap[..., scores.offset : scores.offset + scores.n_units] = bits
+        bitmap[..., : min(r.sink_pages, n)] = True
+        bitmap[..., max(0, n - r.recent_pages) :] = True
+        self.ledger.charge("retrieval", self.timer.phase, cyc)
+        return Selection(bitmap=bitmap.to(dev), n_units=n, unit_size=P, length=L)
+
+
+FPGA_STEPS.update({
+    "LightningIndexerRelevancy": ("relevancy", FpgaIndexerRelevancy),
+    "SharedTokenTopK": ("retrieval", FpgaSharedTokenTopK),
+    "GateRelevancy": ("relevancy", FpgaGateRelevancy),
+    "BlockBudgetOrThreshold": ("retrieval", FpgaBlockBudgetOrThreshold),
+})
