@@ -119,6 +119,37 @@ class LayerWeights:
         return esize * (per_layer + min(s.vocab, LM_HEAD_ROWS) * s.hidden)
 
 
+class ShapeModel(torch.nn.Module):
+    """What ``Method.bind(model)`` reads, at a shape, without a model: a config and one attention module per
+    layer whose q/k projections share the sweep's single layer weights (no extra memory per layer)."""
+
+    def __init__(self, shape: Shape, weights: "LayerWeights"):
+        super().__init__()
+        from types import SimpleNamespace
+
+        s = shape
+        self.config = SimpleNamespace(
+            num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
+            hidden_size=s.hidden, intermediate_size=s.intermediate, vocab_size=s.vocab, max_position_embeddings=s.max_context)
+        mods = []
+        for i in range(s.layers):
+            m = torch.nn.Module()
+            m.layer_idx = i
+            m.q_proj = _shared_linear(weights.q)
+            m.k_proj = _shared_linear(weights.k)
+            m.v_proj = _shared_linear(weights.v)
+            m.o_proj = _shared_linear(weights.o)
+            mods.append(m)
+        self.layers = torch.nn.ModuleList(mods)
+
+
+def _shared_linear(w: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(1, 1, bias=False)
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    lin.in_features, lin.out_features = w.shape[1], w.shape[0]
+    return lin
+
+
 def _rms(x, w):
     return F.rms_norm(x, (x.shape[-1],), w, 1e-5)
 
@@ -204,6 +235,7 @@ class ShapeSweep:
         needs_hidden = bool(getattr(method, "needs_hidden", False))
         layer_cls = getattr(method, "cache_layer", None) or PagedKVLayer
         page_size = getattr(method, "page_size", 16)
+        method.bind(ShapeModel(s, W))  # methods with per-layer weights (gates, indexers) size them at the shape
         groups = self.layer_groups(method)
         k_all, v_all = self.synthetic_kv(length)
         g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
