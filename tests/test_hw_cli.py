@@ -101,3 +101,16 @@ def test_run_placement_other_methods(tmp_path, capsys, method, extra):
     assert rec["answer"] == ref["answer"]
     assert rec["steps"]["retrieval"]["source"] == "modelled" and rec["steps"]["retrieval"]["calls"] > 0
     assert rec["steps"]["prepare"]["source"] == "measured"
+
+
+def test_plan_kv_dtype_retargets_bytes(tmp_path, capsys):
+    from hetmem.hw.workloads import read_profile, workloads_from_profile
+
+    prof = read_profile(_profile(tmp_path / "p.json"))
+    f32 = {w.size: w for w in workloads_from_profile(prof)}
+    bf16 = {w.size: w for w in workloads_from_profile(prof, kv_dtype="bfloat16")}
+    rel32, rel16 = f32[4096].steps["relevancy"].ops[0], bf16[4096].steps["relevancy"].ops[0]
+    assert rel16.bytes_read == rel32.bytes_read / 2 and rel16.bytes_written == rel32.bytes_written  # scores stay fp32
+    assert bf16[4096].query_bytes == f32[4096].query_bytes / 2
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--kv-dtype", "bfloat16", "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "plan.json").read_text())["kv_dtype"] == "bfloat16"

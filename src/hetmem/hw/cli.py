@@ -26,7 +26,7 @@ def cmd_plan(args) -> int:
             print(f"note: {d.note}", file=sys.stderr)
     if args.profile:
         profile = read_profile(args.profile)
-        workloads = workloads_from_profile(profile, phase=args.phase)
+        workloads = workloads_from_profile(profile, phase=args.phase, kv_dtype=args.kv_dtype)
     else:
         profile = None
         workloads = paper_workloads()
@@ -50,6 +50,7 @@ def cmd_plan(args) -> int:
         "note": "every latency and energy figure here is produced by hetmem's device models (modelled), not measured",
         "system": system.name, "baseline_system": (base_sys or system).name, "objective": args.objective,
         "devices": devices, "input": args.profile or "paper-shaped workloads (hetmem.hw.workloads)",
+        "kv_dtype": getattr(args, "kv_dtype", None) or "as profiled",
         "units": {"latency": "us", "energy": "uJ", "per": "see each entry's unit"},
         "entries": entries,
     }
@@ -94,6 +95,8 @@ def register(subparsers, run_parser) -> None:
     p.add_argument("--objective", default="latency", help="latency, energy or edp")
     p.add_argument("--phase", default="decode", help="profile phase to plan (decode or prefill)")
     p.add_argument("--methods", default=None, help="only these methods (comma separated)")
+    p.add_argument("--kv-dtype", default=None,
+                   help="re-target the profile's KV bytes to this dtype (e.g. bfloat16 for a GPU; default: as profiled)")
     p.add_argument("--out", required=True, help="directory for plan.json and schedule.json")
     p.set_defaults(func=cmd_plan)
 

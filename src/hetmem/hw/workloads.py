@@ -38,8 +38,13 @@ def read_profile(path: str | Path) -> dict:
     return data
 
 
-def workloads_from_profile(profile: dict, phase: str = "decode") -> list[Workload]:
-    """One workload per method x length from the profile's ``phase`` records (ok ones, with counts)."""
+def workloads_from_profile(profile: dict, phase: str = "decode", kv_dtype: str | None = None) -> list[Workload]:
+    """One workload per method x length from the profile's ``phase`` records (ok ones, with counts).
+
+    ``kv_dtype`` re-targets the counts to another KV element type (e.g. a float32 CPU profile planned for
+    bfloat16 on a GPU): the KV-sized bytes (page summaries, gathered and attended KV, raw KV, the query) are
+    scaled by the element-size ratio; scores (float32) and ids (int64) are not.
+    """
     shape = profile.get("shape") or {}
     batch = int(profile.get("batch") or 1)
     dtype = str(profile.get("dtype") or "float32")
@@ -48,6 +53,12 @@ def workloads_from_profile(profile: dict, phase: str = "decode") -> list[Workloa
     heads = int(shape.get("heads") or kv_heads)
     head_dim = int(shape.get("head_dim") or 64)
     rows = kv_heads * batch
+    f = 1.0
+    if kv_dtype:
+        if kv_dtype not in _ELT:
+            raise HetmemError(f"unknown --kv-dtype '{kv_dtype}': use one of {', '.join(_ELT)}")
+        f = _ELT[kv_dtype] / e
+        dtype, e = kv_dtype, _ELT[kv_dtype]
     groups: dict[tuple[str, int], dict[str, dict]] = {}
     for r in profile["records"]:
         if r.get("phase") != phase or r.get("status") != "ok" or r.get("step") not in STEPS:
@@ -69,11 +80,18 @@ def workloads_from_profile(profile: dict, phase: str = "decode") -> list[Workloa
                 if op.cls == "topk":
                     op.n = max(1, int(op.bytes_read / (4 * rows)))
                     op.k = max(1, int(op.bytes_written / (8 * rows)))
+                if op.cls in ("reduce", "gather"):
+                    op.bytes_read *= f
+                    op.bytes_written *= f
+                elif op.cls in ("gemv", "attention", "dense"):
+                    op.bytes_read *= f
                 ops.append(op)
-            sw = StepWork(name, ops, str(r.get("dtype") or dtype), out_bytes=float(pc.get("bytes_written") or 0),
+            sw = StepWork(name, ops, kv_dtype or str(r.get("dtype") or dtype), out_bytes=float(pc.get("bytes_written") or 0),
                           calls=calls, measured_us=(pc["ms"] * 1e3 if pc.get("ms") is not None else None))
+            if name == "prepare":
+                sw.out_bytes *= f
             if name in ("prepare", "apply"):
-                sw.raw_bytes = float(pc.get("bytes_read") or 0)
+                sw.raw_bytes = float(pc.get("bytes_read") or 0) * f
             if name == "apply":
                 sw.out_bytes = heads * head_dim * e * batch
             steps[name] = sw
