@@ -74,6 +74,6 @@ class RagBm25(RagMethod):
 
     def pipeline(self, device, timer, layer_idx: int = 0):
         return MemoryPipeline(
-            Bm25Prepare(self.k1, self.b), Bm25Relevancy(self.k1, self.b), TopKPassages(self.top_k),
+            Bm25Prepare(self.k1, self.b), Bm25Relevancy(self.k1, self.b), TopKPassages(self.top_k, positive_only=True),
             PassagePromptApply(device), timer,
         )

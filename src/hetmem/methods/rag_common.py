@@ -58,9 +58,13 @@ class CandidateScores(Scores):
 
 @dataclass
 class TopKPassages:
-    """Retrieval: the ``k`` best passages, best first (ties to the lower id)."""
+    """Retrieval: the ``k`` best passages, best first (ties to the lower id).
+
+    ``positive_only`` (BM25): a passage scoring 0 shares no term with the query, so it is never retrieved.
+    """
 
     k: int
+    positive_only: bool = False
     device: str = "cpu"
     name: str = "topk-passages"
 
@@ -69,6 +73,8 @@ class TopKPassages:
             vals = scores.values.numpy()
             return RankedSelection.of(scores.ids[: self.k], vals[: self.k], memory.n_units)
         ids, vals = topk_ranked(scores.values.numpy(), self.k)
+        if self.positive_only:
+            ids, vals = ids[vals > 0], vals[vals > 0]
         return RankedSelection.of(ids, vals, memory.n_units)
 
 
