@@ -104,3 +104,37 @@ def test_substep_is_noop_outside_a_step():
             pass
     assert t.names() == ["apply", "apply.gather"]
     assert set(t.summary()) == {"prepare", "relevancy", "retrieval", "apply"}  # `hetmem run --json` format kept
+
+
+def test_seer_and_dsa_ops_hand_computed():
+    p = C.block_pool_gate(1, 2, 1, 1, 4, 4, 4)  # one decode token into one block, gate 4x4
+    assert (p.flops, p.bytes_read, p.bytes_written) == (80, 192, 64)
+    g = C.gated_block_scores(1, 2, 3, 5, 4, 4, 4)
+    assert (g.flops, g.bytes_read, g.bytes_written) == (178, 384, 40)
+    q, sc = C.lightning_indexer(1, 2, 10, 4, 8)
+    assert (q.flops, q.bytes_read, q.bytes_written) == (160, 392, 40)
+    assert (sc.flops, sc.bytes_read, sc.bytes_written) == (220, 200, 40)
+
+
+def test_seer_step_counts_match_real_tensors():
+    from hetmem.testing import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=2)
+    method = get_method("seer", budget=64, page_size=16, dense_layers=0)
+    method.bind(model)
+    timer = StepTimer()
+    counter = StepCounter(timer)
+    pipe = counter.wrap(method.pipeline("cpu", timer, layer_idx=1))
+    B, Hkv, G, D, L = 1, 2, 2, 16, 300
+    layer = PagedKVLayer(16, pipe, reserve_tokens=L + 1)
+    timer.phase = "decode"
+    layer.update(torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D))
+    q = torch.randn(B, Hkv, G, D)
+    pipe.query_and_apply(layer.memory, Query(vectors=q), layer, DecodeTarget(q, D**-0.5))
+    n_cand = -(-L // 16) - 2  # minus sink and recent
+    assert counter.totals[("relevancy", "decode")][0] == C.gated_block_scores(B, Hkv, G, n_cand, D, D, 4).flops
+    sel = pipe.select(layer.memory, Query(vectors=q))
+    k, v = gather_selected_kv(layer.buf_k, layer.buf_v, sel.indices, 16, L)
+    assert counter.totals[("apply.gather", "decode")][2] == k.nbytes + v.nbytes
+    assert timer.phase_calls("apply.gather", "decode") == 1

@@ -20,6 +20,7 @@ from hetmem.ops.attention_mass import attention_probs
 from hetmem.ops.sparse_attention import grouped_decode_attention
 from hetmem.ops.token_gather import gather_tokens
 from hetmem.ops.topk import topk_indices
+from hetmem.profiling.timer import substep
 
 
 @dataclass
@@ -77,7 +78,8 @@ class TokenGatherAttention:
         if selection.indices.shape[-1] >= L:  # everything selected: no gather needed
             k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
         else:
-            k, v = gather_tokens(raw.buf_k, selection.indices), gather_tokens(raw.buf_v, selection.indices)
+            with substep("gather", self.device):  # timed as apply.gather (inside apply)
+                k, v = gather_tokens(raw.buf_k, selection.indices), gather_tokens(raw.buf_v, selection.indices)
         return grouped_decode_attention(target.q, k, v, target.scale)
 
 

@@ -28,6 +28,7 @@ from hetmem.ops.block_pool import block_counts, gated_block_scores, update_block
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
 from hetmem.ops.token_gather import bitmap_to_padded, gather_tokens, masked_decode_attention, unit_token_ids
 from hetmem.ops.topk import budget_page_indices
+from hetmem.profiling.timer import substep
 
 
 def model_dims(model) -> tuple[int, int, int]:
@@ -134,11 +135,13 @@ class BlockSparseAttention:
             if selection.indices.shape[-1] >= selection.n_units:
                 k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
             else:
-                k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
+                with substep("gather", self.device):  # timed as apply.gather (inside apply)
+                    k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
             return grouped_decode_attention(target.q, k, v, target.scale)
         units, unit_valid = bitmap_to_padded(selection.bitmap)  # ragged: rows pad to the longest
         tok, valid = unit_token_ids(units, P, L, unit_valid)
-        k, v = gather_tokens(raw.buf_k, tok), gather_tokens(raw.buf_v, tok)
+        with substep("gather", self.device):
+            k, v = gather_tokens(raw.buf_k, tok), gather_tokens(raw.buf_v, tok)
         return masked_decode_attention(target.q, k, v, valid, target.scale)
 
 

@@ -177,6 +177,57 @@ def lm_head(T: int, hidden: int, vocab: int, e: int) -> list[OpCount]:
     return [elementwise("final_norm", T * hidden, 4, 1, 1, e), linear("lm_head", T, hidden, vocab, e)]
 
 
+def block_pool_gate(B: int, H: int, n_tokens: int, n_blocks: int, D: int, Dg: int, e: int) -> OpCount:
+    """SeerAttention-R Prepare (ops.block_pool + the gate): add ``n_tokens`` keys into the running block sums of
+    ``n_blocks`` blocks, average them, and gate each block mean ([D] x [D, Dg]).
+
+    flops = adds (B*H*n_tokens*D) + means (B*H*n_blocks*D) + gate GEMVs (2*B*H*n_blocks*D*Dg)
+    read  = keys (e*B*H*n_tokens*D) + block sums (4*B*H*n_blocks*D) + gate (4*H*D*Dg)
+    write = block sums and gated summaries, float32 (4*B*H*n_blocks*(D + Dg))
+    """
+    flops = B * H * n_tokens * D + B * H * n_blocks * D + 2.0 * B * H * n_blocks * D * Dg
+    read = e * B * H * n_tokens * D + 4 * B * H * n_blocks * D + 4 * H * D * Dg
+    return OpCount("block_pool_gate", "reduce", float(flops), float(read), float(4 * B * H * n_blocks * (D + Dg)))
+
+
+def gated_block_scores(B: int, H: int, G: int, N: int, D: int, Dg: int, e: int) -> OpCount:
+    """SeerAttention-R Relevancy: mean of the G query heads, gate the query ([D] x [D, Dg]), one GEMV over N
+    gated block summaries, scale.
+
+    flops = mean (B*H*G*D) + query gate (2*B*H*D*Dg) + GEMV (2*B*H*N*Dg) + scale (B*H*N)
+    read  = q (e*B*H*G*D) + gate (4*H*D*Dg) + summaries (4*B*H*N*Dg); write = scores (4*B*H*N)
+    """
+    flops = B * H * G * D + 2.0 * B * H * D * Dg + 2.0 * B * H * N * Dg + B * H * N
+    read = e * B * H * G * D + 4 * H * D * Dg + 4 * B * H * N * Dg
+    return OpCount("gated_block_scores", "gemv", float(flops), float(read), float(4 * B * H * N))
+
+
+def threshold_select(rows: int, n: int, n_units: int) -> OpCount:
+    """Softmax over n candidate scores (5 ops each) and a compare -> a bool bitmap of n_units per row."""
+    return OpCount("threshold_bitmap", "topk", 6.0 * rows * n, 4.0 * rows * n, 1.0 * rows * n_units)
+
+
+def indexer_key(B: int, n_tokens: int, hidden: int, d: int) -> OpCount:
+    """DSA Prepare: one index key per token, k = W_k h + b (float32)."""
+    return OpCount("indexer_key", "dense", 2.0 * B * n_tokens * hidden * d,
+                   float(4 * (d * hidden + d + B * n_tokens * hidden)), float(4 * B * n_tokens * d))
+
+
+def lightning_indexer(B: int, Hi: int, N: int, D: int, hidden: int) -> list[OpCount]:
+    """DSA Relevancy (float32): index queries and head weights from the hidden state, then
+    score_t = sum_h w_h ReLU(q_h . k_t) over N tokens.
+
+    query:  flops 2*B*hidden*(Hi*D + Hi); read weights 4*(Hi*D + Hi)*(hidden + 1) + hidden state
+    scores: flops 2*B*Hi*N*D (dots) + B*Hi*N (ReLU) + 2*B*Hi*N (weighted sum);
+            read keys 4*B*N*D + q 4*B*Hi*D + w 4*B*Hi; write 4*B*N
+    """
+    q = OpCount("indexer_query", "dense", 2.0 * B * hidden * (Hi * D + Hi),
+                float(4 * ((Hi * D + Hi) * (hidden + 1) + B * hidden)), float(4 * B * (Hi * D + Hi)))
+    sc = OpCount("index_scores", "gemv", 2.0 * B * Hi * N * D + 3.0 * B * Hi * N,
+                 float(4 * (B * N * D + B * Hi * D + B * Hi)), float(4 * B * N))
+    return [q, sc]
+
+
 # ---------------------------------------------------------------------------------------------
 # Step counters: a step object and its call's inputs -> {step name: [OpCount]} ("apply.gather" split out)
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +273,107 @@ def _count_dense_attention(step, raw, selection, target):
     return {"apply": [decode_attention(B, Hkv, G, raw.length, D, raw.buf_k.element_size())]}
 
 
+def _gather_attention(B, Hkv, G, D, e, n_tokens, n_index):
+    g = gather_pages(B, Hkv, n_tokens, D, n_index, e)
+    return {"apply": [g, decode_attention(B, Hkv, G, n_tokens, D, e)], "apply.gather": [g]}
+
+
+def _count_block_pool_prepare(step, raw, memory=None):
+    layer, start, end = raw
+    B, H, _, D = layer.buf_k.shape
+    if end <= start:
+        return {"prepare": []}
+    P = step.page_size
+    b0, b1 = start // P, (end - 1) // P + 1
+    n_tok = 1 if end - start == 1 else end - b0 * P  # a span re-sums the blocks it touches
+    return {"prepare": [block_pool_gate(B, H, n_tok, b1 - b0, D, step.wk.shape[-1], layer.buf_k.element_size())]}
+
+
+def _count_gate_relevancy(step, memory, query):
+    n = memory.n_units
+    lo = min(step.sink_pages, n)
+    hi = max(lo, n - step.recent_pages)
+    if step.budget_pages >= n:
+        hi = lo
+    B, Hkv, G, D = query.vectors.shape
+    return {"relevancy": [gated_block_scores(B, Hkv, G, hi - lo, D, step.wq.shape[-1], query.vectors.element_size())]}
+
+
+def _count_block_select(step, scores, memory):
+    v = scores.values
+    rows = math.prod(v.shape[:-1])
+    if step.threshold <= 0:
+        return {"retrieval": budget_page_indices(rows, v.shape[-1], memory.n_units, step.budget_pages, step.sink_pages,
+                                                 step.recent_pages)}
+    return {"retrieval": [threshold_select(rows, v.shape[-1], memory.n_units)]}
+
+
+def _count_block_sparse_attention(step, raw, selection, target):
+    B, Hkv, G, D = target.q.shape
+    e = raw.buf_k.element_size()
+    L = selection.length
+    if selection.form == "topk":
+        k = selection.indices.shape[-1]
+        if k >= selection.n_units:
+            return {"apply": [decode_attention(B, Hkv, G, L, D, e)]}
+        P = selection.unit_size
+        tail = L - (-(-L // P) - 1) * P
+        return _gather_attention(B, Hkv, G, D, e, (k - 1) * P + tail, k - 1)
+    return _gather_attention(B, Hkv, G, D, e, selection.selected_tokens, int(selection.bitmap.sum(-1).max()))
+
+
+def _count_index_key_prepare(step, raw, memory=None):
+    layer, start, end = raw
+    d, hidden = step.weights["wk"].shape
+    return {"prepare": [indexer_key(layer.buf_k.shape[0], end - start, hidden, d)]}
+
+
+def _count_lightning_indexer(step, memory, query):
+    L = memory.n_units
+    hi = max(0, L - step.recent) if step.budget < L else 0
+    B = query.vectors.shape[0]
+    d = memory.tensors["kidx"].shape[-1]
+    return {"relevancy": lightning_indexer(B, step.index_heads, hi, d, step.weights["wq"].shape[-1])}
+
+
+def _count_shared_token_topk(step, scores, memory):
+    v = scores.values
+    return {"retrieval": budget_page_indices(math.prod(v.shape[:-1]), v.shape[-1], memory.n_units, step.budget, 0,
+                                             step.recent)}
+
+
+def _count_token_topk(step, scores, memory):
+    v = scores.values
+    k = getattr(step, "budget", v.shape[-1])
+    return {"retrieval": [topk(math.prod(v.shape[:-1]), v.shape[-1], k)]}
+
+
+def _count_token_gather_attention(step, raw, selection, target):
+    B, Hkv, G, D = target.q.shape
+    e = raw.buf_k.element_size()
+    k = selection.indices.shape[-1]
+    if k >= selection.length:
+        return {"apply": [decode_attention(B, Hkv, G, selection.length, D, e)]}
+    return _gather_attention(B, Hkv, G, D, e, k, k)
+
+
 COUNTERS: dict[str, Callable] = {
     "PageMinMaxPrepare": _count_page_minmax_prepare,
     "QuestRelevancy": _count_quest_relevancy,
     "PageBudgetTopK": _count_page_budget_topk,
     "PageGatherAttention": _count_page_gather_attention,
     "DenseAttentionApply": _count_dense_attention,
+    # SeerAttention-R (methods/seer.py)
+    "BlockPoolPrepare": _count_block_pool_prepare,
+    "GateRelevancy": _count_gate_relevancy,
+    "BlockBudgetOrThreshold": _count_block_select,
+    "BlockSparseAttention": _count_block_sparse_attention,
+    # DSA lightning indexer (methods/dsa.py) and its token-sparse Apply (methods/oracle.py)
+    "IndexKeyPrepare": _count_index_key_prepare,
+    "LightningIndexerRelevancy": _count_lightning_indexer,
+    "SharedTokenTopK": _count_shared_token_topk,
+    "TokenGatherAttention": _count_token_gather_attention,
+    "TokenTopK": _count_token_topk,
 }
 
 
