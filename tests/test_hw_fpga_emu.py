@@ -114,3 +114,17 @@ def test_index_scores_int16_matches_float():
     sel_q, _ = fpga_emu.streaming_topk(s, 50)
     sel_f = fpga_emu.topk_reference_stable(ref, 50)
     _boundary_ok(ref, sel_q, sel_f, 2e-2 * float(ref.abs().max()))
+
+
+def test_ledger_fused_charges_only_the_topk_beyond_scoring():
+    from hetmem.runtime.fpga_steps import ModelLedger
+
+    rel, ret = fpga_emu.FpgaCycles(cycles=1000, hbm_bytes=0), fpga_emu.FpgaCycles(cycles=3000, hbm_bytes=0)
+    unf, fus = ModelLedger(), ModelLedger(fused=True)
+    for led in (unf, fus):
+        led.charge("relevancy", "decode", rel)
+        led.charge("retrieval", "decode", ret)
+    lat = fpga_emu.modelled_us(fpga_emu.FpgaCycles())
+    assert unf.us[("retrieval", "decode")] == pytest.approx(3000 / 250 + lat)
+    assert fus.us[("retrieval", "decode")] == pytest.approx((3000 - 1000) / 250)  # 250 cycles per us at 250 MHz
+    assert fus.us[("relevancy", "decode")] == unf.us[("relevancy", "decode")]

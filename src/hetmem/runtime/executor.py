@@ -137,7 +137,11 @@ def place(method, rule: dict) -> tuple[PlacedMethod, dict, object]:
     for step, dev in rule["devices"].items():
         if backends[step] == "fpga-emu" and dev not in BACKENDS:
             fdev = Catalog(calibrate_host=False).device(dev)
-    ledger = ModelLedger(device=fdev)
+    fused = bool(rule.get("fused_relevancy_retrieval")) and backends.get("relevancy") == backends.get("retrieval") == "fpga-emu"
+    ledger = ModelLedger(device=fdev, fused=fused)
+    if fused:
+        placement["retrieval"]["note"] = ("fused with relevancy on the FPGA: its modelled time is only what the streaming "
+                                          "top-k adds beyond the scoring it overlaps")
     return PlacedMethod(method, backends, ledger), placement, ledger
 
 

@@ -26,8 +26,19 @@ class ModelLedger:
     calls: dict = field(default_factory=lambda: defaultdict(int))
     cycles: dict = field(default_factory=lambda: defaultdict(float))
 
+    fused: bool = False  # relevancy streams into retrieval on the FPGA (the placement says so)
+    _last_rel_body: float = 0.0
+
     def charge(self, step: str, phase: str, cyc: fpga_emu.FpgaCycles) -> None:
-        self.us[(step, phase)] += fpga_emu.modelled_us(cyc, self.device)
+        t = fpga_emu.modelled_us(cyc, self.device)
+        if self.fused:
+            lat = fpga_emu.modelled_us(fpga_emu.FpgaCycles(), self.device)
+            if step == "relevancy":
+                self._last_rel_body = t - lat
+            elif step == "retrieval":
+                # the top-k overlaps the scoring it is fed by: it adds only what it takes beyond it, no latency
+                t = max(0.0, (t - lat) - self._last_rel_body)
+        self.us[(step, phase)] += t
         self.calls[(step, phase)] += 1
         self.cycles[(step, phase)] += cyc.cycles
 
