@@ -114,3 +114,23 @@ def test_plan_kv_dtype_retargets_bytes(tmp_path, capsys):
     assert bf16[4096].query_bytes == f32[4096].query_bytes / 2
     assert main(["plan", "--profile", str(tmp_path / "p.json"), "--kv-dtype", "bfloat16", "--out", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "plan.json").read_text())["kv_dtype"] == "bfloat16"
+
+
+def test_plan_schedule_drives_run(tmp_path, capsys):
+    """The schedule hetmem plan writes is what hetmem run --placement reads (GPU devices fall back to cpu here)."""
+    prof = _profile(tmp_path / "profile.json")
+    assert main(["plan", "--profile", str(prof), "--system", "mi210+u55c", "--out", str(tmp_path / "plan")]) == 0
+    capsys.readouterr()
+    model = save_tiny_model_dir(tmp_path / "m", "llama", max_position_embeddings=512)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("Alpha beta gamma delta. The code word is kiwi. " * 6, encoding="utf-8")
+    assert main(["run", "--method", "quest", "--budget", "64", "--dense-layers", "0", "--model", str(model), "--context",
+                 str(ctx), "--question", "What?", "--max-new-tokens", "2", "--json",
+                 "--placement", str(tmp_path / "plan" / "schedule.json")]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    sch = json.loads((tmp_path / "plan" / "schedule.json").read_text())
+    want = sch["rules"]["quest"][0]["devices"]  # a ~300-token prompt falls under the first rule
+    assert {s: p["device"] for s, p in rec["placement"].items()} == want
+    for s, p in rec["placement"].items():
+        assert p["backend"] == ("fpga-emu" if want[s] == "u55c" else "cpu")
+        assert rec["steps"][s]["source"] == ("modelled" if want[s] == "u55c" else "measured")
