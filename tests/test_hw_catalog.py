@@ -99,3 +99,33 @@ def test_host_cpu_filled_from_calibration(tmp_path, monkeypatch):
     fill_from_calibration(dev, {"copy_gbps": 12.5, "matmul_gflops": 80.0, "measured_at": "x", "source": "measured"})
     assert dev.mem_bw_gbs == 12.5 and dev.peak("float32") == pytest.approx(80e9)
     assert "measured" in dev.sources["mem_bw_gbs"]
+
+
+def test_toml_device(tmp_path, monkeypatch):
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "tgpu.toml").write_text('''
+name = "tgpu"
+kind = "gpu"
+mem_bw_gbs = 900.0
+mem_gb = 24
+launch_us = 5.0
+steps = ["prepare", "relevancy", "retrieval", "apply"]
+[peak_tflops]
+fp32 = 30.0
+[power_w]
+idle = 20.0
+active = 280.0
+[op_classes.gemv]
+bw_eff = 0.6
+compute_eff = 0.3
+latency_us = 8.0
+[sources]
+peak_tflops = "a datasheet"
+mem_bw_gbs = "a datasheet"
+mem_gb = "a datasheet"
+launch_us = "assumption"
+power_w = "a datasheet"
+op_classes = "assumption"
+''')
+    d = _cat(tmp_path, monkeypatch).device("tgpu")
+    assert d.mem_bw_gbs == 900.0 and d.op("gemv").latency_us == 8.0
