@@ -57,3 +57,14 @@ def test_schedule_rules_keyed_on_size(cat):
     rules = sch["rules"]["lserve"]
     assert rules[-1]["max_size"] is None
     assert all(set(r["devices"]) == {"prepare", "relevancy", "retrieval", "apply"} for r in rules)
+
+
+def test_topk_shape_from_counts():
+    from hetmem.hw.cost import OpWork
+    from hetmem.hw.workloads import _topk_shape
+    from hetmem.profiling.counters import topk
+
+    for rows, n, k in ((8, 1023, 62), (1, 16373, 2032), (4, 500, 100)):
+        c = topk(rows, n, k)
+        op = OpWork("topk", c.flops, c.bytes_read, c.bytes_written)
+        assert _topk_shape(op, 1, 8 if rows != 4 else 4) == (rows, n, k)

@@ -78,8 +78,7 @@ def workloads_from_profile(profile: dict, phase: str = "decode", kv_dtype: str |
                 op = OpWork(o.get("class", "sparse"), float(o.get("flops") or 0), float(o.get("bytes_read") or 0),
                             float(o.get("bytes_written") or 0), rows=rows, name=o.get("op", ""))
                 if op.cls == "topk":
-                    op.n = max(1, int(op.bytes_read / (4 * rows)))
-                    op.k = max(1, int(op.bytes_written / (8 * rows)))
+                    op.rows, op.n, op.k = _topk_shape(op, batch, rows)
                 if op.cls in ("reduce", "gather"):
                     op.bytes_read *= f
                     op.bytes_written *= f
@@ -102,6 +101,24 @@ def workloads_from_profile(profile: dict, phase: str = "decode", kv_dtype: str |
     if not out:
         raise HetmemError(f"the profile has no '{phase}' step records with counts to plan from")
     return out
+
+
+def _topk_shape(op: OpWork, batch: int, kv_rows: int) -> tuple[int, int, int]:
+    """(rows, n, k) of a counted top-k (hetmem.profiling.counters.topk: reads 4*rows*n bytes, writes
+    8*rows*k, flops rows*(n+k)*ceil(log2 k)). A selection is per KV head (quest, seer) or shared by all heads
+    (dsa); the row count whose k matches the flops' log2 k wins."""
+    best = None
+    for r in (kv_rows, batch):
+        n, k = op.bytes_read / (4 * r), op.bytes_written / (8 * r)
+        if n < 1 or k < 1:
+            continue
+        lg = op.flops / max(r * (n + k), 1)
+        err = abs(lg - math.ceil(math.log2(max(k, 2))))
+        if best is None or err < best[0]:
+            best = (err, r, n, k)
+    if best is None:
+        return 1, max(1, int(op.bytes_read / 4)), max(1, int(op.bytes_written / 8))
+    return best[1], max(1, round(best[2])), max(1, round(best[3]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,5 +232,3 @@ def paper_workloads() -> list[Workload]:
 def workload_count(n: int) -> str:
     return f"{n / 1024:.0f}k" if n >= 1024 and n % 1024 == 0 else (f"{n / 1e6:g}M" if n >= 1e6 else str(n))
 
-
-_ = math
