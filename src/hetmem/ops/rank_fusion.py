@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def topk_ranked(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best passages, best first: (ids, scores). Ties go to the lower id, so results are stable.
 
-    O(n) selection (``argpartition``) plus a sort of only the k winners.
+    Selection finds the k-th best score with ``torch.topk`` (zero-copy on the numpy array), then two O(n)
+    comparisons collect the winners; only the k winners are sorted. BM25 scores hold large classes of
+    exactly equal values, on which numpy's introselect (``argpartition``) is ~10x slower than torch.topk.
     """
     n = scores.shape[0]
     k = max(0, min(k, n))
     if k == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=scores.dtype)
     if k < n:
-        part = np.argpartition(scores, n - k)[n - k:]
-        thr = scores[part].min()
+        thr = scores.dtype.type(torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, sorted=False).values.min().item())
         above = np.flatnonzero(scores > thr)
         ties = np.flatnonzero(scores == thr)[: k - above.size]
         cand = np.concatenate([above, ties])

@@ -73,6 +73,18 @@ class Embedder:
         """float32 [len(texts), dim], each row L2-normalised. Batches are length-sorted to pad little."""
         from tqdm.auto import tqdm
 
+        if len(texts) <= 8:  # a query: one thread. Intra-op threads only add sync cost on tiny inputs
+            prev = torch.get_num_threads()  # (measured here: 25 ms on 1 thread vs 200-700 ms on 2, loaded CPU)
+            torch.set_num_threads(1)
+            try:
+                return self._encode(texts, batch_size, False, desc)
+            finally:
+                torch.set_num_threads(prev)
+        return self._encode(texts, batch_size, progress, desc)
+
+    def _encode(self, texts, batch_size, progress, desc) -> np.ndarray:
+        from tqdm.auto import tqdm
+
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         bar = tqdm(total=len(texts), desc=desc, unit="passage", file=sys.stderr, disable=not progress, leave=False)
