@@ -24,7 +24,7 @@ from hetmem.eval.haystack import essay_text
 from hetmem.llm.generate import generate
 from hetmem.llm.models import load_model
 from hetmem.methods import get_method
-from hetmem.train.distill import OBJECTIVES, capture, token_chunks, train
+from hetmem.train.distill import OBJECTIVES, _loss, capture, token_chunks, train
 from hetmem.train.gates import load_gates, save_gates
 
 
@@ -83,8 +83,8 @@ def main() -> None:
         for b in map(int, args.budgets.split(",")):
             ru = sum(un.recall(p, b) for p in prepared_u) / len(data)
             rt = sum(tr.recall(p, b) for p in prepared_t) / len(data)
-            kl_u = sum(float(un.loss(p)) for p in prepared_u) / len(data)
-            kl_t = sum(float(tr.loss(p)) for p in prepared_t) / len(data)
+            kl_u = sum(_loss(un, p) for p in prepared_u) / len(data)
+            kl_t = sum(_loss(tr, p) for p in prepared_t) / len(data)
             results["offline"][f"{name}@{b}"] = {"untrained": round(ru, 4), "trained": round(rt, 4),
                                                  "kl_untrained": round(kl_u, 4), "kl_trained": round(kl_t, 4)}
             print(f"  {b:>8} {ru:>10.4f} {rt:>10.4f}   (KL {kl_u:.4f} -> {kl_t:.4f})")

@@ -47,7 +47,7 @@ class _CaptureRuntime(attention.SparseRuntime):
 
 @torch.no_grad()
 def capture(model, ids: torch.Tensor) -> list[dict]:
-    """Per layer: q [B,H,T,D], k [B,Hkv,T,D], scale, hidden [B,T,hidden], probs [B,H,T,T] (causal attention)."""
+    """Per layer: q [B,H_kv,G,T,D], k [B,H_kv,T,D] (post-RoPE), scale, hidden [B,T,hidden] (attention input)."""
     attention.install(model)
     rt = _CaptureRuntime()
     hidden: dict[int, torch.Tensor] = {}
@@ -63,46 +63,61 @@ def capture(model, ids: torch.Tensor) -> list[dict]:
         for h in handles:
             h.remove()
     out = []
-    T = ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in sorted(rt.qk):
         q, k, scale = rt.qk[i]
-        B, H, _, D = q.shape
+        B, H, T, D = q.shape
         Hkv = k.shape[1]
-        logits = torch.matmul(q.reshape(B, Hkv, H // Hkv, T, D), k.unsqueeze(2).transpose(-1, -2)) * scale
-        probs = torch.softmax(logits.masked_fill(~causal.to(q.device), float("-inf")), dim=-1)  # [B,Hkv,G,T,T]
-        out.append({"q": q.reshape(B, Hkv, H // Hkv, T, D), "k": k, "scale": scale, "hidden": hidden[i], "probs": probs})
+        out.append({"q": q.reshape(B, Hkv, H // Hkv, T, D), "k": k, "scale": scale, "hidden": hidden[i]})
     return out
+
+
+def query_rows(T: int, min_pos: int, max_rows: int) -> torch.Tensor:
+    """The query positions trained/evaluated on: from ``min_pos`` on, evenly thinned to ``max_rows``."""
+    rows = torch.arange(min(min_pos, T - 1), T)
+    if len(rows) > max_rows:
+        rows = rows[torch.linspace(0, len(rows) - 1, max_rows).round().long()]
+    return rows
+
+
+@torch.no_grad()
+def row_probs(lay: dict, rows: torch.Tensor) -> torch.Tensor:
+    """The model's causal attention for query positions ``rows``: ``[B, H_kv, G, R, T]``."""
+    q, k = lay["q"][:, :, :, rows], lay["k"]
+    T = k.shape[2]
+    logits = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * lay["scale"]
+    future = torch.arange(T)[None, :] > rows[:, None]
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
 
 
 # -- seer -------------------------------------------------------------------------------------------------------
 class SeerObjective:
     method = "seer"
 
-    def __init__(self, model, page_size: int = 16, min_blocks: int = 2):
+    def __init__(self, model, page_size: int = 16, min_blocks: int = 2, max_rows: int = 256):
         n_layers, n_kv, d = model_dims(model)
-        self.P, self.min_blocks = page_size, min_blocks
+        self.P, self.min_blocks, self.max_rows = page_size, min_blocks, max_rows
         init = identity_gates(n_layers, n_kv, d)
         self.params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
 
+    @torch.no_grad()
     def targets(self, data: list[dict]) -> list[dict]:
         P = self.P
         prepared = []
         for lay in data:
-            q, k, probs = lay["q"], lay["k"], lay["probs"]
+            q, k = lay["q"], lay["k"]
             B, Hkv, G, T, D = q.shape
             N = T // P
+            rows = query_rows(T, (self.min_blocks + 1) * P, self.max_rows)
+            mass = row_probs(lay, rows).mean(2)  # [B,Hkv,R,T]: GQA-group mean
             pooled = k[:, :, : N * P].reshape(B, Hkv, N, P, D).mean(3)
-            mass = probs.mean(2)[..., : N * P].reshape(B, Hkv, T, N, P).sum(-1)  # [B,Hkv,T,N]
-            tpos = torch.arange(T)
+            bmass = mass[..., : N * P].reshape(B, Hkv, len(rows), N, P).sum(-1)  # [B,Hkv,R,N]
             # candidates = what Retrieval ranks: complete blocks before t's block, except the sink block
             # (block 0, always selected); the target is the model's mass over just those, renormalised
-            valid = (torch.arange(N)[None, :] < (tpos // P)[:, None]) & (torch.arange(N)[None, :] > 0)
-            rows = valid.sum(-1) >= self.min_blocks
-            tgt = (mass * valid)[:, :, rows]
+            valid = (torch.arange(N)[None, :] < (rows // P)[:, None]) & (torch.arange(N)[None, :] > 0)
+            tgt = bmass * valid
             tgt = tgt / tgt.sum(-1, keepdim=True).clamp(min=1e-12)
-            prepared.append({"qbar": q.mean(2)[:, :, rows], "pooled": pooled, "target": tgt, "valid": valid[rows],
-                             "probs": probs, "rows": rows})
+            prepared.append({"qbar": q.mean(2)[:, :, rows], "pooled": pooled, "target": tgt, "valid": valid,
+                             "mass": mass, "rows": rows})
         return prepared
 
     def logits(self, layer: int, qbar, pooled):
@@ -111,15 +126,11 @@ class SeerObjective:
         kg = torch.einsum("bhnd,hde->bhne", pooled, wk)
         return torch.matmul(qg, kg.transpose(-1, -2)) * qg.shape[-1] ** -0.5
 
-    def loss(self, prepared: list[dict]) -> torch.Tensor:
-        total = 0.0
-        for i, p in enumerate(prepared):
-            lg = self.logits(i, p["qbar"], p["pooled"]).masked_fill(~p["valid"], float("-inf"))
-            logp = torch.log_softmax(lg, dim=-1)
-            t = p["target"]
-            kl = (t * (torch.log(t.clamp(min=1e-12)) - logp.masked_fill(~p["valid"], 0))).sum(-1)
-            total = total + kl.mean()
-        return total / len(prepared)
+    def layer_loss(self, i: int, p: dict) -> torch.Tensor:
+        lg = self.logits(i, p["qbar"], p["pooled"]).masked_fill(~p["valid"], float("-inf"))
+        logp = torch.log_softmax(lg, dim=-1)
+        t = p["target"]
+        return (t * (torch.log(t.clamp(min=1e-12)) - logp.masked_fill(~p["valid"], 0))).sum(-1).mean()
 
     @torch.no_grad()
     def recall(self, prepared: list[dict], budget: int) -> float:
@@ -127,23 +138,18 @@ class SeerObjective:
         P = self.P
         vals = []
         for i, p in enumerate(prepared):
-            probs = p["probs"].mean(2)  # [B,Hkv,T,T]
-            T = probs.shape[-1]
-            tpos = torch.arange(T)[p["rows"]]
-            lg = self.logits(i, p["qbar"], p["pooled"])  # [B,Hkv,R,N]
-            N = lg.shape[-1]
+            mass, tpos = p["mass"], p["rows"]
+            T = mass.shape[-1]
             cand = p["valid"]  # the sink block (forced) is not a candidate
+            lg = self.logits(i, p["qbar"], p["pooled"]).masked_fill(~cand, float("-inf"))  # [B,Hkv,R,N]
             k_blocks = max(0, budget // P - 2)
-            lg = lg.masked_fill(~cand, float("-inf"))
-            top = lg.topk(min(k_blocks, N), dim=-1).indices
+            top = lg.topk(min(k_blocks, lg.shape[-1]), dim=-1).indices
             sel_blocks = torch.zeros_like(lg, dtype=torch.bool).scatter_(-1, top, True) & cand
             sel_blocks[..., 0] = True
-            tok = sel_blocks.repeat_interleave(P, -1)  # [B,Hkv,R,N*P]
-            tok = F.pad(tok, (0, T - tok.shape[-1]))
-            cur = (torch.arange(T)[None, :] >= (tpos // P * P)[:, None]) & (torch.arange(T)[None, :] <= tpos[:, None])
-            tok = tok | cur
-            tok &= torch.arange(T)[None, :] <= tpos[:, None]
-            vals.append(_recall(probs[:, :, tpos], tok))
+            tok = F.pad(sel_blocks.repeat_interleave(P, -1), (0, T - sel_blocks.shape[-1] * P))
+            ar = torch.arange(T)[None, :]
+            tok = (tok | (ar >= (tpos // P * P)[:, None])) & (ar <= tpos[:, None])
+            vals.append(_recall(mass, tok))
         return float(torch.stack(vals).mean())
 
     def export(self) -> dict[str, torch.Tensor]:
@@ -157,22 +163,22 @@ class SeerObjective:
 class DSAObjective:
     method = "dsa"
 
-    def __init__(self, model, index_heads: int = 4, recent: int = 16, min_pos: int = 32):
+    def __init__(self, model, index_heads: int = 4, recent: int = 16, min_pos: int = 32, max_rows: int = 256):
         self.H = index_heads
-        self.recent, self.min_pos = recent, min_pos
+        self.recent, self.min_pos, self.max_rows = recent, min_pos, max_rows
         self.params = {k: torch.nn.Parameter(v.clone()) for k, v in init_indexer(model, index_heads).items()}
 
+    @torch.no_grad()
     def targets(self, data: list[dict]) -> list[dict]:
         prepared = []
         for lay in data:
-            probs = lay["probs"]  # [B,Hkv,G,T,T]
-            T = probs.shape[-1]
+            T = lay["k"].shape[2]
+            rows = query_rows(T, self.min_pos, self.max_rows)
+            probs = row_probs(lay, rows)  # [B,Hkv,G,R,T]
             tgt = probs.sum(dim=(1, 2))
             tgt = tgt / tgt.sum(-1, keepdim=True)
-            rows = torch.arange(T) >= self.min_pos
-            prepared.append({"hidden": lay["hidden"], "target": tgt[:, rows], "rows": rows,
-                             "causal": torch.ones(T, T, dtype=torch.bool).tril()[rows], "probs": probs,
-                             "scale": lay["q"].shape[-1] ** -0.5})
+            prepared.append({"hidden": lay["hidden"], "target": tgt, "rows": rows, "mass": probs.mean(2),
+                             "causal": torch.arange(T)[None, :] <= rows[:, None], "scale": lay["q"].shape[-1] ** -0.5})
         return prepared
 
     def scores(self, layer: int, p: dict):
@@ -182,32 +188,26 @@ class DSAObjective:
         k = indexer_key(w, h)
         return index_scores_all(q, wts, k)  # [B,R,T]
 
-    def loss(self, prepared: list[dict]) -> torch.Tensor:
-        total = 0.0
-        for i, p in enumerate(prepared):
-            lg = (self.scores(i, p) * p["scale"]).masked_fill(~p["causal"], float("-inf"))
-            logp = torch.log_softmax(lg, -1).masked_fill(~p["causal"], 0)
-            t = p["target"]
-            total = total + (t * (torch.log(t.clamp(min=1e-12)) - logp)).sum(-1).mean()
-        return total / len(prepared)
+    def layer_loss(self, i: int, p: dict) -> torch.Tensor:
+        lg = (self.scores(i, p) * p["scale"]).masked_fill(~p["causal"], float("-inf"))
+        logp = torch.log_softmax(lg, -1).masked_fill(~p["causal"], 0)
+        t = p["target"]
+        return (t * (torch.log(t.clamp(min=1e-12)) - logp)).sum(-1).mean()
 
     @torch.no_grad()
     def recall(self, prepared: list[dict], budget: int) -> float:
         vals = []
         for i, p in enumerate(prepared):
-            probs = p["probs"].mean(2)  # [B,Hkv,T,T]
-            T = probs.shape[-1]
-            tpos = torch.arange(T)[p["rows"]]
+            mass, tpos = p["mass"], p["rows"]  # [B,Hkv,R,T]
+            T = mass.shape[-1]
             s = self.scores(i, p)  # [B,R,T]
             ar = torch.arange(T)[None, :]
             recent = (ar > (tpos - self.recent)[:, None]) & (ar <= tpos[:, None])
             cand = ar <= (tpos - self.recent)[:, None]
             s = s.masked_fill(~cand, float("-inf"))
-            k = min(max(0, budget - self.recent), T)
-            top = s.topk(k, dim=-1).indices
+            top = s.topk(min(max(0, budget - self.recent), T), dim=-1).indices
             sel = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True) & cand | recent
-            sel = sel.unsqueeze(1).expand(-1, probs.shape[1], -1, -1)
-            vals.append(_recall(probs[:, :, tpos], sel))
+            vals.append(_recall(mass, sel.unsqueeze(1).expand(-1, mass.shape[1], -1, -1)))
         return float(torch.stack(vals).mean())
 
     def export(self) -> dict[str, torch.Tensor]:
@@ -215,6 +215,11 @@ class DSAObjective:
 
     def meta(self) -> dict:
         return {"index_heads": self.H, "recent": self.recent}
+
+
+def _loss(objective, prepared: list[dict]) -> float:
+    with torch.no_grad():
+        return sum(float(objective.layer_loss(i, p)) for i, p in enumerate(prepared)) / len(prepared)
 
 
 def _recall(mass: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -254,8 +259,7 @@ def train(model, objective, train_chunks, eval_chunks, steps: int, lr: float = 5
     eval_data = [objective.targets(capture(model, c)) for c in eval_chunks[:2]]
 
     def evaluate():
-        with torch.no_grad():
-            loss = sum(float(objective.loss(d)) for d in eval_data) / len(eval_data)
+        loss = sum(_loss(objective, d) for d in eval_data) / len(eval_data)
         rec = sum(objective.recall(d, eval_budget) for d in eval_data) / len(eval_data)
         return loss, rec
 
@@ -265,12 +269,15 @@ def train(model, objective, train_chunks, eval_chunks, steps: int, lr: float = 5
     bar = tqdm(range(steps), desc=f"train {objective.method}", unit="step", file=sys.stderr, disable=not progress)
     for s in bar:
         data = objective.targets(capture(model, train_chunks[s % len(train_chunks)]))
+        opt.zero_grad()
+        total = 0.0
         with torch.enable_grad():
-            loss = objective.loss(data)
-            opt.zero_grad()
-            loss.backward()
+            for i, p in enumerate(data):  # layers are independent: one backward each keeps memory small
+                loss = objective.layer_loss(i, p) / len(data)
+                loss.backward()
+                total += float(loss.detach())
         opt.step()
-        history.append(round(float(loss.detach()), 5))
+        history.append(round(total, 5))
         bar.set_postfix(kl=f"{history[-1]:.4f}")
         if not math.isfinite(history[-1]):
             raise HetmemError(f"training diverged at step {s} (loss {history[-1]}): lower --lr")
