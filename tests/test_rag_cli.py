@@ -112,13 +112,13 @@ def test_bad_input_one_line_error(facts, tmp_path, capsys, argv, message):
 
 
 def test_smollm2_answers_from_the_retrieved_passage(facts, capsys):
-    """One short run on a real embedded model: hybrid retrieval puts the fact in the prompt, the model reads it."""
+    """One short run on a real embedded model: retrieval puts the fact in the prompt, the model reads it."""
     d, qs = facts
     # SmolLM2-135M is a weak reader (about half of these questions right with one passage, see
     # docs/rag.md; the default Qwen model is measured by benchmarks/eval_rag_qa.py): ask it a town.
     q = next(x for x in qs if x.attribute == "town")
-    code = main(["run", "--method", "rag-hybrid", "--corpus", str(d / "corpus"), "--question", q.question,
-                 "--model", "smollm2", "--top-k", "1", "--max-new-tokens", "24", "--json"])
+    code = main(["run", "--method", "rag-bm25", "--corpus", str(d / "corpus"), "--question", q.question,
+                 "--model", "smollm2", "--top-k", "1", "--max-new-tokens", "20", "--json"])
     out = capsys.readouterr()
     assert code == 0, out.err
     (rec,) = _json_lines(out.out)

@@ -1,4 +1,4 @@
-"""Retrieval quality on a generated corpus: invented facts about invented people in 300 small files.
+"""Retrieval quality on a generated corpus: invented facts about invented people in 200 small files.
 
 Each question's answer sits in exactly one passage; recall@k asks whether retrieval finds it.
 (Answer accuracy of the default model is measured by benchmarks/eval_rag_qa.py, too slow for a test.)
@@ -17,7 +17,7 @@ K = 5
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     d = tmp_path_factory.mktemp("facts")
-    qs = generate_fact_corpus(d, n_files=300, n_questions=40, seed=11)
+    qs = generate_fact_corpus(d, n_files=200, n_questions=40, seed=11)
     return load_corpus(d, verbose=False), qs
 
 
@@ -39,7 +39,7 @@ def recalls(task):
 
 def test_each_answer_is_in_exactly_one_passage(task):
     corpus, qs = task
-    assert len(corpus) == 300
+    assert len(corpus) == 200
     for q in qs:
         holders = [p.id for p in corpus.passages if q.entity in p.text]
         assert holders == [q.passage_id]
