@@ -65,7 +65,7 @@ def save_memory(out: str | Path, method, corpus: Corpus, memory: Memory, build_m
             "params": {k: getattr(method, k) for k in method.memory_params + _bm25_params(method)},
             "embedding_model": memory.meta.get("embed_model"),
             "embedding_dim": memory.meta.get("dim"),
-            "corpus": str(corpus.path),
+            "corpus": str(Path(corpus.path).expanduser().resolve()) if corpus.path else "",
             "n_documents": corpus.n_documents,
             "n_passages": len(corpus),
             "build_ms": round(build_ms, 3),
