@@ -52,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--seer-gates", default=None)
     ap.add_argument("--dsa-gates", default=None)
