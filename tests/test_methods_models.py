@@ -104,3 +104,18 @@ def test_seer_threshold_bitmap_runs_and_full_threshold_zero_is_budget_mode(setup
     res = generate(model, ids, get_method("seer", threshold=0.05), NEW, progress=False, recall=True)
     assert 0 < res.recall["attention_mass_recall"] <= 1 + 1e-6
     assert res.recall["selected_tokens_mean"] < PROMPT + NEW
+
+
+def test_eviction_keeps_positions_and_masks_right():
+    from hetmem.llm.paged_cache import PagedKVLayer
+
+    layer = PagedKVLayer(page_size=4)
+    k = torch.randn(1, 2, 10, 8)
+    layer.update(k, k.clone())
+    keep = torch.tensor([[[0, 1, 8, 9], [0, 5, 8, 9]]])
+    layer.compact(keep)
+    assert layer.length == 4 and layer.get_seq_length() == 10  # positions count every token seen
+    assert layer.get_mask_sizes(1) == (5, 6)  # 4 stored + the query; the stored ones all precede it
+    torch.testing.assert_close(layer.buf_k[0, 1, :4], k[0, 1, [0, 5, 8, 9]])
+    layer.update(k[:, :, :1], k[:, :, :1])
+    assert layer.length == 5 and layer.get_seq_length() == 11
