@@ -2,8 +2,8 @@
 
 "With" = a StepTimer timing every step call (and the apply.gather sub-step) with per-call trace spans,
 plus the analytic StepCounter counting every step call from its inputs (what ``hetmem profile``
-uses). "Without" = the timer disabled and no counter. Runs alternate (off, on, off, on, ...) so
-machine noise hits both alike. Reported, all measured on this machine:
+uses). "Without" = the timer disabled and no counter. Runs alternate (off, on, on, off, off, on, ...) so
+machine noise and order effects hit both alike. Reported, all measured on this machine:
 
 * the median over pairs of (with / without) end-to-end time, as wall time and as process CPU time
   (with one torch thread, CPU time is not inflated by other programs preempting this one, which
@@ -64,8 +64,12 @@ def main() -> int:
     timer = None
     off_w = on_w = None
     for i in range(args.repeats):
-        off_w, off_c, off_d, _ = once(False)
-        on_w, on_c, on_d, timer = once(True)
+        if i % 2 == 0:  # alternate the order inside pairs too, so a warm-up or order effect cancels out
+            off_w, off_c, off_d, _ = once(False)
+            on_w, on_c, on_d, timer = once(True)
+        else:
+            on_w, on_c, on_d, timer = once(True)
+            off_w, off_c, off_d, _ = once(False)
         wall.append(on_w / off_w)
         cpu.append(on_c / off_c)
         dec.append(on_d / off_d)
