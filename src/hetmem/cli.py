@@ -33,6 +33,17 @@ def _read_context(path: str) -> str:
     return text
 
 
+def validated_context(args, method) -> str:
+    """Check an in-model run's question and options, and read its context file (before any model loads)."""
+    if not args.context:
+        raise HetmemError(f"--context FILE is required for method '{method.name}'")
+    if not args.question or not args.question.strip():
+        raise HetmemError("the question is empty")
+    if args.max_new_tokens < 1:
+        raise HetmemError("--max-new-tokens must be at least 1")
+    return _read_context(args.context)
+
+
 def _method_from_args(args):
     """Build the method from every CLI option whose name matches one of its parameters."""
     from hetmem.methods import get_method
@@ -53,13 +64,7 @@ def cmd_run(args) -> int:
     method = _method_from_args(args)
     if method.family in RUNNERS:
         return RUNNERS[method.family](args, method)
-    if not args.context:
-        raise HetmemError(f"--context FILE is required for method '{method.name}'")
-    if not args.question or not args.question.strip():
-        raise HetmemError("the question is empty")
-    if args.max_new_tokens < 1:
-        raise HetmemError("--max-new-tokens must be at least 1")
-    context = _read_context(args.context)
+    context = validated_context(args, method)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     rec = answer_question(lm, method, context, args.question, args.max_new_tokens, recall=getattr(args, "recall", False))
     if args.json:

@@ -18,7 +18,7 @@ from hetmem.methods.dense import Dense
 from hetmem.ops.page_minmax import update_page_minmax
 from hetmem.ops.page_score import quest_upper_bound
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
-from hetmem.ops.topk import budget_page_indices
+from hetmem.ops.topk import budget_page_indices, candidate_range
 from hetmem.profiling.timer import substep
 
 
@@ -58,11 +58,7 @@ class QuestRelevancy:
     name: str = "quest-upper-bound"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        n = memory.n_units
-        lo = min(self.sink_pages, n)
-        hi = max(lo, n - self.recent_pages)
-        if self.budget_pages >= n:  # everything fits: nothing to rank
-            hi = lo
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
         kmin = memory.tensors["kmin"][:, :, lo:hi]
         kmax = memory.tensors["kmax"][:, :, lo:hi]
         return Scores(quest_upper_bound(query.vectors, kmin, kmax), offset=lo)

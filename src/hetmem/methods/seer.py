@@ -27,7 +27,7 @@ from hetmem.methods.dense import Dense
 from hetmem.ops.block_pool import block_counts, gated_block_scores, update_block_sums
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
 from hetmem.ops.token_gather import bitmap_to_padded, gather_tokens, masked_decode_attention, unit_token_ids
-from hetmem.ops.topk import budget_page_indices
+from hetmem.ops.topk import budget_page_indices, candidate_range
 from hetmem.profiling.timer import substep
 
 
@@ -83,11 +83,7 @@ class GateRelevancy:
     name: str = "gate-score"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        n = memory.n_units
-        lo = min(self.sink_pages, n)
-        hi = max(lo, n - self.recent_pages)
-        if self.budget_pages >= n:
-            hi = lo
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
         q = query.vectors.float().mean(dim=2)  # [B, H_kv, D]: one gated query per GQA group
         qg = torch.einsum("bhd,hde->bhe", q, self.wq.to(q.device))
         scale = qg.shape[-1] ** -0.5

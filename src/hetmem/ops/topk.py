@@ -17,6 +17,15 @@ def threshold_bitmap(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores >= threshold
 
 
+def candidate_range(n_pages: int, sink_pages: int, recent_pages: int, budget_pages: int) -> tuple[int, int]:
+    """The pages ``[lo, hi)`` that Relevancy scores: those between the sink and the recent window.
+
+    Empty when the budget covers every page (nothing to rank)."""
+    lo = min(sink_pages, n_pages)
+    hi = max(lo, n_pages - recent_pages)
+    return (lo, lo) if budget_pages >= n_pages else (lo, hi)
+
+
 def budget_page_indices(
     scores: torch.Tensor, offset: int, n_pages: int, budget_pages: int, sink_pages: int, recent_pages: int
 ) -> torch.Tensor:

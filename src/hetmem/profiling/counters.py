@@ -17,6 +17,8 @@ counting function; a step class of another method may instead define ``op_counts
 from __future__ import annotations
 
 import math
+
+from hetmem.ops.topk import candidate_range
 from dataclasses import dataclass
 from typing import Callable
 
@@ -238,11 +240,7 @@ def _count_page_minmax_prepare(step, raw, memory=None):
 
 
 def _count_quest_relevancy(step, memory, query):
-    n = memory.n_units
-    lo = min(step.sink_pages, n)
-    hi = max(lo, n - step.recent_pages)
-    if step.budget_pages >= n:
-        hi = lo
+    lo, hi = candidate_range(memory.n_units, step.sink_pages, step.recent_pages, step.budget_pages)
     B, Hkv, G, D = query.vectors.shape
     return {"relevancy": [quest_upper_bound(B, Hkv, G, hi - lo, D, memory.tensors["kmin"].element_size())]}
 
@@ -290,11 +288,7 @@ def _count_block_pool_prepare(step, raw, memory=None):
 
 
 def _count_gate_relevancy(step, memory, query):
-    n = memory.n_units
-    lo = min(step.sink_pages, n)
-    hi = max(lo, n - step.recent_pages)
-    if step.budget_pages >= n:
-        hi = lo
+    lo, hi = candidate_range(memory.n_units, step.sink_pages, step.recent_pages, step.budget_pages)
     B, Hkv, G, D = query.vectors.shape
     return {"relevancy": [gated_block_scores(B, Hkv, G, hi - lo, D, step.wq.shape[-1], query.vectors.element_size())]}
 

@@ -204,13 +204,7 @@ def cmd_run_placed(args, prev_run) -> int:
     method = cli._method_from_args(args)
     if method.family in cli.RUNNERS:
         raise HetmemError(f"--placement runs in-model attention methods; '{method.name}' ({method.family}) is not one yet")
-    if not args.context:
-        raise HetmemError(f"--context FILE is required for method '{method.name}'")
-    if not args.question or not args.question.strip():
-        raise HetmemError("the question is empty")
-    if args.max_new_tokens < 1:
-        raise HetmemError("--max-new-tokens must be at least 1")
-    context = cli._read_context(args.context)
+    context = cli.validated_context(args, method)
     rule = pick_rule(schedule, method.name, 1)  # validate the method has rules before loading a model
     placed, placement, ledger = place(method, rule)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
