@@ -111,3 +111,8 @@ def test_methods_lists_dense_and_quest(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert {"dense", "quest"} <= set(rows)
     assert rows["quest"]["params"]["page_size"] == 16
+
+
+def test_gates_for_a_method_without_gates(capsys, ctx):
+    msg = _err(capsys, ["run", "--method", "quest", "--gates", "/nope", "--context", str(ctx), "--question", "q"])
+    assert "--gates" in msg and "quest" in msg

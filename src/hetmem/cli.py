@@ -46,8 +46,13 @@ def validated_context(args, method) -> str:
 
 def _method_from_args(args):
     """Build the method from every CLI option whose name matches one of its parameters."""
-    from hetmem.methods import get_method
+    from dataclasses import fields
 
+    from hetmem.methods import REGISTRY, get_method
+
+    cls = REGISTRY.get(args.method)
+    if cls is not None and getattr(args, "gates", None) and "gates" not in {f.name for f in fields(cls)}:
+        raise HetmemError(f"--gates is for methods with trained gates (seer, dsa), not '{args.method}'")
     return get_method(args.method, **{k: v for k, v in vars(args).items() if k not in ("method", "func", "cmd")})
 
 
