@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hetmem.ops.topk import candidate_range
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.ops import fpga_emu
 
@@ -54,12 +55,9 @@ class FpgaQuestRelevancy:
     name: str = "quest-upper-bound-int16"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        n = memory.n_units
         r = self.inner
-        lo = min(r.sink_pages, n)
-        hi = max(lo, n - r.recent_pages)
-        if r.budget_pages >= n:
-            hi = lo
+        n = memory.n_units
+        lo, hi = candidate_range(n, r.sink_pages, r.recent_pages, r.budget_pages)
         kmin = memory.tensors["kmin"][:, :, lo:hi].float().cpu()
         kmax = memory.tensors["kmax"][:, :, lo:hi].float().cpu()
         q = query.vectors.float().cpu()
@@ -199,10 +197,7 @@ class FpgaGateRelevancy:
     def score(self, memory: Memory, query: Query) -> Scores:
         r = self.inner
         n = memory.n_units
-        lo = min(r.sink_pages, n)
-        hi = max(lo, n - r.recent_pages)
-        if r.budget_pages >= n:
-            hi = lo
+        lo, hi = candidate_range(n, r.sink_pages, r.recent_pages, r.budget_pages)
         q = query.vectors.float().mean(dim=2)
         qg = torch.einsum("bhd,hde->bhe", q, r.wq.to(q.device)).cpu()
         kg = memory.tensors["kgated"][:, :, lo:hi].float().cpu()
