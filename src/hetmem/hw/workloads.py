@@ -8,11 +8,10 @@ the prototype's sizes (DESIGN.md) at a Llama-3-8B-like layer (8 KV heads, head d
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from hetmem.errors import HetmemError
+from hetmem.errors import HetmemError, read_json_file
 from hetmem.hw.catalog import STEPS
 from hetmem.hw.cost import OpWork, StepWork, Workload
 
@@ -24,13 +23,7 @@ _ELT = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1, "int1
 
 
 def read_profile(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise HetmemError(f"profile {path} does not exist (write one with: hetmem profile ... --out DIR)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HetmemError(f"profile {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    data = read_json_file(path, "profile", " (write one with: hetmem profile ... --out DIR)")
     if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("hetmem.profile/"):
         raise HetmemError(f"{path} is not a hetmem profile (no 'schema: hetmem.profile/1')")
     if not isinstance(data.get("records"), list):

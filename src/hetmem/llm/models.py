@@ -200,7 +200,7 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
 
     _quiet_transformers()
     name = resolve_model_name(name)
-    torch_dtype = _parse_dtype(dtype, device)
+    torch_dtype = parse_dtype(dtype, device)
     if name in EMBEDDED:
         path = ensure_embedded(name)
     else:
@@ -229,7 +229,8 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
     return LoadedModel(name=label, model=model, tokenizer=tok, max_context=max_ctx)
 
 
-def _parse_dtype(dtype: str, device: str) -> torch.dtype:
+def parse_dtype(dtype: str, device: str) -> torch.dtype:
+    """A --dtype option as a torch dtype (``auto``: float32 on CPU, bfloat16 on CUDA)."""
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":

@@ -61,18 +61,6 @@ def register(subparsers, run_parser) -> None:
     p.set_defaults(func=cmd_profile)
 
 
-def _dtype(name: str, device: str):
-    import torch
-
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name not in table:
-        raise HetmemError(f"unknown dtype '{name}': use auto, float32, bfloat16 or float16")
-    return table[name]
-
-
 def _methods(args):
     from hetmem.methods import get_method
 
@@ -127,7 +115,9 @@ def cmd_profile(args) -> int:
     lengths = parse_lengths(args.lengths)
     methods = _methods(args)
     device = args.device
-    td = _dtype(args.dtype, device)
+    from hetmem.llm.models import parse_dtype
+
+    td = parse_dtype(args.dtype, device)
     dtype_name = str(td).replace("torch.", "")
     out = Path(args.out)
     if out.exists() and not out.is_dir():

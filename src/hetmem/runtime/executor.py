@@ -23,19 +23,13 @@ from pathlib import Path
 import torch
 
 from hetmem.core.steps import STEP_NAMES
-from hetmem.errors import HetmemError
+from hetmem.errors import HetmemError, read_json_file
 
 BACKENDS = ("cpu", "cuda", "fpga-emu")
 
 
 def read_schedule(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise HetmemError(f"placement file {path} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HetmemError(f"placement file {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    data = read_json_file(path, "placement file")
     if not isinstance(data, dict) or not isinstance(data.get("rules"), dict):
         raise HetmemError(f"placement file {path} has no 'rules' object (method -> list of size rules)")
     for m, rules in data["rules"].items():
