@@ -29,8 +29,8 @@ import numpy as np
 
 
 def _corpus(n_facts: int, n_queries: int, seed: int = 0):
-    from hetmem.eval.haystack import essay_text
-    from hetmem.eval.rag_facts import generate_fact_corpus
+    from hetmem.tasks.haystack import essay_text
+    from hetmem.tasks.rag_facts import generate_fact_corpus
     from hetmem.rag.corpus import Document, load_corpus, split_passages
 
     essays = split_passages(Document("essays", essay_text()), 48, 8)

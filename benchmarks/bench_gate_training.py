@@ -20,12 +20,12 @@ import time
 
 import torch
 
-from hetmem.eval.haystack import essay_text
+from hetmem.tasks.haystack import essay_text
 from hetmem.llm.generate import generate
 from hetmem.llm.models import load_model
 from hetmem.methods import get_method
 from hetmem.train.distill import OBJECTIVES, _loss, capture, token_chunks, train
-from hetmem.train.gates import load_gates, save_gates
+from hetmem.methods.gates import load_gates, save_gates
 
 
 def trained(lm, name, steps, seq_len, gates_dir, out_dir, lr):

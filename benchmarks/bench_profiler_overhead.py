@@ -30,7 +30,7 @@ from hetmem.llm.models import load_model
 from hetmem.methods import get_method
 from hetmem.profiling.counters import StepCounter
 from hetmem.profiling.real import ModelRunner, _CountingMethod
-from hetmem.profiling.timer import StepTimer
+from hetmem.core.timer import StepTimer
 
 
 def main() -> int:

@@ -63,7 +63,7 @@ def kernel_level(L: int, Hkv: int = 2, G: int = 7, D: int = 64, P: int = 16):
 
 
 def end_to_end(model_name: str, tokens: int):
-    from hetmem.eval.haystack import passkey_task
+    from hetmem.tasks.haystack import passkey_task
     from hetmem.llm.models import load_model
     from hetmem.llm.run import answer_question
     from hetmem.methods import get_method

@@ -1,4 +1,4 @@
-"""Answer accuracy of RAG with a real model on the invented-facts task (hetmem.eval.rag_facts).
+"""Answer accuracy of RAG with a real model on the invented-facts task (hetmem.tasks.rag_facts).
 
 Generates a corpus of invented facts about invented people in small files (each answer in exactly one
 passage), builds each method's memory once, loads the model once, asks every question and counts an
@@ -29,11 +29,11 @@ def main() -> int:
     ap.add_argument("--min-accuracy", type=float, default=0.5, help="exit 1 below this (default 0.5: 'most')")
     args = ap.parse_args()
 
-    from hetmem.eval.rag_facts import generate_fact_corpus
+    from hetmem.tasks.rag_facts import generate_fact_corpus
     from hetmem.llm.models import load_model
     from hetmem.methods import get_method
     from hetmem.rag.corpus import load_corpus
-    from hetmem.rag.run import RagSession
+    from hetmem.runtime.rag import RagSession
 
     td = tempfile.mkdtemp(prefix="hetmem-rag-eval-")
     qs = generate_fact_corpus(td, n_files=args.files, n_questions=args.questions, seed=args.seed)

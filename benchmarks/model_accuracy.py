@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     if a.device == "cpu":
         calibration = None
         if not a.cached_fit:
-            from hetmem.profiling.calibrate import calibrate
+            from hetmem.hw.calibrate import calibrate
 
             calibration = calibrate("cpu", "float32", force=True)
         device = fill_from_calibration(cat.device("host-cpu"), calibration)

@@ -3,7 +3,7 @@ import torch
 
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores, Selection
-from hetmem.profiling.timer import StepTimer
+from hetmem.core.timer import StepTimer
 
 
 def test_selection_needs_exactly_one_form():

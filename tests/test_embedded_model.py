@@ -2,7 +2,7 @@
 
 import pytest
 
-from hetmem.eval.haystack import passkey_task
+from hetmem.tasks.haystack import passkey_task
 from hetmem.llm.models import load_model
 from hetmem.llm.run import answer_question
 from hetmem.methods import get_method

@@ -95,7 +95,7 @@ def test_paged_cache_prepare_keeps_page_bounds_current(model):
 
     attention.install(model)
     n_layers = model.config.num_hidden_layers
-    from hetmem.profiling.timer import StepTimer
+    from hetmem.core.timer import StepTimer
 
     timer = StepTimer()
     cache = PagedKVCache(n_layers, 8, [method.pipeline("cpu", timer) for _ in range(n_layers)])

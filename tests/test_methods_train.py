@@ -11,7 +11,7 @@ from hetmem.llm.generate import generate
 from hetmem.methods import get_method
 from hetmem.testing import save_tiny_model_dir, tiny_model
 from hetmem.train.distill import OBJECTIVES, train
-from hetmem.train.gates import save_gates
+from hetmem.methods.gates import save_gates
 
 
 def blocky(seed: int, n: int = 192, run: int = 8) -> torch.Tensor:

@@ -8,7 +8,7 @@ from hetmem.methods import get_method
 from hetmem.ops.sparse_attention import gather_selected_kv
 from hetmem.profiling import counters as C
 from hetmem.profiling.counters import StepCounter
-from hetmem.profiling.timer import StepTimer, substep
+from hetmem.core.timer import StepTimer, substep
 
 
 def test_page_minmax_hand_computed():

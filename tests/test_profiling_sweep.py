@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hetmem.cli import main
-from hetmem.profiling import calibrate as cal_mod
-from hetmem.profiling.calibrate import calibrate
+from hetmem.hw import calibrate as cal_mod
+from hetmem.hw.calibrate import calibrate
 from hetmem.testing import save_tiny_model_dir
 
 ARTIFACTS = ("profile.json", "summary.md", "overhead.png", "roofline.png", "trace.json")

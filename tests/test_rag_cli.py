@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hetmem.cli import main
-from hetmem.eval.rag_facts import generate_fact_corpus, write_questions
+from hetmem.tasks.rag_facts import generate_fact_corpus, write_questions
 from hetmem.testing import save_tiny_model_dir
 
 STEP_KEYS = {"prepare", "relevancy", "retrieval", "apply"}

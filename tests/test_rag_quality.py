@@ -6,10 +6,10 @@ Each question's answer sits in exactly one passage; recall@k asks whether retrie
 
 import pytest
 
-from hetmem.eval.rag_facts import generate_fact_corpus
+from hetmem.tasks.rag_facts import generate_fact_corpus
 from hetmem.methods import get_method
 from hetmem.rag.corpus import load_corpus
-from hetmem.rag.run import RagSession
+from hetmem.runtime.rag import RagSession
 
 K = 5
 

@@ -11,7 +11,7 @@ from hetmem.cli import main
 from hetmem.errors import HetmemError
 from hetmem.methods import get_method
 from hetmem.rag.corpus import load_corpus
-from hetmem.rag.run import RagSession
+from hetmem.runtime.rag import RagSession
 from hetmem.rag.store import check_compatible, load_memory, read_meta
 
 TOPICS = ["copper mining", "river ferries", "glass furnaces", "beekeeping", "star charts", "clock repair",

@@ -7,7 +7,7 @@ from typing import Any
 
 from hetmem.core.steps import ApplyStep, PrepareStep, RelevancyStep, RetrievalStep
 from hetmem.core.types import Memory, Query
-from hetmem.profiling.timer import StepTimer
+from hetmem.core.timer import StepTimer
 
 
 @dataclass

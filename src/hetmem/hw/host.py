@@ -1,6 +1,6 @@
 """The host CPU device, filled from the profiler's *measured* calibration.
 
-``hetmem.profiling.calibrate.calibrate("cpu", "float32")`` gives copy bandwidth (bytes read +
+``hetmem.hw.calibrate.calibrate("cpu", "float32")`` gives copy bandwidth (bytes read +
 written per second) and fp32 matmul throughput on this machine (cached per machine). Those replace
 the fallback figures of ``data/devices/host-cpu.json``. Per-op-class efficiencies and latencies
 for this host can be fitted by ``benchmarks/model_accuracy.py --fit`` (a separate micro-benchmark
@@ -22,7 +22,7 @@ def op_fit_path() -> Path:
 
 
 def machine_key() -> str:
-    from hetmem.profiling.calibrate import machine_info
+    from hetmem.hw.calibrate import machine_info
 
     return machine_info("cpu")["key"]
 
@@ -53,7 +53,7 @@ def fill_from_calibration(dev: Device, calibration: dict | None = None) -> Devic
     """Overwrite the host device's bandwidth and peaks with measured figures (in place)."""
     try:
         if calibration is None:
-            from hetmem.profiling.calibrate import calibrate
+            from hetmem.hw.calibrate import calibrate
 
             calibration = calibrate("cpu", "float32")
     except Exception as exc:  # no calibration module or it failed: keep the file's fallback, say so
@@ -66,7 +66,7 @@ def fill_from_calibration(dev: Device, calibration: dict | None = None) -> Devic
     dev.peak_tflops["fp32"] = fp32
     dev.mem_bw_gbs = float(calibration["copy_gbps"])
     dev.calibration = {k: calibration.get(k) for k in ("copy_gbps", "matmul_gflops", "measured_at", "source")}
-    dev.sources["mem_bw_gbs"] = f"measured on this machine (hetmem.profiling.calibrate, {calibration.get('measured_at')})"
+    dev.sources["mem_bw_gbs"] = f"measured on this machine (hetmem.hw.calibrate, {calibration.get('measured_at')})"
     dev.sources["peak_tflops"] = "measured fp32 matmul on this machine; other dtypes scaled from the file's ratios"
     fit = load_op_fit()
     if fit:

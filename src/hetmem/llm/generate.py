@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 from hetmem.llm import attention
 from hetmem.llm.paged_cache import PagedKVCache
 from hetmem.methods.base import Method
-from hetmem.profiling.recall import RecallMeter
-from hetmem.profiling.timer import StepTimer
+from hetmem.llm.recall import RecallMeter
+from hetmem.core.timer import StepTimer
 
 
 @dataclass

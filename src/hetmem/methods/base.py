@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.errors import HetmemError
-from hetmem.profiling.timer import StepTimer
+from hetmem.core.timer import StepTimer
 
 REGISTRY: dict[str, type["Method"]] = {}
 

@@ -165,7 +165,7 @@ class DSA(Method):
     def bind(self, model) -> None:
         init = init_indexer(model, self.index_heads)
         if self.gates:
-            from hetmem.train.gates import check_shape, load_gates
+            from hetmem.methods.gates import check_shape, load_gates
 
             t, meta = load_gates(self.gates, self.name)
             if meta.get("index_heads") != self.index_heads:

@@ -20,7 +20,7 @@ from hetmem.ops.attention_mass import attention_probs
 from hetmem.ops.sparse_attention import grouped_decode_attention
 from hetmem.ops.token_gather import gather_tokens
 from hetmem.ops.topk import topk_indices
-from hetmem.profiling.timer import substep
+from hetmem.core.timer import substep
 
 
 @dataclass

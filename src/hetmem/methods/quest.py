@@ -19,7 +19,7 @@ from hetmem.ops.page_minmax import update_page_minmax
 from hetmem.ops.page_score import quest_upper_bound
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
 from hetmem.ops.topk import budget_page_indices, candidate_range
-from hetmem.profiling.timer import substep
+from hetmem.core.timer import substep
 
 
 @dataclass

@@ -153,7 +153,7 @@ class PassagePromptApply:
         from hetmem.llm.generate import generate
         from hetmem.llm.prompt import eos_ids
         from hetmem.methods import get_method
-        from hetmem.profiling.timer import StepTimer
+        from hetmem.core.timer import StepTimer
 
         lm, tok = target.lm, target.lm.tokenizer
         window = lm.max_context if target.max_prompt_tokens <= 0 else min(lm.max_context, target.max_prompt_tokens)

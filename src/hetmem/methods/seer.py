@@ -28,7 +28,7 @@ from hetmem.ops.block_pool import block_counts, gated_block_scores, update_block
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
 from hetmem.ops.token_gather import bitmap_to_padded, gather_tokens, masked_decode_attention, unit_token_ids
 from hetmem.ops.topk import budget_page_indices, candidate_range
-from hetmem.profiling.timer import substep
+from hetmem.core.timer import substep
 
 
 def model_dims(model) -> tuple[int, int, int]:
@@ -173,7 +173,7 @@ class Seer(Method):
     def bind(self, model) -> None:
         n_layers, n_kv, d = model_dims(model)
         if self.gates:
-            from hetmem.train.gates import check_shape, load_gates
+            from hetmem.methods.gates import check_shape, load_gates
 
             t, meta = load_gates(self.gates, self.name)
             if meta.get("page_size") not in (None, self.page_size):

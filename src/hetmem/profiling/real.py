@@ -13,7 +13,7 @@ import torch
 from hetmem.profiling import counters as C
 from hetmem.profiling.counters import StepCounter
 from hetmem.profiling.records import phase_records
-from hetmem.profiling.timer import StepTimer
+from hetmem.core.timer import StepTimer
 
 PREFILL_CHUNK = 1024
 
@@ -67,7 +67,7 @@ class ModelRunner:
 
     def input_ids(self, length: int) -> torch.Tensor:
         if self._ids is None or self._ids.shape[1] < length:
-            from hetmem.eval.haystack import essay_text
+            from hetmem.tasks.haystack import essay_text
 
             text = essay_text()
             chars = 8 * length + 1024  # tokenize only what is needed (a few characters per token)

@@ -34,7 +34,7 @@ from hetmem.errors import HetmemError
 from hetmem.profiling import counters as C
 from hetmem.profiling.counters import StepCounter
 from hetmem.profiling.records import phase_records
-from hetmem.profiling.timer import StepTimer
+from hetmem.core.timer import StepTimer
 
 
 @dataclass(frozen=True)

@@ -186,31 +186,3 @@ def placement_table(rec: dict) -> str:
                  f"with fpga-emu steps at their modelled time: decode {rec.get('decode_ms_fpga_modelled', rec['decode_ms']):.1f} ms")
     notes = [f"  {k}: {v['note']}" for k, v in rec["placement"].items() if v.get("note")]
     return "\n".join(lines + (["notes:"] + notes if notes else []))
-
-
-def cmd_run_placed(args, prev_run) -> int:
-    from hetmem import cli
-    from hetmem.llm.models import load_model
-    from hetmem.llm.prompt import build_prompt_ids
-    from hetmem.llm.run import answer_question
-
-    schedule = read_schedule(args.placement)
-    method = cli._method_from_args(args)
-    if method.family in cli.RUNNERS:
-        raise HetmemError(f"--placement runs in-model attention methods; '{method.name}' ({method.family}) is not one yet")
-    context = cli.validated_context(args, method)
-    rule = pick_rule(schedule, method.name, 1)  # validate the method has rules before loading a model
-    placed, placement, ledger = place(method, rule)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    size = build_prompt_ids(lm.tokenizer, context, args.question).shape[1]
-    rule = pick_rule(schedule, method.name, size)
-    placed, placement, ledger = place(method, rule)
-    rec = answer_question(lm, placed, context, args.question, args.max_new_tokens)
-    rec["placement_rule"] = {"file": str(args.placement), "size": size, "max_size": rule.get("max_size")}
-    apply_ledger(rec, placement, ledger)
-    if args.json:
-        print(json.dumps(rec))
-    else:
-        print(rec["answer"])
-        print(placement_table(rec), file=sys.stderr)
-    return 0

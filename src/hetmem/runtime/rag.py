@@ -15,7 +15,7 @@ import time
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Query
 from hetmem.methods.rag_common import RagOutput, RagRequest, RankedSelection, log
-from hetmem.profiling.timer import StepTimer
+from hetmem.core.timer import StepTimer
 from hetmem.rag.corpus import Corpus
 
 

@@ -33,7 +33,7 @@ def _prepare_options(p) -> None:
 
 
 def register(subparsers, run_parser) -> None:
-    from hetmem.cli import RUNNERS
+    from hetmem.cli.common import RUNNERS
 
     r = run_parser
     _add(r, "--corpus", default=None, help="RAG: a directory of .txt/.md files, a .jsonl file (text, id, title) or a text file")
@@ -63,14 +63,14 @@ def register(subparsers, run_parser) -> None:
 
 
 def _method(args):
-    from hetmem.cli import _method_from_args
+    from hetmem.cli.common import method_from_args
 
-    return _method_from_args(args)
+    return method_from_args(args)
 
 
 def cmd_index(args) -> int:
     from hetmem.rag.corpus import load_corpus
-    from hetmem.rag.run import RagSession
+    from hetmem.runtime.rag import RagSession
     from hetmem.rag.store import save_memory
 
     method = _method(args)
@@ -133,7 +133,7 @@ def _print_text(rec: dict) -> None:
 def run_rag(args, method) -> int:
     from hetmem.llm.models import load_model
     from hetmem.rag.corpus import load_corpus
-    from hetmem.rag.run import RagSession
+    from hetmem.runtime.rag import RagSession
     from hetmem.rag.store import check_compatible, load_memory, read_meta
 
     if bool(args.corpus) == bool(args.memory):

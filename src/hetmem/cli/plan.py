@@ -1,4 +1,4 @@
-"""CLI extension: ``hetmem plan`` and ``hetmem devices``, and ``hetmem run --placement schedule.json``."""
+"""``hetmem plan`` (place each step of a profiled method on a system's devices) and ``hetmem devices``."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def cmd_devices(args) -> int:
     return 0
 
 
-def register(subparsers, run_parser) -> None:
+def register(subparsers, run_parser) -> None:  # noqa: ARG001
     p = subparsers.add_parser("plan", help="place each step of a profiled method on a system's devices (modelled)")
     p.add_argument("--profile", help="profile.json from hetmem profile")
     p.add_argument("--paper", action="store_true", help="plan the paper-shaped workloads instead of a profile")
@@ -104,16 +104,3 @@ def register(subparsers, run_parser) -> None:
     d.add_argument("--validate", action="store_true")
     d.set_defaults(func=cmd_devices)
 
-    run_parser.add_argument("--placement", default=None,
-                            help="schedule.json (from hetmem plan, or hand written): run each step on its device's "
-                                 "backend (cpu, cuda, fpga-emu)")
-    prev = run_parser.get_default("func")
-
-    def run_with_placement(args):
-        if not getattr(args, "placement", None):
-            return prev(args)
-        from hetmem.runtime.executor import cmd_run_placed
-
-        return cmd_run_placed(args, prev)
-
-    run_parser.set_defaults(func=run_with_placement)

@@ -74,7 +74,7 @@ def _methods(args):
 def _present_steps(method, layers: int) -> list[str]:
     """The steps the method has in any layer (for the records of a skipped run)."""
     from hetmem.core.steps import STEP_NAMES
-    from hetmem.profiling.timer import StepTimer
+    from hetmem.core.timer import StepTimer
 
     have: set[str] = set()
     try:
@@ -99,9 +99,9 @@ def cmd_profile(args) -> int:
     from tqdm.auto import tqdm
 
     import hetmem
-    from hetmem.cli import RUNNERS
+    from hetmem.cli.common import RUNNERS
     from hetmem.profiling import artifacts
-    from hetmem.profiling.calibrate import calibrate, machine_info
+    from hetmem.hw.calibrate import calibrate, machine_info
     from hetmem.profiling.records import ProfileStore, skipped_records
 
     if args.decode_tokens < 1:

@@ -1,0 +1,5 @@
+"""The ``hetmem`` command line: one module per subcommand; nothing in the library imports this package."""
+
+from hetmem.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,5 @@
+import sys
+
+from hetmem.cli.main import main
+
+sys.exit(main())

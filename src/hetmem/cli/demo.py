@@ -1,0 +1,44 @@
+"""``hetmem demo``: hide a passkey in essays and ask for it with dense attention and with Quest."""
+
+from __future__ import annotations
+
+import sys
+
+from hetmem.cli.common import model_args
+from hetmem.llm.models import load_model
+from hetmem.llm.run import answer_question
+from hetmem.methods import get_method
+from hetmem.profiling.report import step_table
+from hetmem.tasks.haystack import passkey_task
+
+
+def cmd_demo(args) -> int:
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    task = passkey_task(lm.tokenizer, args.tokens, seed=args.seed)
+    budget = max(args.page_size, (args.tokens // 4) // args.page_size * args.page_size)
+    print(f"Hid passkey {task.passkey} at depth {task.depth:.0%} of {args.tokens} tokens of essays.")
+    runs, ok = {}, True
+    for label, method in (
+        ("dense", get_method("dense")),
+        (f"quest budget={budget}", get_method("quest", budget=budget, page_size=args.page_size)),
+    ):
+        print(f"asking with {label} ...", file=sys.stderr, flush=True)
+        rec = answer_question(lm, method, task.context, task.question, args.max_new_tokens)
+        found = task.passkey in rec["answer"]
+        ok &= found
+        runs[label] = rec
+        print(f"{label:<22} answer: {rec['answer']!r:<40} {'correct' if found else 'WRONG'}", flush=True)
+    print()
+    print(f"prompt: {next(iter(runs.values()))['tokens']['prompt']} tokens, model {lm.name} ({rec['dtype']}, {rec['device']})")
+    print(step_table(runs))
+    return 0 if ok else 1
+
+
+def register(sub) -> None:
+    d = sub.add_parser("demo", help="hide a passkey in long filler and ask for it with dense and quest")
+    d.add_argument("--tokens", type=int, default=3500, help="filler tokens (default 3500)")
+    d.add_argument("--page-size", type=int, default=16)
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--max-new-tokens", type=int, default=16)
+    model_args(d)
+    d.set_defaults(func=cmd_demo)

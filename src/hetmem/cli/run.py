@@ -1,0 +1,74 @@
+"""``hetmem run``: answer a question about a context with one method (optionally on a placement)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from hetmem.cli.common import RUNNERS, method_from_args, model_args, validated_context
+from hetmem.errors import HetmemError
+from hetmem.llm.models import load_model
+from hetmem.llm.prompt import build_prompt_ids
+from hetmem.llm.run import answer_question
+from hetmem.methods import REGISTRY
+from hetmem.profiling.report import step_table
+from hetmem.runtime.executor import apply_ledger, pick_rule, place, placement_table, read_schedule
+
+
+def cmd_run(args) -> int:
+    if getattr(args, "placement", None):
+        return cmd_run_placed(args)
+    method = method_from_args(args)
+    if method.family in RUNNERS:
+        return RUNNERS[method.family](args, method)
+    context = validated_context(args, method)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    rec = answer_question(lm, method, context, args.question, args.max_new_tokens, recall=getattr(args, "recall", False))
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        print(rec["answer"])
+        print(step_table({method.name: rec}), file=sys.stderr)
+    return 0
+
+
+def cmd_run_placed(args) -> int:
+    schedule = read_schedule(args.placement)
+    method = method_from_args(args)
+    if method.family in RUNNERS:
+        raise HetmemError(f"--placement runs in-model attention methods; '{method.name}' ({method.family}) is not one yet")
+    context = validated_context(args, method)
+    rule = pick_rule(schedule, method.name, 1)  # validate the method has rules before loading a model
+    placed, placement, ledger = place(method, rule)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    size = build_prompt_ids(lm.tokenizer, context, args.question).shape[1]
+    rule = pick_rule(schedule, method.name, size)
+    placed, placement, ledger = place(method, rule)
+    rec = answer_question(lm, placed, context, args.question, args.max_new_tokens)
+    rec["placement_rule"] = {"file": str(args.placement), "size": size, "max_size": rule.get("max_size")}
+    apply_ledger(rec, placement, ledger)
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        print(rec["answer"])
+        print(placement_table(rec), file=sys.stderr)
+    return 0
+
+
+def register(sub):
+    """Adds ``run``; returns its parser so method families add their own options to it."""
+    r = sub.add_parser("run", help="answer a question about a context with one method")
+    r.add_argument("--method", required=True, choices=sorted(REGISTRY))
+    r.add_argument("--budget", type=int, default=None, help="token budget for sparse methods (default 1024)")
+    r.add_argument("--page-size", type=int, default=None, help="tokens per page (default 16)")
+    r.add_argument("--dense-layers", type=int, default=None, help="quest: first layers kept dense (default 2)")
+    r.add_argument("--context", help="a UTF-8 text file (attention methods)")
+    r.add_argument("--question")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--placement", default=None,
+                   help="schedule.json (from hetmem plan, or hand written): run each step on its device's "
+                        "backend (cpu, cuda, fpga-emu)")
+    model_args(r)
+    r.set_defaults(func=cmd_run)
+    return r
