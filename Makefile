@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/hetmem demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 clean:

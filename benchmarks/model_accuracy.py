@@ -41,7 +41,8 @@ from hetmem.ops.page_minmax import update_page_minmax
 from hetmem.ops.page_score import quest_upper_bound
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
 from hetmem.ops.topk import budget_page_indices, topk_indices
-from hetmem.profiling import counters as C
+from hetmem.ops import counts as C
+from hetmem.profiling.counters import counter_for
 
 B, HKV, G, D, P = 1, 8, 4, 128, 16
 
@@ -217,7 +218,7 @@ def eval_runs(dev: str, device, repeats: int, lengths, budgets):
             args = {"prepare (decode)": ((lay, L - 1, L), mem), "prepare (1k chunk)": ((lay, L - 1024, L), mem),
                     "relevancy": (mem, q), "retrieval": (scores, mem), "apply": (lay, sel, tgt)}
             for label, (step, role, fn) in calls.items():
-                counts = C.counter_for(step)(step, *args[label])[role]
+                counts = counter_for(step)(step, *args[label])[role]
                 pred = sum(cost.op_time_us(cost.OpWork(c.cls, c.flops, c.bytes_read, c.bytes_written), device, "float32")
                            for c in counts)
                 meas = best_us(fn, dev, repeats)

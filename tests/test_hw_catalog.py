@@ -93,7 +93,7 @@ def test_bad_piecewise_link(tmp_path, monkeypatch):
 
 
 def test_host_cpu_filled_from_calibration(tmp_path, monkeypatch):
-    from hetmem.hw.host import fill_from_calibration
+    from hetmem.hw.catalog import fill_from_calibration
 
     dev = _cat(tmp_path, monkeypatch).device("host-cpu")
     fill_from_calibration(dev, {"copy_gbps": 12.5, "matmul_gflops": 80.0, "measured_at": "x", "source": "measured"})

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hetmem.hw.cost import fpga_modelled_us
 from hetmem.ops import fpga_emu
 from hetmem.ops.page_score import quest_upper_bound
 from hetmem.ops.topk import topk_indices
@@ -124,7 +125,7 @@ def test_ledger_fused_charges_only_the_topk_beyond_scoring():
     for led in (unf, fus):
         led.charge("relevancy", "decode", rel)
         led.charge("retrieval", "decode", ret)
-    lat = fpga_emu.modelled_us(fpga_emu.FpgaCycles())
+    lat = fpga_modelled_us(fpga_emu.FpgaCycles())
     assert unf.us[("retrieval", "decode")] == pytest.approx(3000 / 250 + lat)
     assert fus.us[("retrieval", "decode")] == pytest.approx((3000 - 1000) / 250)  # 250 cycles per us at 250 MHz
     assert fus.us[("relevancy", "decode")] == unf.us[("relevancy", "decode")]

@@ -62,7 +62,7 @@ def test_schedule_rules_keyed_on_size(cat):
 def test_topk_shape_from_counts():
     from hetmem.hw.cost import OpWork
     from hetmem.hw.workloads import _topk_shape
-    from hetmem.profiling.counters import topk
+    from hetmem.ops.counts import topk
 
     for rows, n, k in ((8, 1023, 62), (1, 16373, 2032), (4, 500, 100)):
         c = topk(rows, n, k)

@@ -48,9 +48,9 @@ def test_quest_full_budget_reproduces_dense_logits(model):
 
 def test_quest_budget_covering_context_via_gather_path_matches_dense(model, monkeypatch):
     """Force the gather path even when every page is selected: the gathered attention equals dense."""
-    from hetmem.methods import quest as quest_mod
+    from hetmem.methods import shared as quest_mod
 
-    orig = quest_mod.PageGatherAttention.apply
+    orig = quest_mod.GatherAttention.apply
 
     def always_gather(self, raw, selection, target):
         k, v = sparse_attention.gather_selected_kv(
@@ -58,18 +58,18 @@ def test_quest_budget_covering_context_via_gather_path_matches_dense(model, monk
         )
         return sparse_attention.grouped_decode_attention(target.q, k, v, target.scale)
 
-    monkeypatch.setattr(quest_mod.PageGatherAttention, "apply", always_gather)
+    monkeypatch.setattr(quest_mod.GatherAttention, "apply", always_gather)
     ids = _prompt(75, seed=2)
     dense = generate(model, ids, get_method("dense"), 5, progress=False, keep_logits=True)
     quest = generate(model, ids, get_method("quest", budget=4096, page_size=8, dense_layers=0), 5, progress=False, keep_logits=True)
-    monkeypatch.setattr(quest_mod.PageGatherAttention, "apply", orig)
+    monkeypatch.setattr(quest_mod.GatherAttention, "apply", orig)
     for a, b in zip(dense.logits, quest.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_small_budget_attends_only_to_the_budget(model, monkeypatch):
     """Apply receives K/V of at most `budget` tokens: it gathers, it does not mask."""
-    from hetmem.methods import quest as quest_mod
+    from hetmem.methods import shared as quest_mod
 
     seen = []
     real = quest_mod.grouped_decode_attention

@@ -6,7 +6,7 @@ from hetmem.core.types import DecodeTarget, Query
 from hetmem.llm.paged_cache import PagedKVLayer
 from hetmem.methods import get_method
 from hetmem.ops.sparse_attention import gather_selected_kv
-from hetmem.profiling import counters as C
+from hetmem.ops import counts as C
 from hetmem.profiling.counters import StepCounter
 from hetmem.core.timer import StepTimer, substep
 

@@ -12,6 +12,13 @@ import sys
 from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.cli.common import RUNNERS
+from hetmem.cli.common import method_from_args
+from hetmem.llm.models import load_model
+from hetmem.rag.corpus import load_corpus
+from hetmem.rag.store import check_compatible, load_memory, read_meta
+from hetmem.rag.store import save_memory
+from hetmem.runtime.rag import RagSession
 
 RAG_METHODS = ("rag-bm25", "rag-dense", "rag-hybrid")
 
@@ -33,8 +40,6 @@ def _prepare_options(p) -> None:
 
 
 def register(subparsers, run_parser) -> None:
-    from hetmem.cli.common import RUNNERS
-
     r = run_parser
     _add(r, "--corpus", default=None, help="RAG: a directory of .txt/.md files, a .jsonl file (text, id, title) or a text file")
     _add(r, "--memory", default=None, help="RAG: a memory directory written by 'hetmem index'")
@@ -63,16 +68,10 @@ def register(subparsers, run_parser) -> None:
 
 
 def _method(args):
-    from hetmem.cli.common import method_from_args
-
     return method_from_args(args)
 
 
 def cmd_index(args) -> int:
-    from hetmem.rag.corpus import load_corpus
-    from hetmem.runtime.rag import RagSession
-    from hetmem.rag.store import save_memory
-
     method = _method(args)
     corpus = load_corpus(args.corpus, method.passage_tokens, method.passage_overlap)
     session = RagSession.build(method, corpus, args.device)
@@ -131,11 +130,6 @@ def _print_text(rec: dict) -> None:
 
 
 def run_rag(args, method) -> int:
-    from hetmem.llm.models import load_model
-    from hetmem.rag.corpus import load_corpus
-    from hetmem.runtime.rag import RagSession
-    from hetmem.rag.store import check_compatible, load_memory, read_meta
-
     if bool(args.corpus) == bool(args.memory):
         raise HetmemError(f"{method.name} needs exactly one of --corpus PATH or --memory DIR")
     if (args.question is not None) == bool(args.questions):

@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.hw.catalog import Catalog, user_dir
+from hetmem.hw.planner import OBJECTIVES, plan_workload, schedule_from_plans, table
+from hetmem.hw.workloads import paper_workloads, read_profile, workloads_from_profile
 
 
 def cmd_plan(args) -> int:
-    from hetmem.hw.catalog import Catalog
-    from hetmem.hw.planner import OBJECTIVES, plan_workload, schedule_from_plans, table
-    from hetmem.hw.workloads import paper_workloads, read_profile, workloads_from_profile
-
     if args.objective not in OBJECTIVES:
         raise HetmemError(f"unknown objective '{args.objective}': use one of {', '.join(OBJECTIVES)}")
     if not args.profile and not args.paper:
@@ -62,8 +61,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    from hetmem.hw.catalog import Catalog, user_dir
-
     cat = Catalog()
     if args.validate:
         names = cat.validate_all()

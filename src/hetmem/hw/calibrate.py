@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from hetmem.core.device import DTYPES, sync
 from hetmem.errors import HetmemError
+from hetmem.settings import cache_dir
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CALIBRATED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _cpu_model() -> str:
@@ -52,32 +54,25 @@ def machine_info(device: str = "cpu") -> dict:
 
 
 def cache_path() -> Path:
-    from hetmem.llm.models import cache_dir
-
     return cache_dir() / "calibration.json"
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _best_seconds(fn, device: str, repeats: int) -> float:
     fn()  # warm-up
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
 def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> dict:
     """Measure copy bandwidth (GB/s, read+write) and square-matmul throughput (GFLOP/s) now."""
-    if dtype not in DTYPES:
-        raise HetmemError(f"cannot calibrate dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    if dtype not in CALIBRATED_DTYPES:
+        raise HetmemError(f"cannot calibrate dtype '{dtype}': use one of {', '.join(CALIBRATED_DTYPES)}")
     td = DTYPES[dtype]
     cuda = device.startswith("cuda")
     copy_bytes = (1 << 30 if cuda else 1 << 28) >> (3 if quick else 0)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.hw.calibrate import calibrate
+from hetmem.hw.host import load_op_fit
+from hetmem.settings import hw_user_dir
 
 DATA_DIR = Path(__file__).parent / "data"
 STEPS = ("prepare", "relevancy", "retrieval", "apply")
@@ -28,7 +30,7 @@ DEVICE_FIGURES = ("peak_tflops", "mem_bw_gbs", "mem_gb", "launch_us", "power_w",
 
 
 def user_dir() -> Path:
-    return Path(os.environ.get("HETMEM_HW_DIR") or Path.home() / ".config" / "hetmem" / "hw")
+    return hw_user_dir()
 
 
 @dataclass
@@ -281,6 +283,31 @@ def parse_link(data: dict, path) -> Link:
     )
 
 
+def fill_from_calibration(dev: Device, calibration: dict | None = None) -> Device:
+    """Overwrite the host device's bandwidth and peaks with measured figures (in place)."""
+    try:
+        if calibration is None:
+            calibration = calibrate("cpu", "float32")
+    except Exception as exc:  # no calibration module or it failed: keep the file's fallback, say so
+        dev.note = (f"host-cpu: no measured calibration ({type(exc).__name__}: {exc}); using the fallback "
+                    f"figures in {dev.path}")
+        return dev
+    nominal_fp32 = dev.peak_tflops.get("fp32", 1.0)
+    fp32 = calibration["matmul_gflops"] / 1e3
+    dev.peak_tflops = {k: v * fp32 / nominal_fp32 for k, v in dev.peak_tflops.items()}
+    dev.peak_tflops["fp32"] = fp32
+    dev.mem_bw_gbs = float(calibration["copy_gbps"])
+    dev.calibration = {k: calibration.get(k) for k in ("copy_gbps", "matmul_gflops", "measured_at", "source")}
+    dev.sources["mem_bw_gbs"] = f"measured on this machine (hetmem.hw.calibrate, {calibration.get('measured_at')})"
+    dev.sources["peak_tflops"] = "measured fp32 matmul on this machine; other dtypes scaled from the file's ratios"
+    fit = load_op_fit()
+    if fit:
+        for cls, oc in fit.get("op_classes", {}).items():
+            dev.op_classes[cls] = OpClass(oc["bw_eff"], oc["compute_eff"], oc["latency_us"])
+        dev.sources["op_classes"] = f"fitted on this machine by benchmarks/model_accuracy.py --fit ({fit.get('fitted_at')})"
+    return dev
+
+
 class Catalog:
     """Every device, link and system file (built-in, then the user's dir overriding by name)."""
 
@@ -319,8 +346,6 @@ class Catalog:
             p = self.files["devices"][name]
             dev = parse_device(_read(p), p)
             if dev.kind == "cpu" and self.calibrate_host and _read(p).get("calibrated"):
-                from hetmem.hw.host import fill_from_calibration
-
                 fill_from_calibration(dev)
             self._devices[name] = dev
         return self._devices[name]

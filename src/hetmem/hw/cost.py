@@ -31,7 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hetmem.hw.catalog import STEPS, Device, System
+from hetmem.hw.catalog import STEPS, Catalog, Device, System
+from hetmem.ops.fpga_emu import FpgaCycles
 
 _CLASS_ALIASES = {"dense": "matmul", "mixed": "sparse"}
 
@@ -200,3 +201,13 @@ def evaluate(wl: Workload, system: System, devices: dict[str, str], fused: bool 
     energy = sum(system.devices[d].idle_w * wall + system.devices[d].active_w * busy.get(d, 0.0) for d in used)
     feasible = math.isfinite(wall)
     return Plan(dict(devices), fused, step_us, xfer, wall, energy, busy, feasible)
+
+
+def fpga_modelled_us(cyc: FpgaCycles, device=None) -> float:
+    """Time of an emulated kernel on the FPGA device (default u55c): max(cycles / clock, HBM bytes / bw) + latency."""
+    if device is None:
+        device = Catalog(calibrate_host=False).device("u55c")
+    clock = (device.clock_mhz or 250.0) * 1e6
+    oc = device.op("gemv")
+    t = max(cyc.cycles / clock, cyc.hbm_bytes / (device.mem_bw_gbs * 1e9 * oc.bw_eff))
+    return t * 1e6 + oc.latency_us

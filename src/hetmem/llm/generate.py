@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from hetmem.llm import attention
 from hetmem.llm.paged_cache import PagedKVCache
-from hetmem.methods.base import Method
+from hetmem.core.steps import MemoryMethod as Method
 from hetmem.llm.recall import RecallMeter
 from hetmem.core.timer import StepTimer
 

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from hetmem.core.device import parse_dtype  # noqa: F401  (re-exported for callers)
 from hetmem.errors import HetmemError
+from hetmem.settings import cache_dir
 
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 CACHE_FORMAT = 2  # 2: float32 weights (exact dequantisation of the GGUF)
@@ -67,12 +69,6 @@ def log(msg: str) -> None:
     print(f"[hetmem] {msg}", file=sys.stderr, flush=True)
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("HETMEM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hetmem"
 
 
 def _dist_file(dist: str, rel: str) -> Path:
@@ -229,13 +225,3 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
     return LoadedModel(name=label, model=model, tokenizer=tok, max_context=max_ctx)
 
 
-def parse_dtype(dtype: str, device: str) -> torch.dtype:
-    """A --dtype option as a torch dtype (``auto``: float32 on CPU, bfloat16 on CUDA)."""
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        # On CPU, fp32 matmuls run ~5x faster than bf16 in prefill (bf16 only wins in memory-bound decode).
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in table:
-        raise HetmemError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
-    return table[dtype]

@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory
+from hetmem.ops.token_gather import gather_tokens
 
 
 class PagedKVLayer(CacheLayerMixin):
@@ -106,7 +107,6 @@ class PagedKVLayer(CacheLayerMixin):
         than twice what is kept, so memory really shrinks. Positions are unaffected (RoPE is applied
         before caching); ``seen`` still counts every token.
         """
-        from hetmem.ops.token_gather import gather_tokens
 
         k_keep, v_keep = gather_tokens(self.buf_k, keep), gather_tokens(self.buf_v, keep)
         n = keep.shape[-1]

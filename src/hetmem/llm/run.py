@@ -8,7 +8,7 @@ from hetmem.errors import HetmemError
 from hetmem.llm.generate import generate
 from hetmem.llm.models import LoadedModel
 from hetmem.llm.prompt import build_prompt_ids, eos_ids
-from hetmem.methods.base import Method
+from hetmem.core.steps import MemoryMethod as Method
 
 
 def answer_question(

@@ -17,6 +17,7 @@ are float32.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,10 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, register
-from hetmem.methods.dense import Dense
-from hetmem.methods.oracle import TokenGatherAttention
-from hetmem.methods.seer import model_dims
+from hetmem.llm.attention import attention_modules
+from hetmem.methods.gates import check_shape, load_gates
+from hetmem.methods.shared import GatherAttention, dense_pipeline, model_dims
+from hetmem.ops import counts as C
 from hetmem.ops.index_score import index_scores
 from hetmem.ops.topk import budget_page_indices
 
@@ -40,8 +42,6 @@ def init_indexer(model, index_heads: int, seed: int = 0) -> dict[str, torch.Tens
     Shapes (per layer, stacked over layers): wq [H_i*D, hidden], bq [H_i*D], wk [D, hidden], bk [D],
     ww [H_i, hidden], bw [H_i].
     """
-    from hetmem.llm.attention import attention_modules
-
     n_layers, n_kv, d = model_dims(model)
     heads_per_group = model.config.num_attention_heads // n_kv
     gen = torch.Generator().manual_seed(seed)
@@ -103,6 +103,11 @@ class IndexKeyPrepare:
         memory.meta["length"] = end
         return memory
 
+    def op_counts(self, raw, memory=None):
+        layer, start, end = raw
+        d, hidden = self.weights["wk"].shape
+        return {"prepare": [C.indexer_key(layer.buf_k.shape[0], end - start, hidden, d)]}
+
 
 @dataclass
 class LightningIndexerRelevancy:
@@ -122,6 +127,13 @@ class LightningIndexerRelevancy:
         q, w = indexer_query(self.weights, h, self.index_heads)
         return Scores(index_scores(q, w, memory.tensors["kidx"][:, 0, :hi]))
 
+    def op_counts(self, memory, query):
+        L = memory.n_units
+        hi = max(0, L - self.recent) if self.budget < L else 0
+        d = memory.tensors["kidx"].shape[-1]
+        return {"relevancy": C.lightning_indexer(query.vectors.shape[0], self.index_heads, hi, d,
+                                                 self.weights["wq"].shape[-1])}
+
 
 @dataclass
 class SharedTokenTopK:
@@ -137,6 +149,11 @@ class SharedTokenTopK:
         idx = budget_page_indices(scores.values, 0, L, self.budget, 0, self.recent)  # [B, k]
         idx = idx.unsqueeze(1).expand(idx.shape[0], memory.meta["n_kv"], idx.shape[-1])
         return Selection(indices=idx, n_units=L, unit_size=1, length=L)
+
+    def op_counts(self, scores, memory):
+        v = scores.values
+        return {"retrieval": C.budget_page_indices(math.prod(v.shape[:-1]), v.shape[-1], memory.n_units, self.budget,
+                                                   0, self.recent)}
 
 
 @register
@@ -165,8 +182,6 @@ class DSA(Method):
     def bind(self, model) -> None:
         init = init_indexer(model, self.index_heads)
         if self.gates:
-            from hetmem.methods.gates import check_shape, load_gates
-
             t, meta = load_gates(self.gates, self.name)
             if meta.get("index_heads") != self.index_heads:
                 raise HetmemError(f"--gates {self.gates} were trained with --index-heads {meta.get('index_heads')}, "
@@ -180,7 +195,7 @@ class DSA(Method):
 
     def pipeline(self, device, timer, layer_idx: int = 0):
         if layer_idx < self.dense_layers:
-            return Dense().pipeline(device, timer)
+            return dense_pipeline(device, timer)
         if getattr(self, "_w", None) is None:
             raise HetmemError("dsa: bind(model) must run before pipeline() (generate does this)")
         w = self.layer_weights(layer_idx)
@@ -188,6 +203,6 @@ class DSA(Method):
             IndexKeyPrepare(w, device),
             LightningIndexerRelevancy(w, self.index_heads, self.budget, self.recent, device),
             SharedTokenTopK(self.budget, self.recent, device),
-            TokenGatherAttention(device),
+            GatherAttention(device),
             timer,
         )

@@ -20,12 +20,12 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import register
-from hetmem.methods.streaming import CompressedMethod, EvictAttend, KeepSetRetrieval, _LeadPrepare
+from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
 from hetmem.ops.evict import attention_column_mass
 
 
 @dataclass
-class AccumulatedAttentionPrepare(_LeadPrepare):
+class AccumulatedAttentionPrepare(LeadPrepare):
     name: str = "accumulated-attention"
 
     def prepare(self, raw, memory: Memory | None = None) -> Memory:

@@ -21,6 +21,7 @@ from hetmem.core.types import DecodeTarget, Memory
 from hetmem.errors import HetmemError
 from hetmem.llm.quant_cache import QuantKVLayer
 from hetmem.methods.base import Method, register
+from hetmem.methods.shared import model_dims
 from hetmem.ops.quant import dequantize_groups, quantize_groups
 from hetmem.ops.sparse_attention import grouped_decode_attention
 
@@ -101,8 +102,6 @@ class KVQuant(Method):
             raise HetmemError(f"--group-size must be an even number >= 2 (got {self.group_size})")
 
     def bind(self, model) -> None:
-        from hetmem.methods.seer import model_dims
-
         d = model_dims(model)[2]
         if d % self.group_size:
             raise HetmemError(f"--group-size {self.group_size} does not divide the model's head dim {d}")

@@ -10,17 +10,17 @@ It needs the dense scores, so it saves no relevancy work; it is the accuracy ref
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hetmem.core.pipeline import MemoryPipeline
-from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
+from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, register
+from hetmem.methods.shared import GatherAttention
+from hetmem.ops import counts as C
 from hetmem.ops.attention_mass import attention_probs
-from hetmem.ops.sparse_attention import grouped_decode_attention
-from hetmem.ops.token_gather import gather_tokens
 from hetmem.ops.topk import topk_indices
-from hetmem.core.timer import substep
 
 
 @dataclass
@@ -65,22 +65,9 @@ class TokenTopK:
         L = memory.meta["length"]
         return Selection(indices=topk_indices(scores.values, self.budget), n_units=L, unit_size=1, length=L)
 
-
-@dataclass
-class TokenGatherAttention:
-    """Apply: gather the selected tokens' K and V (per KV head) and attend over only those."""
-
-    device: str = "cpu"
-    name: str = "token-gather-attention"
-
-    def apply(self, raw, selection: Selection, target: DecodeTarget):
-        L = selection.length
-        if selection.indices.shape[-1] >= L:  # everything selected: no gather needed
-            k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
-        else:
-            with substep("gather", self.device):  # timed as apply.gather (inside apply)
-                k, v = gather_tokens(raw.buf_k, selection.indices), gather_tokens(raw.buf_v, selection.indices)
-        return grouped_decode_attention(target.q, k, v, target.scale)
+    def op_counts(self, scores, memory):
+        v = scores.values
+        return {"retrieval": [C.topk(math.prod(v.shape[:-1]), v.shape[-1], self.budget)]}
 
 
 @register
@@ -98,4 +85,4 @@ class Oracle(Method):
 
     def pipeline(self, device, timer, layer_idx: int = 0):
         return MemoryPipeline(ExactKeysPrepare(device), TrueAttentionRelevancy(device), TokenTopK(self.budget, device),
-                              TokenGatherAttention(device), timer)
+                              GatherAttention(device), timer)

@@ -3,23 +3,23 @@
     Prepare    per-page elementwise key min/max, kept current in prefill and decode  (ops.page_minmax)
     Relevancy  upper bound of q.k per page, per KV head, max over its GQA group       (ops.page_score)
     Retrieval  top pages under a token budget; sink page and recent page(s) always in  (ops.topk)
-    Apply      gather the selected pages of K/V, attend over only those               (ops.sparse_attention)
+    Apply      gather the selected pages of K/V, attend over only those               (methods.shared.GatherAttention)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hetmem.core.pipeline import MemoryPipeline
-from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
+from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, register
-from hetmem.methods.dense import Dense
+from hetmem.methods.shared import GatherAttention, dense_pipeline
+from hetmem.ops import counts as C
 from hetmem.ops.page_minmax import update_page_minmax
 from hetmem.ops.page_score import quest_upper_bound
-from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
 from hetmem.ops.topk import budget_page_indices, candidate_range
-from hetmem.core.timer import substep
 
 
 @dataclass
@@ -46,6 +46,11 @@ class PageMinMaxPrepare:
         memory.meta["length"] = end
         return memory
 
+    def op_counts(self, raw, memory=None):
+        layer, start, end = raw
+        B, H, _, D = layer.buf_k.shape
+        return {"prepare": [C.page_minmax_update(B, H, D, start, end, self.page_size, layer.buf_k.element_size())]}
+
 
 @dataclass
 class QuestRelevancy:
@@ -62,6 +67,11 @@ class QuestRelevancy:
         kmin = memory.tensors["kmin"][:, :, lo:hi]
         kmax = memory.tensors["kmax"][:, :, lo:hi]
         return Scores(quest_upper_bound(query.vectors, kmin, kmax), offset=lo)
+
+    def op_counts(self, memory, query):
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
+        B, Hkv, G, D = query.vectors.shape
+        return {"relevancy": [C.quest_upper_bound(B, Hkv, G, hi - lo, D, memory.tensors["kmin"].element_size())]}
 
 
 @dataclass
@@ -81,22 +91,10 @@ class PageBudgetTopK:
         )
         return Selection(indices=idx, n_units=n, unit_size=memory.unit_size, length=memory.meta["length"])
 
-
-@dataclass
-class PageGatherAttention:
-    """Apply: gather the selected pages' K and V and attend over only those tokens."""
-
-    device: str = "cpu"
-    name: str = "page-gather-attention"
-
-    def apply(self, raw, selection: Selection, target: DecodeTarget):
-        L = selection.length
-        if selection.indices.shape[-1] >= selection.n_units:  # everything selected: no gather needed
-            k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
-        else:
-            with substep("gather", self.device):  # timed as apply.gather (inside apply)
-                k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, selection.unit_size, L)
-        return grouped_decode_attention(target.q, k, v, target.scale)
+    def op_counts(self, scores, memory):
+        v = scores.values
+        return {"retrieval": C.budget_page_indices(math.prod(v.shape[:-1]), v.shape[-1], memory.n_units,
+                                                   self.budget_pages, self.sink_pages, self.recent_pages)}
 
 
 @register
@@ -126,11 +124,11 @@ class Quest(Method):
 
     def pipeline(self, device, timer, layer_idx: int = 0):
         if layer_idx < self.dense_layers:
-            return Dense().pipeline(device, timer)
+            return dense_pipeline(device, timer)
         return MemoryPipeline(
             PageMinMaxPrepare(self.page_size, device),
             QuestRelevancy(self.sink_pages, self.recent_pages, self.budget_pages, device),
             PageBudgetTopK(self.budget_pages, self.sink_pages, self.recent_pages, device),
-            PageGatherAttention(device),
+            GatherAttention(device),
             timer,
         )

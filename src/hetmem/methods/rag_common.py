@@ -19,7 +19,11 @@ import torch
 
 from hetmem.core.types import Memory, Scores, Selection
 from hetmem.errors import HetmemError
-from hetmem.methods.base import Method
+from hetmem.core.timer import StepTimer
+from hetmem.llm.generate import generate
+from hetmem.llm.prompt import build_prompt_ids, eos_ids
+from hetmem.methods.base import Method, get_method
+from hetmem.rag.corpus import check_passage_params
 from hetmem.ops.rank_fusion import topk_ranked
 
 
@@ -139,8 +143,6 @@ class PassagePromptApply:
     name: str = "passage-prompt-generate"
 
     def _ids(self, tok, corpus, sel_ids, keep, question, prefix):
-        from hetmem.llm.prompt import build_prompt_ids
-
         blocks = [passage_block(r + 1, corpus.passages[sel_ids[i]]) for r, i in enumerate(keep)]
         context = INSTRUCTION + "\n\n" + ("\n\n".join(blocks) if blocks else "(no passages)")
         ids = build_prompt_ids(tok, context, f"Question: {question.strip()}")
@@ -150,11 +152,6 @@ class PassagePromptApply:
         return ids
 
     def apply(self, raw, selection: RankedSelection, target: RagRequest) -> RagOutput:
-        from hetmem.llm.generate import generate
-        from hetmem.llm.prompt import eos_ids
-        from hetmem.methods import get_method
-        from hetmem.core.timer import StepTimer
-
         lm, tok = target.lm, target.lm.tokenizer
         window = lm.max_context if target.max_prompt_tokens <= 0 else min(lm.max_context, target.max_prompt_tokens)
         sel_ids = selection.ids if selection is not None else []
@@ -211,8 +208,6 @@ class RagMethod(Method):
     max_prompt_tokens: int = 0
 
     def validate(self) -> None:
-        from hetmem.rag.corpus import check_passage_params
-
         if self.top_k < 1:
             raise HetmemError(f"--top-k must be at least 1 (got {self.top_k})")
         check_passage_params(self.passage_tokens, self.passage_overlap)

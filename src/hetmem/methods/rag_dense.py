@@ -20,6 +20,7 @@ from hetmem.errors import HetmemError
 from hetmem.methods.base import register
 from hetmem.methods.rag_common import CandidateScores, PassagePromptApply, RagMethod, TopKPassages
 from hetmem.ops.dense_search import INDEX_TYPES, build_index, search
+from hetmem.rag.embed import load_embedder
 
 
 @dataclass
@@ -34,8 +35,6 @@ class DenseEmbedPrepare:
     progress: bool = True
 
     def prepare(self, raw, memory: Memory | None = None) -> Memory:
-        from hetmem.rag.embed import load_embedder
-
         emb = load_embedder(self.embed_model, self.device)
         vecs = emb.encode(raw.texts(), batch_size=self.batch_size, progress=self.progress, desc="embed passages")
         index = build_index(vecs, self.index_type)
@@ -53,8 +52,6 @@ class DenseRelevancy:
     name: str = "embed-query-faiss-search"
 
     def score(self, memory: Memory, query: Query) -> CandidateScores:
-        from hetmem.rag.embed import load_embedder
-
         emb = load_embedder(self.embed_model, self.device)
         if emb.model_id != memory.meta["embed_model"]:
             raise HetmemError(f"the memory was embedded with {memory.meta['embed_model']}, but queries would be "

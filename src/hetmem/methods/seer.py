@@ -6,7 +6,7 @@
                KV head (ops.block_pool)
     Retrieval  a token budget (top blocks; sink and recent blocks always in) or a threshold on the gate's
                softmax (a bitmap)                                                   (ops.topk)
-    Apply      gather the selected blocks' K and V and attend over only those       (ops.sparse_attention,
+    Apply      gather the selected blocks' K and V and attend over only those       (methods.shared.GatherAttention,
                ops.token_gather for a ragged bitmap)
 
 Untrained gates are the identity (pooled-key scoring). ``hetmem train --method seer`` distils them from
@@ -15,27 +15,22 @@ the frozen model's own block-pooled attention; ``--gates DIR`` loads them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.timer import substep
 from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, register
-from hetmem.methods.dense import Dense
+from hetmem.methods.gates import check_shape, load_gates
+from hetmem.methods.shared import GatherAttention, dense_pipeline, gather_attention_counts, model_dims
+from hetmem.ops import counts as C
 from hetmem.ops.block_pool import block_counts, gated_block_scores, update_block_sums
-from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
 from hetmem.ops.token_gather import bitmap_to_padded, gather_tokens, masked_decode_attention, unit_token_ids
 from hetmem.ops.topk import budget_page_indices, candidate_range
-from hetmem.core.timer import substep
-
-
-def model_dims(model) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of a transformers causal LM."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
 
 
 def identity_gates(n_layers: int, n_kv: int, head_dim: int) -> dict[str, torch.Tensor]:
@@ -70,6 +65,16 @@ class BlockPoolPrepare:
         memory.meta["length"] = end
         return memory
 
+    def op_counts(self, raw, memory=None):
+        layer, start, end = raw
+        B, H, _, D = layer.buf_k.shape
+        if end <= start:
+            return {"prepare": []}
+        P = self.page_size
+        b0, b1 = start // P, (end - 1) // P + 1
+        n_tok = 1 if end - start == 1 else end - b0 * P  # a span re-sums the blocks it touches
+        return {"prepare": [C.block_pool_gate(B, H, n_tok, b1 - b0, D, self.wk.shape[-1], layer.buf_k.element_size())]}
+
 
 @dataclass
 class GateRelevancy:
@@ -88,6 +93,11 @@ class GateRelevancy:
         qg = torch.einsum("bhd,hde->bhe", q, self.wq.to(q.device))
         scale = qg.shape[-1] ** -0.5
         return Scores(gated_block_scores(qg, memory.tensors["kgated"][:, :, lo:hi], scale), offset=lo)
+
+    def op_counts(self, memory, query):
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
+        B, Hkv, G, D = query.vectors.shape
+        return {"relevancy": [C.gated_block_scores(B, Hkv, G, hi - lo, D, self.wq.shape[-1], query.vectors.element_size())]}
 
 
 @dataclass
@@ -117,28 +127,38 @@ class BlockBudgetOrThreshold:
         bitmap[..., max(0, n - self.recent_pages) :] = True
         return Selection(bitmap=bitmap, n_units=n, unit_size=P, length=L)
 
+    def op_counts(self, scores, memory):
+        v = scores.values
+        rows = math.prod(v.shape[:-1])
+        if self.threshold <= 0:
+            return {"retrieval": C.budget_page_indices(rows, v.shape[-1], memory.n_units, self.budget_pages,
+                                                       self.sink_pages, self.recent_pages)}
+        return {"retrieval": [C.threshold_select(rows, v.shape[-1], memory.n_units)]}
+
 
 @dataclass
-class BlockSparseAttention:
-    """Apply: gather the selected blocks' K and V and attend over only those tokens."""
+class BlockSparseAttention(GatherAttention):
+    """Apply: gather the selected blocks' K and V and attend over only those tokens. A top-k selection is
+    the shared GatherAttention; a threshold bitmap selects a different count per KV head, so its rows are
+    padded to the longest and the padding is masked."""
 
-    device: str = "cpu"
     name: str = "block-sparse-attention"
 
     def apply(self, raw, selection: Selection, target: DecodeTarget):
-        L, P = selection.length, selection.unit_size
         if selection.form == "topk":
-            if selection.indices.shape[-1] >= selection.n_units:
-                k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
-            else:
-                with substep("gather", self.device):  # timed as apply.gather (inside apply)
-                    k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
-            return grouped_decode_attention(target.q, k, v, target.scale)
+            return super().apply(raw, selection, target)
         units, unit_valid = bitmap_to_padded(selection.bitmap)  # ragged: rows pad to the longest
-        tok, valid = unit_token_ids(units, P, L, unit_valid)
+        tok, valid = unit_token_ids(units, selection.unit_size, selection.length, unit_valid)
         with substep("gather", self.device):
             k, v = gather_tokens(raw.buf_k, tok), gather_tokens(raw.buf_v, tok)
         return masked_decode_attention(target.q, k, v, valid, target.scale)
+
+    def op_counts(self, raw, selection, target):
+        if selection.form == "topk":
+            return super().op_counts(raw, selection, target)
+        B, Hkv, G, D = target.q.shape
+        return gather_attention_counts(B, Hkv, G, D, raw.buf_k.element_size(), selection.selected_tokens,
+                                       int(selection.bitmap.sum(-1).max()))
 
 
 @register
@@ -173,8 +193,6 @@ class Seer(Method):
     def bind(self, model) -> None:
         n_layers, n_kv, d = model_dims(model)
         if self.gates:
-            from hetmem.methods.gates import check_shape, load_gates
-
             t, meta = load_gates(self.gates, self.name)
             if meta.get("page_size") not in (None, self.page_size):
                 raise HetmemError(f"--gates {self.gates} were trained with --page-size {meta['page_size']}, "
@@ -185,7 +203,7 @@ class Seer(Method):
 
     def pipeline(self, device, timer, layer_idx: int = 0):
         if layer_idx < self.dense_layers:
-            return Dense().pipeline(device, timer)
+            return dense_pipeline(device, timer)
         w = getattr(self, "_w", None)
         if w is None:
             raise HetmemError("seer: bind(model) must run before pipeline() (generate does this)")

@@ -7,37 +7,18 @@
 
 Eviction happens in decode: the first decode step compresses the prompt's cache to ``budget`` tokens and
 every later step keeps it there. Prefill itself is dense over the whole prompt. The shared steps
-(``EvictAttend`` and ``KeepSetRetrieval``) are reused by h2o and snapkv.
+(``EvictAttend`` and ``KeepSetRetrieval``, in methods/compressed.py) are reused by h2o and snapkv.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from hetmem.core.pipeline import MemoryPipeline
-from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
+from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
-from hetmem.methods.base import Method, register
-from hetmem.ops.evict import keep_indices
-from hetmem.ops.sparse_attention import grouped_decode_attention
-
-
-@dataclass
-class StoredTokensPrepare:
-    """Prepare: the memory just follows the layer's stored tokens."""
-
-    device: str = "cpu"
-    name: str = "stored-tokens"
-
-    def prepare(self, raw, memory: Memory | None = None) -> Memory:
-        layer, start, end = raw
-        memory = memory or Memory(kind="kv-keep-set", unit_size=1)
-        memory.n_units = layer.length
-        memory.meta["length"] = layer.length
-        memory.meta.setdefault("evicted", 0)
-        return memory
+from hetmem.methods.base import register
+from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
 
 
 @dataclass
@@ -49,76 +30,6 @@ class PositionRelevancy:
 
     def score(self, memory: Memory, query: Query) -> Scores | None:
         return None
-
-
-@dataclass
-class KeepSetRetrieval:
-    """Retrieval: the tokens to keep (sink + top-scored candidates + recent window) when the cache holds
-    more than ``budget``; ``None`` (keep everything) otherwise."""
-
-    budget: int
-    sink: int
-    recent: int
-    device: str = "cpu"
-    name: str = "keep-set"
-
-    def select(self, scores: Scores | None, memory: Memory) -> Selection | None:
-        L = memory.n_units
-        if L <= self.budget:
-            return None
-        lead = tuple(memory.meta["lead"])
-        vals = scores.values if scores is not None else None
-        keep = keep_indices(vals, L, self.budget, self.sink, self.recent, lead, memory.meta.get("device"))
-        return Selection(indices=keep, n_units=L, unit_size=1, length=L)
-
-
-@dataclass
-class EvictAttend:
-    """Apply: evict all but the keep-set from the KV cache (really freeing memory), then attend over the
-    kept tokens. Per-token statistics the method keeps (``memory.tensors``) are compacted alongside."""
-
-    device: str = "cpu"
-    name: str = "evict-attend"
-
-    def apply(self, raw, selection: Selection | None, target: DecodeTarget):
-        mem = raw.memory
-        if selection is not None:
-            keep = selection.indices
-            raw.compact(keep)
-            for name, t in mem.tensors.items():  # [B, H_kv, cap] per-token statistics
-                kept = torch.gather(t, 2, keep)
-                if t.shape[2] > 2 * raw.capacity:
-                    t = t.new_zeros(*t.shape[:2], raw.capacity)
-                    mem.tensors[name] = t
-                t[:, :, : keep.shape[-1]] = kept
-            mem.meta["evicted"] = mem.meta.get("evicted", 0) + selection.length - keep.shape[-1]
-            mem.n_units = mem.meta["length"] = raw.length
-        L = raw.length
-        return self.attend(mem, target.q, raw.buf_k[:, :, :L], raw.buf_v[:, :, :L], target.scale)
-
-    def attend(self, memory, q, k, v, scale):
-        return grouped_decode_attention(q, k, v, scale)
-
-
-def lead_of(layer) -> tuple[int, int]:
-    return tuple(layer.buf_k.shape[:2])
-
-
-class CompressedMethod(Method):
-    """Shared by the eviction methods: their reports (tokens evicted, KV bytes vs the dense cache)."""
-
-    def report(self, cache) -> dict:
-        ev = [layer.memory.meta.get("evicted", 0) if layer.memory else 0 for layer in cache.layers]
-        return {"tokens_evicted_per_layer_mean": round(sum(ev) / len(ev), 2)}
-
-
-@dataclass
-class _LeadPrepare(StoredTokensPrepare):
-    def prepare(self, raw, memory=None):
-        memory = super().prepare(raw, memory)
-        memory.meta["lead"] = lead_of(raw[0])
-        memory.meta["device"] = raw[0].buf_k.device
-        return memory
 
 
 @register
@@ -136,6 +47,6 @@ class Streaming(CompressedMethod):
             raise HetmemError(f"streaming needs 0 <= --sink < --budget (got sink={self.sink}, budget={self.budget})")
 
     def pipeline(self, device, timer, layer_idx: int = 0):
-        return MemoryPipeline(_LeadPrepare(device), PositionRelevancy(device),
+        return MemoryPipeline(LeadPrepare(device), PositionRelevancy(device),
                               KeepSetRetrieval(self.budget, self.sink, self.budget - self.sink, device),
                               EvictAttend(device), timer)

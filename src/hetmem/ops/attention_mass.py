@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from hetmem.core.types import Selection
-from hetmem.ops.token_gather import unit_token_ids
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -176,15 +176,3 @@ def bm25_int16(weights, term_ids: np.ndarray, wmax: float | None = None) -> tupl
         postings += b - a
     assert out.max(initial=0) < 2**31, "int32 accumulator overflow"
     return out, scale, FpgaCycles(cycles=cycles, hbm_bytes=postings * 6 + n * 4)
-
-
-def modelled_us(cyc: FpgaCycles, device=None) -> float:
-    """Time of an emulated kernel on the FPGA device (default u55c): max(cycles / clock, HBM bytes / bw) + latency."""
-    if device is None:
-        from hetmem.hw.catalog import Catalog
-
-        device = Catalog(calibrate_host=False).device("u55c")
-    clock = (device.clock_mhz or 250.0) * 1e6
-    oc = device.op("gemv")
-    t = max(cyc.cycles / clock, cyc.hbm_bytes / (device.mem_bw_gbs * 1e9 * oc.bw_eff))
-    return t * 1e6 + oc.latency_us

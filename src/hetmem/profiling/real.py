@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from hetmem.profiling import counters as C
+from hetmem.ops import counts as C
 from hetmem.profiling.counters import StepCounter
 from hetmem.profiling.records import phase_records
 from hetmem.core.timer import StepTimer
+from hetmem.llm.generate import generate
+from hetmem.tasks.haystack import essay_text
 
 PREFILL_CHUNK = 1024
 
@@ -67,8 +69,6 @@ class ModelRunner:
 
     def input_ids(self, length: int) -> torch.Tensor:
         if self._ids is None or self._ids.shape[1] < length:
-            from hetmem.tasks.haystack import essay_text
-
             text = essay_text()
             chars = 8 * length + 1024  # tokenize only what is needed (a few characters per token)
             ids = self.lm.tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
@@ -81,8 +81,6 @@ class ModelRunner:
         return self._ids[:, :length]
 
     def _generate(self, method, length: int, timer: StepTimer, new_tokens: int, progress: bool):
-        from hetmem.llm.generate import generate
-
         return generate(self.lm.model, self.input_ids(length), method, new_tokens, eos_token_ids=None,
                         prefill_chunk=PREFILL_CHUNK, progress=progress, timer=timer)
 

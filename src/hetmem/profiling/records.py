@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hetmem.errors import HetmemError
-from hetmem.profiling.counters import OpCount, intensity, total
+from hetmem.ops.counts import OpCount, intensity, total
 
 SCHEMA = "hetmem.profile/1"
 STEP_ORDER = ("prepare", "relevancy", "retrieval", "apply", "apply.gather", "rest", "total")

@@ -28,13 +28,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hetmem.core.device import sync
 from hetmem.core.steps import STEP_NAMES
 from hetmem.core.types import DecodeTarget, Query
 from hetmem.errors import HetmemError
-from hetmem.profiling import counters as C
+from hetmem.ops import counts as C
 from hetmem.profiling.counters import StepCounter
 from hetmem.profiling.records import phase_records
 from hetmem.core.timer import StepTimer
+from hetmem.llm.paged_cache import PagedKVLayer
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,6 @@ def _rms(x, w):
     return F.rms_norm(x, (x.shape[-1],), w, 1e-5)
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 class ShapeSweep:
     """Runs (method, length) pairs at one shape; weights are built once and shared."""
 
@@ -228,7 +225,6 @@ class ShapeSweep:
 
     def run(self, method, length: int, base: dict, progress=None) -> tuple[dict, list[dict], list[tuple]]:
         """Profile ``method`` at ``length``: returns (phases summary, records, trace events)."""
-        from hetmem.llm.paged_cache import PagedKVLayer
 
         s, dev, W = self.shape, self.device, self.weights
         B, H, Hkv, D = self.batch, s.heads, s.kv_heads, s.head_dim
@@ -265,7 +261,7 @@ class ShapeSweep:
             for u, (idx, _count, timer, _counter, pipe, layer) in enumerate(units):
                 timer.phase = "decode" if timed else "warmup"
                 x = x0
-                _sync(dev)
+                sync(dev)
                 t0 = time.perf_counter()
                 h = _rms(x, W.norm1)
                 q = F.linear(h, W.q).view(B, Hkv, H // Hkv, D)
@@ -278,12 +274,12 @@ class ShapeSweep:
                 x = x + F.linear(attn.reshape(B, 1, H * D), W.o)
                 h = _rms(x, W.norm2)
                 x = x + F.linear(F.silu(F.linear(h, W.gate)) * F.linear(h, W.up), W.down)
-                _sync(dev)
+                sync(dev)
                 if timed:
                     layer_ms[u] += (time.perf_counter() - t0) * 1e3
             t1 = time.perf_counter()
             F.linear(_rms(x, W.final_norm), W.lm_head)
-            _sync(dev)
+            sync(dev)
             if timed:
                 lm_ms += (time.perf_counter() - t1) * 1e3
             if progress is not None:

@@ -28,6 +28,8 @@ import scipy.sparse as sp
 from hetmem.core.types import Memory
 from hetmem.errors import HetmemError
 from hetmem.rag.corpus import Corpus, Passage
+from hetmem.ops.bm25 import Bm25Stats, bm25_weights
+from hetmem.rag.embed import resolve_embed_model
 
 FORMAT = "hetmem-rag-memory"
 FORMAT_VERSION = 1
@@ -126,8 +128,6 @@ def check_compatible(path, meta: dict, method, explicit: set[str]) -> None:
         if k not in explicit:
             setattr(method, k, v)
     if hasattr(method, "embed_model"):
-        from hetmem.rag.embed import resolve_embed_model
-
         _, model_id = resolve_embed_model(method.embed_model)
         if meta.get("embedding_model") != model_id:
             raise HetmemError(f"memory {path} was embedded with '{meta.get('embedding_model')}', but this run embeds "
@@ -137,7 +137,6 @@ def check_compatible(path, meta: dict, method, explicit: set[str]) -> None:
 def load_memory(path: str | Path, meta: dict) -> tuple[Corpus, Memory]:
     import faiss
 
-    from hetmem.ops.bm25 import Bm25Stats, bm25_weights
 
     d = Path(path).expanduser()
     missing = [f for f in meta.get("files", []) if not (d / f).is_file()]

@@ -16,14 +16,15 @@ Transfers between devices are not emulated here (``hetmem plan`` models them).
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import torch
 
 from hetmem.core.steps import STEP_NAMES
 from hetmem.errors import HetmemError, read_json_file
+from hetmem.hw.catalog import Catalog
+from hetmem.runtime.fpga_steps import FPGA_STEPS
+from hetmem.runtime.fpga_steps import ModelLedger
 
 BACKENDS = ("cpu", "cuda", "fpga-emu")
 
@@ -64,7 +65,6 @@ def backend_of(device: str, cuda_ok: bool | None = None) -> tuple[str, str]:
         if device == "cuda" and not cuda_ok:
             return "cpu", "no CUDA device here: ran on cpu"
         return device, ""
-    from hetmem.hw.catalog import Catalog
 
     cat = Catalog(calibrate_host=False)
     if device not in cat.files["devices"]:
@@ -92,8 +92,6 @@ class PlacedMethod:
         return getattr(self._method, name)
 
     def pipeline(self, device, timer, **kw):
-        from hetmem.runtime.fpga_steps import FPGA_STEPS
-
         pipe = self._method.pipeline(device, timer, **kw)
         for role in STEP_NAMES:
             step = getattr(pipe, role)
@@ -118,9 +116,6 @@ class PlacedMethod:
 
 
 def place(method, rule: dict) -> tuple[PlacedMethod, dict, object]:
-    from hetmem.hw.catalog import Catalog
-    from hetmem.runtime.fpga_steps import ModelLedger
-
     placement, backends = {}, {}
     for step, dev in rule["devices"].items():
         be, note = backend_of(dev)

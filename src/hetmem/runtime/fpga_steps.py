@@ -15,7 +15,9 @@ import torch
 
 from hetmem.ops.topk import candidate_range
 from hetmem.core.types import Memory, Query, Scores, Selection
+from hetmem.hw.cost import fpga_modelled_us
 from hetmem.ops import fpga_emu
+from hetmem.methods.dsa import indexer_query
 
 
 @dataclass
@@ -31,9 +33,9 @@ class ModelLedger:
     _last_rel_body: float = 0.0
 
     def charge(self, step: str, phase: str, cyc: fpga_emu.FpgaCycles) -> None:
-        t = fpga_emu.modelled_us(cyc, self.device)
+        t = fpga_modelled_us(cyc, self.device)
         if self.fused:
-            lat = fpga_emu.modelled_us(fpga_emu.FpgaCycles(), self.device)
+            lat = fpga_modelled_us(fpga_emu.FpgaCycles(), self.device)
             if step == "relevancy":
                 self._last_rel_body = t - lat
             elif step == "retrieval":
@@ -147,8 +149,6 @@ class FpgaIndexerRelevancy:
     name: str = "lightning-indexer-int16"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        from hetmem.methods.dsa import indexer_query
-
         r = self.inner
         L = memory.n_units
         hi = max(0, L - r.recent) if r.budget < L else 0

@@ -1,0 +1,64 @@
+"""Reading a user's files and writing ours atomically. Layer 1: imports only hetmem.errors.
+
+Every user file goes through ``read_user_text``/``read_json_file`` so a missing file, a directory, a
+binary file or bad JSON is one line naming the file. Every file hetmem writes goes through
+``write_atomic``: a reader (or a crash) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from hetmem.errors import HetmemError
+
+
+def read_user_text(path, what: str, missing_hint: str = "") -> str:
+    """A user's UTF-8 text file, or a one-line HetmemError naming ``what`` it was meant to be."""
+    p = Path(path)
+    if not p.exists():
+        raise HetmemError(f"{what} {path} does not exist{missing_hint}")
+    if not p.is_file():
+        raise HetmemError(f"{what} {path} is a directory, not a file" if p.is_dir() else f"{what} {path} is not a file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise HetmemError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise HetmemError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def read_json_file(path, what: str, missing_hint: str = "") -> object:
+    """Parse a user's JSON file, or raise a one-line HetmemError naming ``what`` it was meant to be."""
+    text = read_user_text(path, what, missing_hint)
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise HetmemError(f"{what} {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+
+
+def write_atomic(path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and one ``os.replace``."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def write_json_atomic(path, obj, indent: int | None = 1) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=indent))
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
