@@ -76,7 +76,8 @@ def test_no_command(capsys):
 
 @pytest.mark.parametrize("method", ["dense", "quest"])
 def test_run_json_reports_measured_steps(capsys, ctx, tiny_dir, method):
-    code = main(["run", "--method", method, "--budget", "32", "--page-size", "8", "--dense-layers", "0", "--model", str(tiny_dir),
+    opts = ["--budget", "32", "--page-size", "8", "--dense-layers", "0"] if method == "quest" else []
+    code = main(["run", "--method", method, *opts, "--model", str(tiny_dir),
                  "--context", str(ctx), "--question", "What is the code word?", "--max-new-tokens", "5", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -116,3 +117,17 @@ def test_methods_lists_dense_and_quest(capsys):
 def test_gates_for_a_method_without_gates(capsys, ctx):
     msg = _err(capsys, ["run", "--method", "quest", "--gates", "/nope", "--context", str(ctx), "--question", "q"])
     assert "--gates" in msg and "quest" in msg
+
+
+def test_an_option_the_method_does_not_take_is_an_error(capsys, ctx):
+    msg = _err(capsys, ["run", "--method", "quest", "--threshold", "0.1", "--context", str(ctx), "--question", "q"])
+    assert "--threshold is not a parameter of method 'quest'" in msg and "--budget" in msg
+
+
+def test_budget_off_the_page_grid_is_said_and_recorded(capsys, ctx, tiny_dir):
+    code = main(["run", "--method", "quest", "--budget", "36", "--page-size", "8", "--dense-layers", "0", "--model",
+                 str(tiny_dir), "--context", str(ctx), "--question", "q", "--max-new-tokens", "2", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "hetmem: note: --budget 36 is not a multiple of --page-size 8: quest attends 32 tokens (4 pages)" in err
+    assert json.loads(out)["notes"] == ["--budget 36 is not a multiple of --page-size 8: quest attends 32 tokens (4 pages)"]

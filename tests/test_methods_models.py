@@ -67,7 +67,9 @@ def test_kvquant_reports_its_error_and_shrinks_memory(setup, bits, bound):
 @pytest.mark.parametrize("name", SPARSE)
 def test_small_budget_selects_and_recall_is_measured(setup, name):
     model, ids, dense = setup
-    res = generate(model, ids, get_method(name, budget=32, dense_layers=0), NEW, progress=False, recall=True)
+    takes = {f.name for f in fields(REGISTRY[name])}
+    res = generate(model, ids, get_method(name, budget=32, **({"dense_layers": 0} if "dense_layers" in takes else {})),
+                   NEW, progress=False, recall=True)
     rec = res.recall
     assert rec["selected_tokens_mean"] <= 32 + 16  # budget (+ a partial recent page)
     assert 0 < rec["attention_mass_recall"] <= 1 + 1e-6

@@ -4,12 +4,12 @@ and building a method from the command line."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+import sys
 from pathlib import Path
 
 from hetmem.errors import HetmemError
 from hetmem.llm.models import DEFAULT_MODEL
-from hetmem.methods import REGISTRY, get_method
+from hetmem.methods import REGISTRY, get_method, param_specs
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,12 +52,35 @@ def validated_context(args, method) -> str:
     return read_context(args.context)
 
 
+def add_method_options(parser, methods=None, only: set[str] | None = None) -> None:
+    """One option per parameter of ``methods`` (default: every registered method), built from the methods'
+    own declarations (``hetmem.methods.base.param``). A name several methods share is one option; its
+    default is None, so each method keeps its own default."""
+    owners: dict[str, list] = {}
+    for name in sorted(methods or REGISTRY):
+        for spec in param_specs(REGISTRY[name]):
+            if only is None or spec.name in only:
+                owners.setdefault(spec.name, []).append((name, spec))
+    for pname, owned in owners.items():
+        spec = owned[0][1]
+        names = ", ".join(n for n, _ in owned)
+        defaults = sorted({str(s.default) for _, s in owned})
+        help_text = f"{names}: {spec.help} (default {' or '.join(defaults)})"
+        if spec.type is bool:
+            parser.add_argument(spec.flag, dest=pname, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(spec.flag, dest=pname, type=spec.type, default=None, help=help_text)
+
+
 def method_from_args(args):
-    """Build the method from every CLI option whose name matches one of its parameters."""
-    cls = REGISTRY.get(args.method)
-    if cls is not None and getattr(args, "gates", None) and "gates" not in {f.name for f in fields(cls)}:
-        raise HetmemError(f"--gates is for methods with trained gates (seer, dsa), not '{args.method}'")
-    return get_method(args.method, **{k: v for k, v in vars(args).items() if k not in ("method", "func", "cmd")})
+    """The method named by ``--method`` with every method option that was given (the others keep the
+    method's defaults). An option the method does not take is an error naming the ones it does."""
+    given = {spec.name: getattr(args, spec.name) for cls in REGISTRY.values() for spec in param_specs(cls)
+             if getattr(args, spec.name, None) is not None}
+    method = get_method(args.method, **given)
+    for note in method.notes():
+        print(f"hetmem: note: {note}", file=sys.stderr)
+    return method
 
 
 # Runners for method families other than in-model attention methods: family -> callable(args, method) -> int.

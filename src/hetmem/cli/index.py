@@ -11,50 +11,25 @@ import json
 import sys
 from pathlib import Path
 
+from hetmem.cli.common import RUNNERS, add_method_options, method_from_args
 from hetmem.errors import HetmemError
-from hetmem.cli.common import RUNNERS
-from hetmem.cli.common import method_from_args
 from hetmem.llm.models import load_model
 from hetmem.rag.corpus import load_corpus
-from hetmem.rag.store import check_compatible, load_memory, read_meta
-from hetmem.rag.store import save_memory
+from hetmem.rag.store import check_compatible, load_memory, read_meta, save_memory
 from hetmem.runtime.rag import RagSession
 
 RAG_METHODS = ("rag-bm25", "rag-dense", "rag-hybrid")
 
 
-def _add(parser, flag: str, **kw) -> None:
-    """Add an option unless another extension already added the same flag (then share it)."""
-    if flag not in parser._option_string_actions:  # noqa: SLF001 -- argparse has no public lookup
-        parser.add_argument(flag, **kw)
-
-
-def _prepare_options(p) -> None:
-    _add(p, "--passage-tokens", type=int, default=None, help="RAG: word tokens per passage (default 128)")
-    _add(p, "--passage-overlap", type=int, default=None, help="RAG: tokens shared by neighbouring passages (default 32)")
-    _add(p, "--k1", type=float, default=None, help="BM25 k1 (default 1.2)")
-    _add(p, "--b", type=float, default=None, help="BM25 length normalisation b (default 0.75; 0 = the paper's prototype)")
-    _add(p, "--embed-model", default=None, help="dense RAG embedding model: all-minilm-l6-v2 (default, packaged) or a local directory")
-    _add(p, "--dense-index", default=None, help="FAISS index: flat (exact inner product, default) or hnsw")
-    _add(p, "--embed-batch", type=int, default=None, help="passages per embedding batch (default 32)")
+# The parameters that shape a RAG memory when it is built (the rest act at query time).
+PREPARE_PARAMS = {"passage_tokens", "passage_overlap", "k1", "b", "embed_model", "dense_index", "embed_batch"}
 
 
 def register(subparsers, run_parser) -> None:
     r = run_parser
-    _add(r, "--corpus", default=None, help="RAG: a directory of .txt/.md files, a .jsonl file (text, id, title) or a text file")
-    _add(r, "--memory", default=None, help="RAG: a memory directory written by 'hetmem index'")
-    _add(r, "--questions", default=None, help="RAG: a .jsonl file, one {\"question\": ...} per line; prints one JSON object per line")
-    _add(r, "--top-k", type=int, default=None, help="RAG: passages retrieved per query (default 8)")
-    _add(r, "--active", action="store_true", default=None,
-         help="RAG: FLARE-like active retrieval, re-querying after every generated sentence")
-    _add(r, "--max-rounds", type=int, default=None, help="RAG --active: re-query rounds at most (default 3)")
-    _add(r, "--new-per-round", type=int, default=None, help="RAG --active: new passages per round at most (default 3)")
-    _add(r, "--max-prompt-tokens", type=int, default=None, help="RAG: prompt + answer token limit (default: the model's window)")
-    _add(r, "--fusion", default=None, help="rag-hybrid: convex (default: alpha*BM25 + (1-alpha)*cosine, min-max normalised) or rrf")
-    _add(r, "--alpha", type=float, default=None, help="rag-hybrid convex fusion: weight of BM25 (default 0.5)")
-    _add(r, "--rrf-k", type=float, default=None, help="rag-hybrid: reciprocal-rank-fusion constant (default 60)")
-    _add(r, "--candidates", type=int, default=None, help="rag-hybrid: depth of each ranking that is fused (default 50)")
-    _prepare_options(r)
+    r.add_argument("--corpus", default=None, help="RAG: a directory of .txt/.md files, a .jsonl file (text, id, title) or a text file")
+    r.add_argument("--memory", default=None, help="RAG: a memory directory written by 'hetmem index'")
+    r.add_argument("--questions", default=None, help="RAG: a .jsonl file, one {\"question\": ...} per line; prints one JSON object per line")
     RUNNERS["rag"] = run_rag
 
     i = subparsers.add_parser("index", help="build a RAG memory (BM25 statistics / embedding index) and write it to a directory")
@@ -63,16 +38,12 @@ def register(subparsers, run_parser) -> None:
     i.add_argument("--out", required=True, help="the memory directory to write (replaced atomically if it is a memory)")
     i.add_argument("--device", default="cpu", help="device for the embedding model: cpu or cuda")
     i.add_argument("--json", action="store_true", help="print one JSON object")
-    _prepare_options(i)
+    add_method_options(i, RAG_METHODS, only=PREPARE_PARAMS)
     i.set_defaults(func=cmd_index)
 
 
-def _method(args):
-    return method_from_args(args)
-
-
 def cmd_index(args) -> int:
-    method = _method(args)
+    method = method_from_args(args)
     corpus = load_corpus(args.corpus, method.passage_tokens, method.passage_overlap)
     session = RagSession.build(method, corpus, args.device)
     out = save_memory(args.out, method, corpus, session.memory, session.memory_info["build_ms"])

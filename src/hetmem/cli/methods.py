@@ -1,18 +1,18 @@
-"""``hetmem methods``: list the memory methods and their parameters."""
+"""``hetmem methods``: list the memory methods and their parameters (from each method's own declarations)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 
-from hetmem.methods import REGISTRY
+from hetmem.methods import REGISTRY, param_specs
 
 
 def cmd_methods(args) -> int:
     rows = []
     for name, cls in sorted(REGISTRY.items()):
-        params = {f.name: f.default for f in fields(cls)}
-        rows.append({"name": name, "family": cls.family, "summary": cls.summary, "params": params})
+        specs = param_specs(cls)
+        rows.append({"name": name, "family": cls.family, "summary": cls.summary,
+                     "params": {s.name: s.default for s in specs}, "param_specs": [s.as_dict() for s in specs]})
     if args.json:
         print(json.dumps(rows))
     else:

@@ -22,7 +22,7 @@ from hetmem.core.steps import STEP_NAMES
 from hetmem.core.timer import StepTimer
 from hetmem.hw.calibrate import calibrate, machine_info
 from hetmem.llm.models import load_model, parse_dtype
-from hetmem.methods import get_method
+from hetmem.methods import REGISTRY, get_method, param_specs
 from hetmem.profiling import artifacts
 from hetmem.profiling.real import ModelRunner
 from hetmem.profiling.records import ProfileStore, skipped_records
@@ -76,7 +76,11 @@ def _methods(args):
     if not names:
         raise HetmemError("--methods is empty: give a comma-separated list such as dense,quest")
     params = {"budget": args.budget, "page_size": args.page_size}
-    return [get_method(n, **params) for n in dict.fromkeys(names)]
+    out = []
+    for n in dict.fromkeys(names):  # --budget/--page-size apply to the methods that take them
+        takes = {s.name for s in param_specs(REGISTRY[n])} if n in REGISTRY else set()
+        out.append(get_method(n, **{k: v for k, v in params.items() if k in takes}))
+    return out
 
 
 def _present_steps(method, layers: int) -> list[str]:

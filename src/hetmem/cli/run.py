@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from hetmem.cli.common import RUNNERS, method_from_args, model_args, validated_context
+from hetmem.cli.common import RUNNERS, add_method_options, method_from_args, model_args, validated_context
 from hetmem.errors import HetmemError
 from hetmem.llm.models import load_model
 from hetmem.llm.prompt import build_prompt_ids
@@ -59,9 +59,6 @@ def register(sub):
     """Adds ``run``; returns its parser so method families add their own options to it."""
     r = sub.add_parser("run", help="answer a question about a context with one method")
     r.add_argument("--method", required=True, choices=sorted(REGISTRY))
-    r.add_argument("--budget", type=int, default=None, help="token budget for sparse methods (default 1024)")
-    r.add_argument("--page-size", type=int, default=None, help="tokens per page (default 16)")
-    r.add_argument("--dense-layers", type=int, default=None, help="quest: first layers kept dense (default 2)")
     r.add_argument("--context", help="a UTF-8 text file (attention methods)")
     r.add_argument("--question")
     r.add_argument("--max-new-tokens", type=int, default=32)
@@ -69,6 +66,9 @@ def register(sub):
     r.add_argument("--placement", default=None,
                    help="schedule.json (from hetmem plan, or hand written): run each step on its device's "
                         "backend (cpu, cuda, fpga-emu)")
+    r.add_argument("--recall", action="store_true",
+                   help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
     model_args(r)
+    add_method_options(r)
     r.set_defaults(func=cmd_run)
     return r

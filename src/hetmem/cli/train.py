@@ -1,48 +1,20 @@
-"""``hetmem train`` (self-distil seer gates / dsa indexers) and the ``hetmem run`` options for the
-methods of issue 6 (``--recall``, ``--gates`` and every method parameter not already an option)."""
+"""``hetmem train``: self-distil SeerAttention-R gates or a DSA indexer from a frozen model."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from hetmem.errors import HetmemError
 from hetmem.llm.models import DEFAULT_MODEL
 from hetmem.llm.models import load_model
-from hetmem.methods import REGISTRY
 from hetmem.methods.gates import save_gates
 from hetmem.tasks.haystack import essay_text
 from hetmem.train.distill import OBJECTIVES, token_chunks, train
 
 
-def add_method_param_options(run_parser) -> None:
-    """One ``hetmem run`` option per method parameter that has none yet (``--heavy-ratio`` -> heavy_ratio)."""
-
-    owners: dict[str, list[str]] = {}
-    types: dict[str, type] = {}
-    for name, cls in sorted(REGISTRY.items()):
-        for f in fields(cls):
-            owners.setdefault(f.name, []).append(name)
-            d = f.default if f.default is not MISSING else None
-            types.setdefault(f.name, type(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else str)
-    existing = set(run_parser._option_string_actions)
-    for field, methods in owners.items():
-        opt = "--" + field.replace("_", "-")
-        if opt in existing:
-            continue
-        run_parser.add_argument(opt, type=types[field], default=None, dest=field,
-                                help=f"method parameter ({', '.join(methods)}); see 'hetmem methods'")
-
-
 def register(subparsers, run_parser) -> None:
-    run_parser.add_argument("--recall", action="store_true",
-                            help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
-    if "--gates" not in run_parser._option_string_actions:
-        run_parser.add_argument("--gates", default=None, help="trained seer gates / dsa indexer (a 'hetmem train --out' DIR)")
-    add_method_param_options(run_parser)
-
     t = subparsers.add_parser("train", help="self-distil SeerAttention-R gates or a DSA indexer from a frozen model")
     t.add_argument("--method", required=True, choices=["seer", "dsa"])
     t.add_argument("--model", default=DEFAULT_MODEL, help="qwen2.5-coder-0.5b (default), smollm2, or a local HF model dir")

@@ -31,6 +31,7 @@ def answer_question(
         "answer": answer,
         "method": method.name,
         "params": method.params(),
+        "notes": method.notes(),
         "model": lm.name,
         "device": str(next(lm.model.parameters()).device),
         "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),

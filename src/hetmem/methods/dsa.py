@@ -25,7 +25,7 @@ import torch
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
-from hetmem.methods.base import Method, register
+from hetmem.methods.base import Method, param, register
 from hetmem.llm.attention import attention_modules
 from hetmem.methods.gates import check_shape, load_gates
 from hetmem.methods.shared import GatherAttention, dense_pipeline, model_dims
@@ -163,11 +163,11 @@ class DSA(Method):
     family = "sparse-attention"
     summary = "DeepSeek lightning indexer: sum_h w_h*ReLU(q_h.k_t) from hidden states, top-k tokens"
 
-    budget: int = 2048
-    index_heads: int = 4
-    recent: int = 16
-    dense_layers: int = 0
-    gates: str | None = None  # directory from 'hetmem train --method dsa' (default: untrained indexer)
+    budget: int = param(2048, "tokens attended per decode step (top tokens by indexer score, recent window included)", low=1)
+    index_heads: int = param(4, "indexer heads H (DeepSeek-V3.2 uses 64)", low=1)
+    recent: int = param(16, "most recent tokens always selected", low=1)
+    dense_layers: int = param(0, "first layers kept dense (not sparse)", low=0)
+    gates: str | None = param(None, "trained indexer: a directory written by 'hetmem train --method dsa' (default: untrained)")
 
     needs_hidden = True  # generate installs the pre-hook that captures attention inputs
 

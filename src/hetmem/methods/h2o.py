@@ -19,7 +19,7 @@ import torch
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
-from hetmem.methods.base import register
+from hetmem.methods.base import param, register
 from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
 from hetmem.ops.evict import attention_column_mass
 
@@ -74,9 +74,9 @@ class H2O(CompressedMethod):
     family = "compressed-kv"
     summary = "H2O: keep heavy hitters by accumulated attention + a recent window, evicting during decode"
 
-    budget: int = 1024
-    heavy_ratio: float = 0.5  # share of the budget for heavy hitters; the rest is the recent window
-    sink: int = 0
+    budget: int = param(1024, "tokens kept in the KV cache (sink + heavy hitters + recent window)", low=1)
+    heavy_ratio: float = param(0.5, "share of the budget for heavy hitters; the rest is the recent window", low=0.0, high=0.999)
+    sink: int = param(0, "first tokens always kept", low=0)
 
     def validate(self) -> None:
         if not 0 <= self.heavy_ratio < 1:

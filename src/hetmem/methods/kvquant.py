@@ -20,7 +20,7 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import DecodeTarget, Memory
 from hetmem.errors import HetmemError
 from hetmem.llm.quant_cache import QuantKVLayer
-from hetmem.methods.base import Method, register
+from hetmem.methods.base import Method, param, register
 from hetmem.methods.shared import model_dims
 from hetmem.ops.quant import dequantize_groups, quantize_groups
 from hetmem.ops.sparse_attention import grouped_decode_attention
@@ -90,8 +90,8 @@ class KVQuant(Method):
     family = "compressed-kv"
     summary = "4-bit/8-bit KV cache with per-group scale+zero; Apply dequantises (approximate, memory shrinks)"
 
-    bits: int = 4
-    group_size: int = 32
+    bits: int = param(4, "bits per quantised K/V element", choices=(4, 8))
+    group_size: int = param(32, "elements sharing one scale and zero point (even, divides the head dim)", low=2)
 
     cache_layer = QuantKVLayer
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
-from hetmem.methods.base import Method, register
+from hetmem.methods.base import Method, param, register
 from hetmem.methods.shared import GatherAttention
 from hetmem.ops import counts as C
 from hetmem.ops.attention_mass import attention_probs
@@ -77,7 +77,7 @@ class Oracle(Method):
     family = "sparse-attention"
     summary = "exact top-k tokens by true attention (the accuracy upper bound; needs dense scores)"
 
-    budget: int = 1024
+    budget: int = param(1024, "tokens attended per decode step (the exact top tokens by true attention)", low=1)
 
     def validate(self) -> None:
         if self.budget < 1:

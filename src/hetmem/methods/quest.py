@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
-from hetmem.methods.base import Method, register
+from hetmem.methods.base import Method, param, register
 from hetmem.methods.shared import GatherAttention, dense_pipeline
 from hetmem.ops import counts as C
 from hetmem.ops.page_minmax import update_page_minmax
@@ -104,11 +104,11 @@ class Quest(Method):
     family = "sparse-attention"
     summary = "page min/max upper-bound scoring, top pages under a token budget (Quest/LServe)"
 
-    budget: int = 1024
-    page_size: int = 16
-    sink_pages: int = 1
-    recent_pages: int = 1
-    dense_layers: int = 2  # as in Quest: the first layers attend densely (their attention is not sparse)
+    budget: int = param(1024, "tokens attended per decode step, in whole pages (sink and recent pages included)", low=1)
+    page_size: int = param(16, "tokens per page", low=1)
+    sink_pages: int = param(1, "first pages always selected", low=0)
+    recent_pages: int = param(1, "most recent pages always selected", low=1)
+    dense_layers: int = param(2, "first layers kept dense (Quest keeps 2: their attention is not sparse)", low=0)
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -121,6 +121,12 @@ class Quest(Method):
     @property
     def budget_pages(self) -> int:
         return self.budget // self.page_size
+
+    def notes(self) -> list[str]:
+        if self.budget % self.page_size:
+            return [f"--budget {self.budget} is not a multiple of --page-size {self.page_size}: quest attends "
+                    f"{self.budget_pages * self.page_size} tokens ({self.budget_pages} pages)"]
+        return []
 
     def pipeline(self, device, timer, layer_idx: int = 0):
         if layer_idx < self.dense_layers:

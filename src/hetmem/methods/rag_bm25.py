@@ -17,7 +17,7 @@ import torch
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
-from hetmem.methods.base import register
+from hetmem.methods.base import param, register
 from hetmem.methods.rag_common import PassagePromptApply, RagMethod, TopKPassages
 from hetmem.ops.bm25 import bm25_scores, build_bm25, reweight, tokenize
 
@@ -65,8 +65,8 @@ class RagBm25(RagMethod):
     name = "rag-bm25"
     summary = "RAG: BM25 (sparse matrix) scores passages, top-k prepended to the question"
 
-    k1: float = 1.2
-    b: float = 0.75
+    k1: float = param(1.2, "BM25 term-frequency saturation k1", low=0.0)
+    b: float = param(0.75, "BM25 length normalisation b (0 = the paper's prototype)", low=0.0, high=1.0)
 
     def validate(self) -> None:
         super().validate()

@@ -22,7 +22,7 @@ from hetmem.errors import HetmemError
 from hetmem.core.timer import StepTimer
 from hetmem.llm.generate import generate
 from hetmem.llm.prompt import build_prompt_ids, eos_ids
-from hetmem.methods.base import Method, get_method
+from hetmem.methods.base import Method, get_method, param
 from hetmem.rag.corpus import check_passage_params
 from hetmem.ops.rank_fusion import topk_ranked
 
@@ -199,13 +199,13 @@ class RagMethod(Method):
     # Parameters fixed by the memory a method builds: a persisted memory must agree on them.
     memory_params: ClassVar[tuple[str, ...]] = ("passage_tokens", "passage_overlap")
 
-    top_k: int = 8
-    passage_tokens: int = 128
-    passage_overlap: int = 32
-    active: bool = False
-    max_rounds: int = 3
-    new_per_round: int = 3
-    max_prompt_tokens: int = 0
+    top_k: int = param(8, "passages retrieved per query", low=1)
+    passage_tokens: int = param(128, "word tokens per passage", low=1)
+    passage_overlap: int = param(32, "tokens shared by neighbouring passages", low=0)
+    active: bool = param(False, "FLARE-like active retrieval: re-query after every generated sentence")
+    max_rounds: int = param(3, "active mode: re-query rounds at most", low=0)
+    new_per_round: int = param(3, "active mode: new passages per round at most", low=1)
+    max_prompt_tokens: int = param(0, "prompt + answer token limit (0: the model's window)", low=0)
 
     def validate(self) -> None:
         if self.top_k < 1:

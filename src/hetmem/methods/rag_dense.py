@@ -17,7 +17,7 @@ import torch
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query
 from hetmem.errors import HetmemError
-from hetmem.methods.base import register
+from hetmem.methods.base import param, register
 from hetmem.methods.rag_common import CandidateScores, PassagePromptApply, RagMethod, TopKPassages
 from hetmem.ops.dense_search import INDEX_TYPES, build_index, search
 from hetmem.rag.embed import load_embedder
@@ -76,9 +76,9 @@ class RagDense(RagMethod):
     summary = "RAG: all-MiniLM-L6-v2 embeddings in FAISS (flat or HNSW), top-k prepended to the question"
     memory_params: ClassVar[tuple[str, ...]] = ("passage_tokens", "passage_overlap", "embed_model", "dense_index")
 
-    embed_model: str = "all-minilm-l6-v2"
-    dense_index: str = "flat"
-    embed_batch: int = 32
+    embed_model: str = param("all-minilm-l6-v2", "embedding model: all-minilm-l6-v2 (packaged) or a local directory")
+    dense_index: str = param("flat", "FAISS index: flat (exact inner product) or hnsw", choices=("flat", "hnsw"))
+    embed_batch: int = param(32, "passages per embedding batch", low=1)
 
     def validate(self) -> None:
         super().validate()

@@ -22,7 +22,7 @@ from typing import ClassVar
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
-from hetmem.methods.base import register
+from hetmem.methods.base import param, register
 from hetmem.methods.rag_bm25 import Bm25Prepare, Bm25Relevancy, check_bm25_params
 from hetmem.methods.rag_common import PassagePromptApply, RagMethod, RankedSelection
 from hetmem.methods.rag_dense import DenseEmbedPrepare, DenseRelevancy, check_dense_params
@@ -93,15 +93,15 @@ class RagHybrid(RagMethod):
     summary = "RAG: BM25 and embedding rankings fused (convex or RRF), top-k prepended to the question"
     memory_params: ClassVar[tuple[str, ...]] = ("passage_tokens", "passage_overlap", "embed_model", "dense_index")
 
-    k1: float = 1.2
-    b: float = 0.75
-    embed_model: str = "all-minilm-l6-v2"
-    dense_index: str = "flat"
-    embed_batch: int = 32
-    fusion: str = "convex"
-    alpha: float = 0.5
-    rrf_k: float = 60.0
-    candidates: int = 50
+    k1: float = param(1.2, "BM25 term-frequency saturation k1", low=0.0)
+    b: float = param(0.75, "BM25 length normalisation b (0 = the paper's prototype)", low=0.0, high=1.0)
+    embed_model: str = param("all-minilm-l6-v2", "embedding model: all-minilm-l6-v2 (packaged) or a local directory")
+    dense_index: str = param("flat", "FAISS index: flat (exact inner product) or hnsw", choices=("flat", "hnsw"))
+    embed_batch: int = param(32, "passages per embedding batch", low=1)
+    fusion: str = param("convex", "convex: alpha*BM25 + (1-alpha)*cosine, min-max normalised; rrf: reciprocal rank fusion", choices=("convex", "rrf"))
+    alpha: float = param(0.5, "convex fusion: weight of BM25", low=0.0, high=1.0)
+    rrf_k: float = param(60.0, "reciprocal-rank-fusion constant", low=1e-9)
+    candidates: int = param(50, "depth of each ranking that is fused", low=1)
 
     def validate(self) -> None:
         super().validate()

@@ -24,7 +24,7 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.timer import substep
 from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
-from hetmem.methods.base import Method, register
+from hetmem.methods.base import Method, param, register
 from hetmem.methods.gates import check_shape, load_gates
 from hetmem.methods.shared import GatherAttention, dense_pipeline, gather_attention_counts, model_dims
 from hetmem.ops import counts as C
@@ -168,13 +168,13 @@ class Seer(Method):
     family = "sparse-attention"
     summary = "SeerAttention-R: avg-pooled block keys x learned gate, top blocks or threshold bitmap"
 
-    budget: int = 1024
-    page_size: int = 16
-    sink_pages: int = 1
-    recent_pages: int = 1
-    threshold: float = 0.0  # > 0: keep blocks whose gate probability >= threshold (bitmap) instead of a budget
-    dense_layers: int = 0  # the first layers attend densely
-    gates: str | None = None  # directory from 'hetmem train --method seer' (default: identity gates)
+    budget: int = param(1024, "tokens attended per decode step, in whole blocks (sink and recent blocks included)", low=1)
+    page_size: int = param(16, "tokens per block", low=1)
+    sink_pages: int = param(1, "first blocks always selected", low=0)
+    recent_pages: int = param(1, "most recent blocks always selected", low=1)
+    threshold: float = param(0.0, "> 0: keep blocks whose gate probability reaches it (a bitmap) instead of a budget", low=0.0, high=0.999999)
+    dense_layers: int = param(0, "first layers kept dense", low=0)
+    gates: str | None = param(None, "trained gates: a directory written by 'hetmem train --method seer' (default: identity)")
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -189,6 +189,12 @@ class Seer(Method):
     @property
     def budget_pages(self) -> int:
         return self.budget // self.page_size
+
+    def notes(self) -> list[str]:
+        if self.budget % self.page_size:
+            return [f"--budget {self.budget} is not a multiple of --page-size {self.page_size}: seer attends "
+                    f"{self.budget_pages * self.page_size} tokens ({self.budget_pages} blocks)"]
+        return []
 
     def bind(self, model) -> None:
         n_layers, n_kv, d = model_dims(model)

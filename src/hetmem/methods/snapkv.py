@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
-from hetmem.methods.base import register
+from hetmem.methods.base import param, register
 from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
 from hetmem.ops.evict import attention_column_mass
 
@@ -89,9 +89,9 @@ class SnapKV(CompressedMethod):
     family = "compressed-kv"
     summary = "SnapKV: observation-window voting at the end of prefill picks the prompt KV to keep"
 
-    budget: int = 1024
-    window: int = 32
-    kernel: int = 7
+    budget: int = param(1024, "tokens kept in the KV cache after prefill (observation window included)", low=2)
+    window: int = param(32, "last prompt queries that vote for the tokens to keep", low=1)
+    kernel: int = param(7, "max-pool width over the votes (odd)", low=1)
 
     def validate(self) -> None:
         if self.window < 1 or self.budget <= self.window:

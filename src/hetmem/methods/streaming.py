@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
-from hetmem.methods.base import register
+from hetmem.methods.base import param, register
 from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
 
 
@@ -39,8 +39,8 @@ class Streaming(CompressedMethod):
     family = "compressed-kv"
     summary = "StreamingLLM (Lambda shape): keep sink tokens + a recent window, evict the rest"
 
-    budget: int = 1024
-    sink: int = 4
+    budget: int = param(1024, "tokens kept in the KV cache (sink + recent window)", low=2)
+    sink: int = param(4, "first tokens always kept (attention sinks)", low=0)
 
     def validate(self) -> None:
         if self.sink < 0 or self.budget <= self.sink:
