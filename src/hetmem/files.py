@@ -15,19 +15,21 @@ from pathlib import Path
 from hetmem.errors import HetmemError
 
 
-def read_user_text(path, what: str, missing_hint: str = "") -> str:
-    """A user's UTF-8 text file, or a one-line HetmemError naming ``what`` it was meant to be."""
+def read_user_text(path, what: str, missing_hint: str = "", shown: str | None = None) -> str:
+    """A user's UTF-8 text file, or a one-line HetmemError naming ``what`` it was meant to be (and the file,
+    as ``shown`` or as given)."""
     p = Path(path)
+    name = shown or str(path)
     if not p.exists():
-        raise HetmemError(f"{what} {path} does not exist{missing_hint}")
+        raise HetmemError(f"{what} {name} does not exist{missing_hint}")
     if not p.is_file():
-        raise HetmemError(f"{what} {path} is a directory, not a file" if p.is_dir() else f"{what} {path} is not a file")
+        raise HetmemError(f"{what} {name} is a directory, not a file" if p.is_dir() else f"{what} {name} is not a file")
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise HetmemError(f"{what} {path} is not UTF-8 text") from None
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HetmemError(f"{what} {name} is not UTF-8 text (bad byte at offset {exc.start})") from None
     except OSError as exc:
-        raise HetmemError(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise HetmemError(f"cannot read {what} {name}: {exc.strerror or exc}") from None
 
 
 def read_json_file(path, what: str, missing_hint: str = "") -> object:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.files import read_user_text
 from hetmem.llm.models import DEFAULT_MODEL
 from hetmem.methods import REGISTRY, get_method, param_specs
 
@@ -25,17 +25,7 @@ def model_args(sp) -> None:
 
 
 def read_context(path: str) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise HetmemError(f"context file {path} does not exist")
-    if not p.is_file():
-        raise HetmemError(f"context path {path} is not a file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise HetmemError(f"context file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise HetmemError(f"cannot read context file {path}: {exc.strerror}") from None
+    text = read_user_text(path, "context file")
     if not text.strip():
         raise HetmemError(f"context file {path} is empty")
     return text

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from hetmem.cli.common import RUNNERS, add_method_options, method_from_args
 from hetmem.errors import HetmemError
+from hetmem.files import read_user_text
 from hetmem.llm.models import load_model
 from hetmem.rag.corpus import load_corpus
 from hetmem.rag.store import check_compatible, load_memory, read_meta, save_memory
@@ -59,15 +59,7 @@ def cmd_index(args) -> int:
 
 
 def _read_questions(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise HetmemError(f"questions file {path} does not exist")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise HetmemError(f"questions file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise HetmemError(f"cannot read questions file {path}: {exc.strerror}") from None
+    lines = read_user_text(path, "questions file").splitlines()
     out = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():

