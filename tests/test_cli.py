@@ -131,3 +131,17 @@ def test_budget_off_the_page_grid_is_said_and_recorded(capsys, ctx, tiny_dir):
     assert code == 0, err
     assert "hetmem: note: --budget 36 is not a multiple of --page-size 8: quest attends 32 tokens (4 pages)" in err
     assert json.loads(out)["notes"] == ["--budget 36 is not a multiple of --page-size 8: quest attends 32 tokens (4 pages)"]
+
+
+def test_no_step_timing_and_recall_is_measurement_not_method_time(capsys, ctx, tiny_dir):
+    base = ["run", "--method", "quest", "--budget", "16", "--page-size", "8", "--dense-layers", "0", "--model",
+            str(tiny_dir), "--context", str(ctx), "--question", "q", "--max-new-tokens", "4", "--json"]
+    assert main(base + ["--no-step-timing"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["step_timing"]["enabled"] is False
+    assert all(s["calls"] == 0 for s in rec["steps"].values())  # nothing timed
+    assert main(base + ["--recall"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["step_timing"]["enabled"] is True and rec["recall"]["attention_mass_recall"] is not None
+    m = rec["measurement_ms"]["recall"]
+    assert m > 0 and m == pytest.approx(rec["recall"]["measure_ms"], abs=1e-3)

@@ -23,7 +23,8 @@ def cmd_run(args) -> int:
         return RUNNERS[method.family](args, method)
     context = validated_context(args, method)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    rec = answer_question(lm, method, context, args.question, args.max_new_tokens, recall=getattr(args, "recall", False))
+    rec = answer_question(lm, method, context, args.question, args.max_new_tokens, recall=args.recall,
+                          step_timing=not args.no_step_timing)
     if args.json:
         print(json.dumps(rec))
     else:
@@ -66,6 +67,8 @@ def register(sub):
     r.add_argument("--placement", default=None,
                    help="schedule.json (from hetmem plan, or hand written): run each step on its device's "
                         "backend (cpu, cuda, fpga-emu)")
+    r.add_argument("--no-step-timing", action="store_true",
+                   help="do not time each step (on CUDA the step timer synchronises the device around every step)")
     r.add_argument("--recall", action="store_true",
                    help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
     model_args(r)
