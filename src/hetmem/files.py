@@ -64,3 +64,23 @@ def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def check_out_dir(path, flag: str, ours: tuple[str, ...]) -> Path:
+    """Make sure ``path`` can take our output before any long work starts: it is created if needed, it is
+    writable, and if it already holds files they are ours (one of ``ours`` is there), so a typo never
+    writes into an unrelated folder."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise HetmemError(f"{flag} {path} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not any((p / f).exists() for f in ours):
+        raise HetmemError(f"{flag} {path} is a non-empty directory that hetmem did not write (no {ours[0]} in it): "
+                          "give a new or empty directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".hetmem-write-test.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise HetmemError(f"cannot write to {flag} {path}: {exc.strerror or exc}") from None
+    return p

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from hetmem.cli.common import model_args
+from hetmem.errors import HetmemError
 from hetmem.llm.models import load_model
 from hetmem.llm.run import answer_question
 from hetmem.methods import get_method
@@ -13,6 +14,12 @@ from hetmem.tasks.haystack import passkey_task
 
 
 def cmd_demo(args) -> int:
+    if args.tokens < 64:
+        raise HetmemError(f"--tokens must be at least 64 (got {args.tokens})")
+    if args.page_size < 1:
+        raise HetmemError(f"--page-size must be at least 1 (got {args.page_size})")
+    if args.max_new_tokens < 1:
+        raise HetmemError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     task = passkey_task(lm.tokenizer, args.tokens, seed=args.seed)
     budget = max(args.page_size, (args.tokens // 4) // args.page_size * args.page_size)

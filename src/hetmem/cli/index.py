@@ -93,6 +93,8 @@ def _print_text(rec: dict) -> None:
 
 
 def run_rag(args, method) -> int:
+    if getattr(args, "context", None):
+        raise HetmemError(f"--context is for in-model attention methods; {method.name} reads --corpus PATH or --memory DIR")
     if bool(args.corpus) == bool(args.memory):
         raise HetmemError(f"{method.name} needs exactly one of --corpus PATH or --memory DIR")
     if (args.question is not None) == bool(args.questions):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from hetmem.cli import demo, index, methods, plan, profile, run, train
@@ -27,10 +28,15 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         if not getattr(args, "func", None):
-            raise HetmemError("no command given: use one of run, demo, methods (see 'hetmem --help')")
-        if getattr(args, "device", "cpu").startswith("cuda"):
+            names = ", ".join(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 -- argparse has no public lookup
+            raise HetmemError(f"no command given: use one of {names} (see 'hetmem --help')")
+        device = getattr(args, "device", "cpu")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+            raise HetmemError(f"unknown --device '{device}': use cpu, cuda or cuda:N")
+        if device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hetmem: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("hetmem: interrupted", file=sys.stderr)
+        print("\nhetmem: interrupted", file=sys.stderr)  # on its own line, not after a progress bar
         return 130
     except Exception as exc:  # an internal error: one line unless debugging
         if os.environ.get("HETMEM_DEBUG"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.files import check_out_dir
 from hetmem.hw.catalog import Catalog, user_dir
 from hetmem.hw.planner import OBJECTIVES, plan_workload, schedule_from_plans, table
 from hetmem.hw.workloads import paper_workloads, read_profile, workloads_from_profile
@@ -35,11 +35,7 @@ def cmd_plan(args) -> int:
         if not workloads:
             raise HetmemError(f"no workload for methods {sorted(keep)} in the input")
     entries = [plan_workload(w, system, args.objective, base_sys) for w in workloads]
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HetmemError(f"cannot create --out {args.out}: {exc.strerror}") from None
+    out = check_out_dir(args.out, "--out", ("plan.json", "schedule.json"))
     devices = {}
     for n, d in system.devices.items():
         devices[n] = {"kind": d.kind, "mem_bw_gbs": d.mem_bw_gbs, "file": d.path,

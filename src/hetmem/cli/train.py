@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
-from pathlib import Path
 
 from hetmem.errors import HetmemError
-from hetmem.files import read_user_text
+from hetmem.files import check_out_dir, read_user_text
 from hetmem.llm.models import DEFAULT_MODEL
 from hetmem.llm.models import load_model
 from hetmem.methods.gates import save_gates
@@ -37,15 +37,15 @@ def register(subparsers, run_parser) -> None:
 def cmd_train(args) -> int:
     if args.steps < 1:
         raise HetmemError("--steps must be at least 1")
-    if args.lr <= 0:
-        raise HetmemError("--lr must be positive")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise HetmemError(f"--lr must be a positive number (got {args.lr})")
+    if args.eval_budget is not None and args.eval_budget < 1:
+        raise HetmemError(f"--eval-budget must be at least 1 (got {args.eval_budget})")
     if args.method == "seer" and (args.page_size < 1 or args.seq_len < 4 * args.page_size):
         raise HetmemError(f"--seq-len must hold at least 4 blocks of --page-size {args.page_size}")
     if args.method == "dsa" and (args.index_heads < 1 or args.recent < 1 or args.seq_len <= 2 * args.recent + 32):
         raise HetmemError("dsa training needs --index-heads >= 1, --recent >= 1 and --seq-len > 2*recent + 32")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise HetmemError(f"--out {args.out} exists and is not a directory")
+    out = check_out_dir(args.out, "--out", ("gates.json",))
     if args.text:
         text, source = read_user_text(args.text, "--text"), str(args.text)
     else:

@@ -27,7 +27,7 @@ from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, param, register
 from hetmem.llm.attention import attention_modules
-from hetmem.methods.gates import check_shape, load_gates
+from hetmem.methods.gates import check_gates_dir, check_shape, load_gates
 from hetmem.methods.shared import GatherAttention, dense_pipeline, model_dims
 from hetmem.ops import counts as C
 from hetmem.ops.index_score import index_scores
@@ -172,6 +172,8 @@ class DSA(Method):
     needs_hidden = True  # generate installs the pre-hook that captures attention inputs
 
     def validate(self) -> None:
+        if self.gates:
+            check_gates_dir(self.gates)
         if self.budget < 1 or self.index_heads < 1:
             raise HetmemError("dsa needs --budget >= 1 and --index-heads >= 1")
         if not 1 <= self.recent <= self.budget:

@@ -26,14 +26,20 @@ def save_gates(out_dir, method: str, tensors: dict[str, torch.Tensor], meta: dic
     return out
 
 
-def load_gates(path, method: str) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load_file
-
+def check_gates_dir(path) -> Path:
+    """A --gates directory that holds trained weights, checked before any model loads."""
     p = Path(path)
     if not p.is_dir():
         raise HetmemError(f"--gates {path} is not a directory (expected one written by 'hetmem train')")
     if not (p / WEIGHTS).is_file() or not (p / META).is_file():
         raise HetmemError(f"--gates {path} holds no {WEIGHTS} and {META} (write one with 'hetmem train')")
+    return p
+
+
+def load_gates(path, method: str) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    p = check_gates_dir(path)
     try:
         meta = json.loads((p / META).read_text())
         tensors = load_file(str(p / WEIGHTS))

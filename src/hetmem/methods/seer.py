@@ -25,7 +25,7 @@ from hetmem.core.timer import substep
 from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, param, register
-from hetmem.methods.gates import check_shape, load_gates
+from hetmem.methods.gates import check_gates_dir, check_shape, load_gates
 from hetmem.methods.shared import GatherAttention, dense_pipeline, gather_attention_counts, model_dims
 from hetmem.ops import counts as C
 from hetmem.ops.block_pool import block_counts, gated_block_scores, update_block_sums
@@ -177,6 +177,8 @@ class Seer(Method):
     gates: str | None = param(None, "trained gates: a directory written by 'hetmem train --method seer' (default: identity)")
 
     def validate(self) -> None:
+        if self.gates:
+            check_gates_dir(self.gates)
         if self.page_size < 1:
             raise HetmemError(f"--page-size must be at least 1 (got {self.page_size})")
         if self.budget < self.page_size:
