@@ -21,6 +21,7 @@ CASES = [
     ("no-command", [], "no command given: use one of run, demo, methods, index, profile, plan, devices, train"),
     ("unknown-subcommand", ["frobnicate"], "invalid choice"),
     ("unknown-method", ["run", "--method", "nope", "--context", "CTX", "--question", "q"], "invalid choice"),
+    ("threads-zero", RUN + ["--method", "dense", "--threads", "0"], "--threads must be at least 1"),
     ("unknown-device", RUN + ["--method", "quest", "--device", "tpu"], "unknown --device 'tpu'"),
     ("cuda-without-gpu", RUN + ["--method", "dense", "--device", "cuda"], "no CUDA device"),
     ("unknown-model", RUN + ["--method", "dense", "--model", "/nonexistent/model"], "unknown model '/nonexistent/model'"),

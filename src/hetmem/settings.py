@@ -3,6 +3,9 @@
     HETMEM_CACHE    converted models, calibration, fitted op classes (default: $XDG_CACHE_HOME/hetmem)
     HETMEM_HW_DIR   the user's own device/link/system files (default: ~/.config/hetmem/hw)
     HETMEM_DEBUG    set to 1 to see a traceback on an internal error
+
+Torch threads default to the cores this process may use (``default_threads``); every subcommand takes
+``--threads N``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ def cache_dir() -> Path:
 
 def hw_user_dir() -> Path:
     return Path(os.environ.get("HETMEM_HW_DIR") or Path.home() / ".config" / "hetmem" / "hw")
+
+
+def default_threads() -> int:
+    """Torch threads to use by default: the cores this process may run on (its CPU affinity), not the
+    machine's core count, so a process pinned to fewer cores does not oversubscribe them."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
 
 
 def debug() -> bool:

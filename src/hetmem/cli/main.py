@@ -6,9 +6,12 @@ import os
 import re
 import sys
 
+import torch
+
 from hetmem.cli import demo, index, methods, plan, profile, run, train
 from hetmem.cli.common import Parser
 from hetmem.errors import HetmemError
+from hetmem.settings import default_threads
 
 # Subcommands in help order. ``run`` comes first: the others may add options to its parser.
 SUBCOMMANDS = (demo, methods, index, profile, plan, train)
@@ -23,7 +26,20 @@ def build_parser() -> Parser:
             mod.register(sub, run_parser)
         else:
             mod.register(sub)
+    for sp in sub.choices.values():  # every subcommand takes --threads
+        if "--threads" not in sp._option_string_actions:  # noqa: SLF001 -- argparse has no public lookup
+            sp.add_argument("--threads", type=int, default=None,
+                            help=f"torch CPU threads (default: the cores this process may use, here {default_threads()})")
     return p
+
+
+def set_threads(args) -> None:
+    """Apply --threads (or the default) before any torch work; the value is what run records report."""
+    if args.threads is None:
+        args.threads = default_threads()
+    if args.threads < 1:
+        raise HetmemError(f"--threads must be at least 1 (got {args.threads})")
+    torch.set_num_threads(args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             names = ", ".join(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 -- argparse has no public lookup
             raise HetmemError(f"no command given: use one of {names} (see 'hetmem --help')")
+        set_threads(args)
         device = getattr(args, "device", "cpu")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
             raise HetmemError(f"unknown --device '{device}': use cpu, cuda or cuda:N")
         if device.startswith("cuda"):
-            import torch
-
             if not torch.cuda.is_available():
                 raise HetmemError("--device cuda was asked for, but no CUDA device is available")
         code = args.func(args)

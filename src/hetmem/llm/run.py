@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from hetmem.core.timer import StepTimer
 from hetmem.errors import HetmemError
 from hetmem.llm.generate import generate
@@ -41,6 +43,7 @@ def answer_question(
         "model": lm.name,
         "device": device,
         "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
         "time_source": "measured",
         "total_ms": round((time.perf_counter() - t0) * 1e3 - res.measurement_ms, 3),
         "prefill_ms": round(res.prefill_ms, 3),
