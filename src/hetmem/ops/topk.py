@@ -12,8 +12,10 @@ def topk_indices(scores: torch.Tensor, k: int, sort: bool = True) -> torch.Tenso
     Tie rule: among equal scores the lower id wins, i.e. the top ``k`` under (score descending, id
     ascending), the order of a stable descending sort and of the FPGA streaming unit
     (``ops.fpga_emu.streaming_topk``). NaN ranks as -inf. ``torch.topk`` alone picks an
-    unspecified member of a tie; here it only finds the k-th best value, and two O(n) passes pick the
-    winners: every score above it, then the lowest-id scores equal to it. No host sync (also on CUDA).
+    unspecified member of a tie; here, when the k-th best value is tied (or a NaN is among the top k),
+    two O(n) passes pick the winners: every score above the k-th value, then the lowest-id scores equal
+    to it. On CPU the untied case is checked first and returns torch.topk's ids; on other devices the
+    exact path always runs, with no host sync.
     """
     n = scores.shape[-1]
     k = max(0, min(k, n))
@@ -21,6 +23,10 @@ def topk_indices(scores: torch.Tensor, k: int, sort: bool = True) -> torch.Tenso
     dev = scores.device
     if k == 0 or k == n:
         return torch.arange(k, device=dev).expand(*lead, k)
+    if dev.type == "cpu":  # common case, checked on the host: no tie at the k-th value, no NaN in the top k
+        vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
+        if bool(((scores >= vals.amin(dim=-1, keepdim=True)).sum(-1) == k).all()):
+            return idx.sort(dim=-1).values
     if scores.is_floating_point():
         scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     kth = torch.topk(scores, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
