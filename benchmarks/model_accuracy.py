@@ -36,7 +36,8 @@ from hetmem.core.types import DecodeTarget, Query
 from hetmem.hw import cost
 from hetmem.hw.catalog import Catalog
 from hetmem.hw.host import fill_from_calibration, load_op_fit, save_op_fit
-from hetmem.methods.quest import PageBudgetTopK, PageGatherAttention, PageMinMaxPrepare, QuestRelevancy
+from hetmem.methods.quest import PageBudgetTopK, PageMinMaxPrepare, QuestRelevancy
+from hetmem.methods.shared import GatherAttention
 from hetmem.ops.page_minmax import update_page_minmax
 from hetmem.ops.page_score import quest_upper_bound
 from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
@@ -201,7 +202,7 @@ def eval_runs(dev: str, device, repeats: int, lengths, budgets):
             prep = PageMinMaxPrepare(P, dev)
             rel = QuestRelevancy(1, 1, kp, dev)
             ret = PageBudgetTopK(kp, 1, 1, dev)
-            app = PageGatherAttention(dev)
+            app = GatherAttention(dev)
             mem = prep.prepare((lay, 0, L - 1))  # prefill build (not evaluated: one call)
             q = Query(vectors=torch.randn(B, HKV, G, D, device=dev))
             calls = {

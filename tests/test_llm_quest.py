@@ -81,7 +81,10 @@ def test_small_budget_attends_only_to_the_budget(model, monkeypatch):
     monkeypatch.setattr(quest_mod, "grouped_decode_attention", spy)
     ids = _prompt(200, seed=3)
     res = generate(model, ids, get_method("quest", budget=48, page_size=8, dense_layers=0), 6, progress=False, keep_logits=True)
-    assert seen and max(seen) <= 48
+    # every layer, every decode step: exactly 6 pages, the last one (the recent page) partial
+    n_layers = model.config.num_hidden_layers
+    want = [5 * 8 + L - 8 * (-(-L // 8) - 1) for L in range(201, 206) for _ in range(n_layers)]
+    assert seen == want
     assert all(torch.isfinite(x).all() for x in res.logits)
     dense = generate(model, ids, get_method("dense"), 6, progress=False, keep_logits=True)
     # with 48 of ~200 tokens the output differs from dense (the test would catch a method that ignored the budget)

@@ -64,6 +64,7 @@ class SparseRuntime:
         self.cache = cache
         self.device = device
         self.recall = recall  # a RecallMeter measuring each decode selection's attention-mass recall, or None
+        self.prefill = False  # set while prefilling: then even a 1-token chunk is prefill (dense), not decode
 
     @contextmanager
     def activate(self):
@@ -77,7 +78,7 @@ class SparseRuntime:
         layer = self.cache.layers[module.layer_idx]
         pipe = layer.pipeline
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if query.shape[2] != 1 or pipe is None:
+        if query.shape[2] != 1 or self.prefill or pipe is None:
             # Prefill (and any multi-token step): dense causal attention, timed as Apply.
             if pipe is None:
                 return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)

@@ -76,7 +76,7 @@ def generate(
     try:
         with runtime.activate():
             times = _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show,
-                         keep_logits, eos, device)
+                         keep_logits, eos, device, runtime)
     finally:
         for h in hooks:
             h.remove()
@@ -94,16 +94,18 @@ def generate(
 
 
 def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show, keep_logits, eos,
-         device) -> tuple[float, float]:
+         device, runtime) -> tuple[float, float]:
     prompt_len = input_ids.shape[1]
     if True:
         timer.phase = "prefill"
         t0 = time.perf_counter()
         bar = tqdm(total=prompt_len, desc="prefill", unit="tok", file=sys.stderr, disable=not show, leave=False)
+        runtime.prefill = True  # a last chunk of one token is still prefill
         for s in range(0, prompt_len, prefill_chunk):
             chunk = input_ids[:, s : s + prefill_chunk]
             logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             bar.update(chunk.shape[1])
+        runtime.prefill = False
         bar.close()
         prefill_ms = (time.perf_counter() - t0) * 1e3
 

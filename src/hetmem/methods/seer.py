@@ -217,7 +217,9 @@ class Seer(Method):
             raise HetmemError("seer: bind(model) must run before pipeline() (generate does this)")
         return MemoryPipeline(
             BlockPoolPrepare(self.page_size, w["wk"][layer_idx], device),
-            GateRelevancy(w["wq"][layer_idx], self.sink_pages, self.recent_pages, self.budget_pages, device),
+            # threshold mode has no budget: every candidate block is scored, however short the context
+            GateRelevancy(w["wq"][layer_idx], self.sink_pages, self.recent_pages,
+                          self.budget_pages if self.threshold <= 0 else 0, device),
             BlockBudgetOrThreshold(self.budget_pages, self.sink_pages, self.recent_pages, self.threshold, device),
             BlockSparseAttention(device),
             timer,

@@ -1,11 +1,16 @@
 """``snapkv``: SnapKV -- at the end of prefill, the last ``window`` prompt tokens vote for the prefix tokens to keep.
 
-    Prepare    votes: attention of the observation window (the last ``window`` prefill queries) on every
-               prompt token, summed over the window and the GQA group           (ops.evict)
-    Relevancy  votes max-pooled over ``kernel`` neighbouring tokens (keeps clusters, as in SnapKV)
+    Prepare    the observation window: the last ``window`` prefill queries, kept across prefill chunks
+               (each chunk's queries are appended and only the last ``window`` retained)
+    Relevancy  once, at the first decode step: the window's votes -- its attention on every prompt token,
+               summed over the window and the GQA group (ops.evict) -- max-pooled over ``kernel``
+               neighbouring tokens (keeps clusters, as in SnapKV)
     Retrieval  keep-set: top ``budget - window`` voted prefix tokens + the window itself  (ops.evict)
     Apply      evict the rest from the KV cache once (at the first decode step, memory shrinks);
                tokens generated afterwards are appended and kept
+
+The votes depend only on the prompt, not on how its prefill was chunked (Li et al., "SnapKV: LLM Knows
+What You are Looking for Before Generation", NeurIPS 2024, arXiv 2404.14469).
 """
 
 from __future__ import annotations
@@ -24,45 +29,58 @@ from hetmem.ops.evict import attention_column_mass
 
 
 @dataclass
-class ObservationVotesPrepare(LeadPrepare):
+class ObservationWindowPrepare(LeadPrepare):
+    """Prepare: the stored tokens, and (from prefill) the last ``window`` queries of the prompt."""
+
     window: int = 32
-    name: str = "observation-votes"
+    name: str = "observation-window"
 
     def prepare(self, raw, memory: Memory | None = None) -> Memory:
-        layer = raw[0]
         memory = super().prepare(raw, memory)
-        if "votes" not in memory.tensors:
-            memory.tensors["votes"] = torch.zeros(*layer.buf_k.shape[:2], layer.capacity, device=layer.buf_k.device)
-            memory.meta["compressed"] = False
+        memory.meta.setdefault("compressed", False)
+        memory.meta["layer"] = raw[0]
         return memory
 
     def observe(self, layer, query, scale) -> None:
-        """Prefill: votes of this chunk's last ``window`` queries (the last chunk's are the prompt's window)."""
-        B, H, T, D = query.shape
-        Hkv, L = layer.buf_k.shape[1], layer.length
-        w = min(self.window, T)
-        q = query[:, :, T - w :].reshape(B, Hkv, H // Hkv, w, D)
-        votes = layer.memory.tensors["votes"]
-        votes.zero_()
-        votes[:, :, :L] = attention_column_mass(q, layer.buf_k[:, :, :L], scale, q_pos0=L - w)
+        """Prefill: append this chunk's queries ``[B, H, T, D]`` to the window and keep its last ``window``.
+
+        Chunks arrive in order, so the retained queries are those of positions ``end - w .. end - 1``."""
+        meta = layer.memory.meta
+        q = query[:, :, -self.window :]
+        prev = meta.get("window_q")
+        if prev is not None and q.shape[2] < self.window:
+            q = torch.cat([prev, q], dim=2)[:, :, -self.window :]
+        meta["window_q"] = q.clone()  # a copy: the chunk's query tensor is not kept alive
+        meta["window_end"] = layer.length
+        meta["scale"] = scale
 
 
 @dataclass
-class PooledVotesRelevancy:
+class WindowVotesRelevancy:
+    """Relevancy: votes of the observation window on the candidate (pre-window) tokens, max-pooled."""
+
+    budget: int
     window: int
     kernel: int
     device: str = "cpu"
-    name: str = "pooled-votes"
+    name: str = "window-votes"
 
     def score(self, memory: Memory, query: Query) -> Scores | None:
-        if memory.meta.get("compressed"):
-            return None
-        L = memory.n_units
-        v = memory.tensors["votes"][:, :, : max(0, L - self.window)]
-        if self.kernel > 1 and v.shape[-1]:
-            B, H, n = v.shape
-            v = F.max_pool1d(v.reshape(B * H, 1, n), self.kernel, stride=1, padding=self.kernel // 2)[..., :n]
-            v = v.reshape(B, H, n)
+        meta = memory.meta
+        q = meta.get("window_q")
+        if meta.get("compressed") or memory.n_units <= self.budget or q is None:
+            return None  # nothing will be evicted (or no prefill queries were seen): no votes needed
+        layer, end, L = meta["layer"], meta["window_end"], memory.n_units
+        B, H, w, D = q.shape
+        Hkv = layer.buf_k.shape[1]
+        n = max(0, L - self.window)  # candidates: every token before the recent window
+        mass = attention_column_mass(q.reshape(B, Hkv, H // Hkv, w, D), layer.buf_k[:, :, :end], meta["scale"],
+                                     q_pos0=end - w)  # [B, H_kv, end]: causal, the window attends to the prompt
+        v = mass.new_zeros(B, Hkv, n)
+        v[:, :, : min(n, end)] = mass[:, :, : min(n, end)]
+        if self.kernel > 1 and n:
+            v = F.max_pool1d(v.reshape(B * Hkv, 1, n), self.kernel, stride=1, padding=self.kernel // 2)[..., :n]
+            v = v.reshape(B, Hkv, n)
         return Scores(v)
 
 
@@ -79,6 +97,7 @@ class OnceEvictAttend(EvictAttend):
     def apply(self, raw, selection, target):
         out = super().apply(raw, selection, target)
         raw.memory.meta["compressed"] = True  # the first decode step decides; later tokens are all kept
+        raw.memory.meta.pop("window_q", None)  # the window's queries are not needed any more
         return out
 
 
@@ -100,6 +119,6 @@ class SnapKV(CompressedMethod):
             raise HetmemError(f"--kernel must be a positive odd number (got {self.kernel})")
 
     def pipeline(self, device, timer, layer_idx: int = 0):
-        return MemoryPipeline(ObservationVotesPrepare(device, window=self.window),
-                              PooledVotesRelevancy(self.window, self.kernel, device),
+        return MemoryPipeline(ObservationWindowPrepare(device, window=self.window),
+                              WindowVotesRelevancy(self.budget, self.window, self.kernel, device),
                               OnceKeepSetRetrieval(self.budget, 0, self.window, device), OnceEvictAttend(device), timer)

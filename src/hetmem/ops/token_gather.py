@@ -28,7 +28,8 @@ def gather_tokens_reference(buf: torch.Tensor, indices: torch.Tensor) -> torch.T
 def bitmap_to_padded(bitmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A threshold bitmap ``[B, H, N]`` -> (unit ids ``[B, H, kmax]`` ascending, valid ``[B, H, kmax]``).
 
-    Rows select different counts; shorter rows are padded (with valid=False) to the longest row.
+    Rows select different counts; shorter rows are padded (with valid=False) to the longest row. The
+    padding repeats the row's first selected unit, so gathering the padded ids reads only selected data.
     """
     counts = bitmap.sum(-1)
     kmax = max(1, int(counts.max()))
@@ -37,7 +38,7 @@ def bitmap_to_padded(bitmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key = (~bitmap).to(torch.int64) * N + torch.arange(N, device=bitmap.device)
     order = key.argsort(dim=-1)[..., :kmax]
     valid = torch.arange(kmax, device=bitmap.device) < counts.unsqueeze(-1)
-    return order, valid
+    return torch.where(valid, order, order[..., :1]), valid
 
 
 def unit_token_ids(unit_ids: torch.Tensor, unit_size: int, length: int, unit_valid: torch.Tensor | None = None):

@@ -6,10 +6,38 @@ import torch
 
 
 def topk_indices(scores: torch.Tensor, k: int, sort: bool = True) -> torch.Tensor:
-    """Indices of the ``k`` largest scores along the last dim, ascending by index when ``sort``."""
-    k = max(0, min(k, scores.shape[-1]))
-    idx = torch.topk(scores, k, dim=-1, sorted=False).indices
-    return idx.sort(dim=-1).values if sort else idx
+    """Ids of the ``k`` largest scores along the last dim, ascending (``sort`` is kept for callers; the
+    ids always come back ascending).
+
+    Tie rule: among equal scores the lower id wins, i.e. the top ``k`` under (score descending, id
+    ascending), the order of a stable descending sort and of the FPGA streaming unit
+    (``ops.fpga_emu.streaming_topk``). NaN ranks as -inf. ``torch.topk`` alone picks an
+    unspecified member of a tie; here, when the k-th best value is tied (or a NaN is among the top k),
+    two O(n) passes pick the winners: every score above the k-th value, then the lowest-id scores equal
+    to it. On CPU the untied case is checked first and returns torch.topk's ids; on other devices the
+    exact path always runs, with no host sync.
+    """
+    n = scores.shape[-1]
+    k = max(0, min(k, n))
+    lead = scores.shape[:-1]
+    dev = scores.device
+    if k == 0 or k == n:
+        return torch.arange(k, device=dev).expand(*lead, k)
+    if dev.type == "cpu":  # common case, checked on the host: no tie at the k-th value, no NaN in the top k
+        vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
+        if bool(((scores >= vals.amin(dim=-1, keepdim=True)).sum(-1) == k).all()):
+            return idx.sort(dim=-1).values
+    if scores.is_floating_point():
+        scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    kth = torch.topk(scores, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = scores > kth
+    at = scores == kth
+    take = above | (at & (at.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per row
+    # the taken ids, in ascending order: each goes to slot (its rank among the taken); the rest to slot k
+    slot = torch.where(take, take.cumsum(-1) - 1, k)
+    out = torch.empty(*lead, k + 1, dtype=torch.int64, device=dev)
+    out.scatter_(-1, slot, torch.arange(n, device=dev).expand(*lead, n))
+    return out[..., :k]
 
 
 def threshold_bitmap(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -32,7 +60,10 @@ def budget_page_indices(
     """Page ids ``[..., budget]`` (sorted) under a page budget, always keeping sink and recent pages.
 
     ``scores[..., j]`` scores page ``offset + j``: the candidate pages between the sink and the recent
-    window. Forced pages come first in priority: the recent window, then the sink.
+    window. Forced pages come first in priority: the recent window, then the sink; the rest of the
+    budget goes to the top candidates (ties to the lower page id, as in ``topk_indices``). With at
+    least ``budget_pages`` pages and enough candidates the result holds exactly ``budget_pages``
+    distinct ids; with fewer pages, all of them.
     """
     lead = scores.shape[:-1]
     dev = scores.device
