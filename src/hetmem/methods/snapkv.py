@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import register
@@ -23,6 +24,7 @@ from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetr
 from hetmem.ops.evict import attention_column_mass
 
 
+@register_impl("observation-votes", role="prepare")
 @dataclass
 class ObservationVotesPrepare(LeadPrepare):
     window: int = 32
@@ -47,6 +49,7 @@ class ObservationVotesPrepare(LeadPrepare):
         votes[:, :, :L] = attention_column_mass(q, layer.buf_k[:, :, :L], scale, q_pos0=L - w)
 
 
+@register_impl("pooled-votes", role="relevancy")
 @dataclass
 class PooledVotesRelevancy:
     window: int
@@ -66,6 +69,7 @@ class PooledVotesRelevancy:
         return Scores(v)
 
 
+@register_impl("keep-set-once", role="retrieval")
 @dataclass
 class OnceKeepSetRetrieval(KeepSetRetrieval):
     def select(self, scores, memory):
@@ -74,6 +78,7 @@ class OnceKeepSetRetrieval(KeepSetRetrieval):
         return super().select(scores, memory)
 
 
+@register_impl("evict-attend-once", role="apply")
 @dataclass
 class OnceEvictAttend(EvictAttend):
     def apply(self, raw, selection, target):
