@@ -129,3 +129,19 @@ def test_ledger_fused_charges_only_the_topk_beyond_scoring():
     assert unf.us[("retrieval", "decode")] == pytest.approx(3000 / 250 + lat)
     assert fus.us[("retrieval", "decode")] == pytest.approx((3000 - 1000) / 250)  # 250 cycles per us at 250 MHz
     assert fus.us[("relevancy", "decode")] == unf.us[("relevancy", "decode")]
+
+
+def test_fpga_compute_rate_comes_from_the_device_file():
+    import dataclasses
+
+    from hetmem.hw.catalog import Catalog
+
+    dev = Catalog(calibrate_host=False).device("u55c")
+    lat = dev.op("gemv").latency_us
+    cyc = fpga_emu.FpgaCycles(macs=dev.macs_per_cycle * 1000)  # 1,000 cycles of the scoring array
+    assert fpga_modelled_us(cyc, dev) == pytest.approx(1000 / dev.clock_mhz + lat)
+    slower = dataclasses.replace(dev, macs_per_cycle=dev.macs_per_cycle / 2)
+    assert fpga_modelled_us(cyc, slower) == pytest.approx(2000 / dev.clock_mhz + lat)
+    # a scoring kernel counts MACs, not cycles: its time follows the device's rate
+    _, _, c = fpga_emu.gemv_int16(torch.randn(1, 2, 64), torch.randn(1, 2, 4096, 64))
+    assert c.macs == 2 * 4096 * 64 and c.cycles == 0
