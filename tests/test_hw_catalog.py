@@ -58,6 +58,36 @@ def test_figure_without_source_rejected(tmp_path, monkeypatch):
         _cat(tmp_path, monkeypatch).device("mygpu")
 
 
+def _fpga(**over):
+    d = json.loads((DATA_DIR / "devices" / "u55c.json").read_text())
+    d["name"] = "myfpga"
+    d.update(over)
+    return d
+
+
+@pytest.mark.parametrize("drop,over,msg", [
+    ("macs_per_cycle", {}, "an fpga device needs 'macs_per_cycle'"),
+    ("clock_mhz", {}, "needs 'clock_mhz'"),
+    (None, {"macs_per_cycle": 6020}, "macs_per_cycle 6020 x 2 x clock_mhz 250 = 3.01 Top/s, but peak_tflops.int16 is 1.505"),
+    (None, {"macs_per_cycle": 0}, "'macs_per_cycle' must be positive"),
+])
+def test_fpga_needs_its_compute_rate(tmp_path, monkeypatch, drop, over, msg):
+    d = _fpga(**over)
+    d.pop(drop, None)
+    _write(tmp_path, "devices", "myfpga", d)
+    with pytest.raises(HetmemError) as e:
+        _cat(tmp_path, monkeypatch).device("myfpga")
+    assert msg in str(e.value) and "\n" not in str(e.value)
+    d = _fpga()
+    del d["sources"]["macs_per_cycle"]
+    _write(tmp_path, "devices", "myfpga", d)
+    with pytest.raises(HetmemError, match="figure 'macs_per_cycle' has no source"):
+        _cat(tmp_path, monkeypatch).device("myfpga")
+    # a faster FPGA: the rate and the peak agree
+    _write(tmp_path, "devices", "myfpga", _fpga(macs_per_cycle=6020, peak_tflops={"int16": 3.01}))
+    assert _cat(tmp_path, monkeypatch).device("myfpga").macs_per_cycle == 6020
+
+
 def test_invalid_json(tmp_path, monkeypatch):
     _write(tmp_path, "devices", "broken", "{not json")
     with pytest.raises(HetmemError, match="not valid JSON"):

@@ -79,6 +79,17 @@ def test_run_placement_fpga_emu_same_answer(tmp_path, capsys):
     assert rec["steps"]["relevancy"]["source"] == "modelled" and rec["steps"]["retrieval"]["source"] == "modelled"
     assert rec["steps"]["apply"]["source"] == "measured" and rec["steps"]["relevancy"]["calls"] > 0
     assert rec["steps"]["relevancy"]["ms"] > 0 and "emulation_wall_ms" in rec["steps"]["relevancy"]["phases"]["decode"]
+    # the modelled figure adds the host<->FPGA transfers over the catalogue's link, and says so
+    fm = rec["fpga_modelled"]
+    assert fm["link"]["name"] == "pcie4-x16" and fm["link"]["system"] == "host+u55c" and fm["fpga"]["macs_per_cycle"] == 3010
+    assert any("transfers over the link" in s for s in fm["includes"]) and fm["transfer_ms"]["decode"] > 0
+    swap = sum(p["ms"] - p["emulation_wall_ms"] for st in ("relevancy", "retrieval")
+               for p in [rec["steps"][st]["phases"]["decode"]])
+    assert rec["decode_ms_fpga_modelled"] == pytest.approx(rec["decode_ms"] + swap + fm["transfer_ms"]["decode"], abs=2e-3)
+    n_kv = json.loads((model / "config.json").read_text())["num_key_value_heads"]
+    calls = rec["steps"]["retrieval"]["phases"]["decode"]["calls"]
+    assert fm["per_step"]["retrieval"]["decode"]["bytes"] == calls * (64 // 16) * n_kv * 4  # int32 page ids back
+    assert fm["per_step"]["relevancy"]["prefill"]["bytes"] > 0  # the prompt's page bounds go to the FPGA
     # a step with no fpga-emu kernel is refused in one line
     sched.write_text(json.dumps({"rules": {"quest": [{"devices": {"apply": "u55c"}}]}}))
     assert main(base + ["--placement", str(sched)]) == 2

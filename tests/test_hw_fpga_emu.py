@@ -129,3 +129,57 @@ def test_ledger_fused_charges_only_the_topk_beyond_scoring():
     assert unf.us[("retrieval", "decode")] == pytest.approx(3000 / 250 + lat)
     assert fus.us[("retrieval", "decode")] == pytest.approx((3000 - 1000) / 250)  # 250 cycles per us at 250 MHz
     assert fus.us[("relevancy", "decode")] == unf.us[("relevancy", "decode")]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(0, 2), st.integers(1, 3), st.integers(0, 10_000))
+def test_fpga_page_topk_is_the_one_budget_assembly(n, budget, sink, recent, seed):
+    """The fpga-emu retrieval is ops.topk.budget_page_indices with the streaming unit as its ranker."""
+    from hetmem.core.timer import StepTimer
+    from hetmem.core.types import Memory, Scores
+    from hetmem.methods.quest import PageBudgetTopK
+    from hetmem.ops.topk import budget_page_indices, candidate_range
+    from hetmem.runtime.fpga_steps import FpgaPageBudgetTopK, ModelLedger
+
+    lo, hi = candidate_range(n, sink, recent, budget)
+    vals = torch.randint(-5, 5, (1, 2, hi - lo), generator=torch.Generator().manual_seed(seed)).double()  # ties
+    mem = Memory(kind="page-minmax", n_units=n, unit_size=16, meta={"length": 16 * n})
+    ledger = ModelLedger()
+    sel = FpgaPageBudgetTopK(PageBudgetTopK(budget, sink, recent), ledger, StepTimer()).select(Scores(vals, lo), mem)
+    ref = budget_page_indices(vals, lo, n, budget, sink, recent, topk=fpga_emu.topk_reference_stable)
+    assert torch.equal(sel.indices, ref)
+    r = min(recent, n, budget)
+    k = budget - r - min(sink, n - r, budget - r)  # the ranked part of the budget
+    want = fpga_emu.streaming_topk(vals, k)[1].cycles if budget < n and k > 0 else 0.0  # the unit's cycles, charged
+    assert ledger.cycles[("retrieval", "prefill")] == want
+
+
+def test_fpga_compute_rate_comes_from_the_device_file():
+    import dataclasses
+
+    from hetmem.hw.catalog import Catalog
+
+    dev = Catalog(calibrate_host=False).device("u55c")
+    lat = dev.op("gemv").latency_us
+    cyc = fpga_emu.FpgaCycles(macs=dev.macs_per_cycle * 1000)  # 1,000 cycles of the scoring array
+    assert fpga_modelled_us(cyc, dev) == pytest.approx(1000 / dev.clock_mhz + lat)
+    slower = dataclasses.replace(dev, macs_per_cycle=dev.macs_per_cycle / 2)
+    assert fpga_modelled_us(cyc, slower) == pytest.approx(2000 / dev.clock_mhz + lat)
+    # a scoring kernel counts MACs, not cycles: its time follows the device's rate
+    _, _, c = fpga_emu.gemv_int16(torch.randn(1, 2, 64), torch.randn(1, 2, 4096, 64))
+    assert c.macs == 2 * 4096 * 64 and c.cycles == 0
+
+
+def test_ledger_transfers_take_the_link_direction_and_skip_on_chip_peers():
+    from hetmem.hw.catalog import Catalog
+    from hetmem.runtime.fpga_steps import ModelLedger
+
+    link = Catalog(calibrate_host=False).link("p2p-gpu-fpga")  # a = GPU, b = FPGA; asymmetric
+    led = ModelLedger(on_fpga=frozenset({"relevancy", "retrieval"}), link=(link, True))
+    led.move("relevancy", "decode", 1 << 20, "model", to_fpga=True)
+    led.move("retrieval", "decode", 1 << 20, "apply", to_fpga=False)
+    led.move("retrieval", "decode", 1 << 20, "relevancy", to_fpga=True)  # scores stay on the FPGA
+    assert led.xfer_us[("relevancy", "decode")] == pytest.approx(link.transfer_us(1 << 20, True))
+    assert led.xfer_us[("retrieval", "decode")] == pytest.approx(link.transfer_us(1 << 20, False))
+    assert link.transfer_us(1 << 20, True) != link.transfer_us(1 << 20, False)
+    assert led.xfers[("retrieval", "decode")] == 1 and led.xfer_bytes[("retrieval", "decode")] == 1 << 20

@@ -1,4 +1,26 @@
-"""One protocol per step. A method is a choice of four step objects; each carries its device."""
+"""One protocol per step. A method is a choice of four step objects; each carries its device.
+
+Every step class also has, as class attributes:
+
+- ``role``: which step it is, one of ``STEP_NAMES`` (the protocol below it implements);
+- ``kind``: what it computes (``page-minmax``, ``quest-score``, ``page-topk``, ``gather-attention``,
+  ``bm25-score``...). Implementations of one kind are interchangeable: same inputs, same outputs.
+
+Both are declared with ``hetmem.core.registry.register_impl(kind, role=...)``, which also makes the
+class the default implementation of its kind on ``cpu`` and ``cuda``. An implementation of a kind for
+another device (an emulated FPGA kernel, ``runtime/fpga_steps.py``) is registered for that device and
+is built by the placement executor from the method's own step:
+
+    impl(inner, ledger, timer)
+
+``inner`` is the method's step (the implementation keeps its parameters and semantics: candidate
+range, sink and recent window, budget), ``ledger`` collects the modelled time and transfers of the
+device, and ``timer.phase`` says whether a call is in prefill or decode. Its ``device`` names the
+backend (``"fpga-emu"``) and its ``name`` the kernel (``"quest-upper-bound-int16"``).
+
+A step may also have ``op_counts(...)`` (same arguments as its main method): what one call costs,
+``{step or step.substep: [ops.counts.OpCount]}``, for the profiler and the planner.
+"""
 
 from __future__ import annotations
 

@@ -59,6 +59,7 @@ class Device:
     sources: dict[str, str]
     clock_mhz: float | None = None
     lanes: int = 16
+    macs_per_cycle: float | None = None  # FPGA: int16 multiply-accumulates per clock of its scoring kernels
     path: str = ""
     calibration: dict | None = None  # host CPU: the measured calibration that filled it
     note: str = ""
@@ -222,6 +223,7 @@ def parse_device(data: dict, path) -> Device:
         clock = _pos(data, "clock_mhz", path)
     if any(o.model == "streaming-topk" for o in ocs.values()) and clock is None:
         raise HetmemError(f"{path}: a streaming-topk op class needs 'clock_mhz'")
+    macs = _fpga_macs_per_cycle(data, path, kind, clock, peak, sources)
     fusion = data.get("fusion", False)
     if not isinstance(fusion, bool):
         raise HetmemError(f"{path}: field 'fusion' must be true or false")
@@ -230,8 +232,31 @@ def parse_device(data: dict, path) -> Device:
         mem_bw_gbs=_pos(data, "mem_bw_gbs", path), mem_gb=_pos(data, "mem_gb", path),
         launch_us=_pos(data, "launch_us", path, allow_zero=True), idle_w=idle, active_w=active,
         steps=tuple(steps), fusion=fusion, op_classes=ocs, sources={k: str(v) for k, v in sources.items()},
-        clock_mhz=clock, lanes=int(data.get("lanes", 16)), path=str(path),
+        clock_mhz=clock, lanes=int(data.get("lanes", 16)), macs_per_cycle=macs, path=str(path),
     )
+
+
+def _fpga_macs_per_cycle(data: dict, path, kind: str, clock, peak: dict, sources: dict) -> float | None:
+    """An FPGA's emulated kernels are timed from its clock and MACs per cycle: both required, the MAC rate
+    with a source and equal (within 1%) to its int16 peak, so the planner's roofline and the emulator's
+    cycle count model the same hardware."""
+    if kind != "fpga" and "macs_per_cycle" not in data:
+        return None
+    if kind == "fpga" and clock is None:
+        raise HetmemError(f"{path}: an fpga device needs 'clock_mhz' (its kernels' clock; the emulator counts cycles)")
+    if "macs_per_cycle" not in data:
+        raise HetmemError(f"{path}: an fpga device needs 'macs_per_cycle' (int16 multiply-accumulates per clock "
+                          f"of its scoring kernels)")
+    macs = _pos(data, "macs_per_cycle", path)
+    if not str(sources.get("macs_per_cycle", "")).strip():
+        raise HetmemError(f"{path}: figure 'macs_per_cycle' has no source: add sources.macs_per_cycle")
+    if clock is not None and "int16" in peak:
+        tops = 2 * macs * clock * 1e6 / 1e12
+        if abs(tops / peak["int16"] - 1) > 0.01:
+            raise HetmemError(f"{path}: macs_per_cycle {macs:g} x 2 x clock_mhz {clock:g} = {tops:.4g} Top/s, but "
+                              f"peak_tflops.int16 is {peak['int16']:g}: make them agree (the planner uses the peak, "
+                              f"the emulated kernels the MAC rate)")
+    return macs
 
 
 def _parse_dir(d, path, where) -> LinkDir:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hetmem.errors import HetmemError
 from hetmem.hw.catalog import STEPS, Catalog, Device, System
 from hetmem.ops.fpga_emu import FpgaCycles
 
@@ -203,11 +204,21 @@ def evaluate(wl: Workload, system: System, devices: dict[str, str], fused: bool 
     return Plan(dict(devices), fused, step_us, xfer, wall, energy, busy, feasible)
 
 
+def fpga_cycles(cyc: FpgaCycles, device: Device) -> float:
+    """Clock cycles of an emulated kernel on ``device``: its counted cycles plus its MACs at the device
+    file's ``macs_per_cycle``."""
+    if cyc.macs and not device.macs_per_cycle:
+        raise HetmemError(f"{device.path or device.name}: no 'macs_per_cycle': cannot time its emulated scoring kernels")
+    return cyc.cycles + (cyc.macs / device.macs_per_cycle if cyc.macs else 0.0)
+
+
 def fpga_modelled_us(cyc: FpgaCycles, device=None) -> float:
-    """Time of an emulated kernel on the FPGA device (default u55c): max(cycles / clock, HBM bytes / bw) + latency."""
+    """Time of an emulated kernel on the FPGA device (default u55c), compute only (no host<->FPGA transfer):
+    max(cycles / clock, HBM bytes / (bw x bw_eff)) + latency, cycles from ``fpga_cycles``."""
     if device is None:
         device = Catalog(calibrate_host=False).device("u55c")
-    clock = (device.clock_mhz or 250.0) * 1e6
+    if not device.clock_mhz:
+        raise HetmemError(f"{device.path or device.name}: no 'clock_mhz': cannot time emulated FPGA kernels on it")
     oc = device.op("gemv")
-    t = max(cyc.cycles / clock, cyc.hbm_bytes / (device.mem_bw_gbs * 1e9 * oc.bw_eff))
+    t = max(fpga_cycles(cyc, device) / (device.clock_mhz * 1e6), cyc.hbm_bytes / (device.mem_bw_gbs * 1e9 * oc.bw_eff))
     return t * 1e6 + oc.latency_us

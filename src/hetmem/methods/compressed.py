@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from hetmem.core.registry import register_impl
 from hetmem.core.types import DecodeTarget, Memory, Scores, Selection
 from hetmem.methods.base import Method
 from hetmem.ops.evict import keep_indices
 from hetmem.ops.sparse_attention import grouped_decode_attention
 
 
+@register_impl("stored-tokens", role="prepare")
 @dataclass
 class StoredTokensPrepare:
     """Prepare: the memory just follows the layer's stored tokens."""
@@ -34,6 +36,7 @@ class StoredTokensPrepare:
         return memory
 
 
+@register_impl("keep-set", role="retrieval")
 @dataclass
 class KeepSetRetrieval:
     """Retrieval: the tokens to keep (sink + top-scored candidates + recent window) when the cache holds
@@ -55,6 +58,7 @@ class KeepSetRetrieval:
         return Selection(indices=keep, n_units=L, unit_size=1, length=L)
 
 
+@register_impl("evict-attend", role="apply")
 @dataclass
 class EvictAttend:
     """Apply: evict all but the keep-set from the KV cache (really freeing memory), then attend over the
@@ -95,6 +99,7 @@ class CompressedMethod(Method):
         return {"tokens_evicted_per_layer_mean": round(sum(ev) / len(ev), 2)}
 
 
+@register_impl("stored-tokens-lead", role="prepare")
 @dataclass
 class LeadPrepare(StoredTokensPrepare):
     """Prepare: the stored tokens, plus the (batch, KV heads) lead shape and device the keep-set needs."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, param, register
@@ -77,6 +78,7 @@ def indexer_key(w: dict, h: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(h, w["wk"], w["bk"])
 
 
+@register_impl("index-keys", role="prepare")
 @dataclass
 class IndexKeyPrepare:
     """Prepare: index keys of the tokens just written, from their hidden states ``[B, 1, cap, D_i]``."""
@@ -109,6 +111,7 @@ class IndexKeyPrepare:
         return {"prepare": [C.indexer_key(layer.buf_k.shape[0], end - start, hidden, d)]}
 
 
+@register_impl("lightning-indexer", role="relevancy")
 @dataclass
 class LightningIndexerRelevancy:
     """Relevancy: score_t = sum_h w_h ReLU(q_h . k_t) for the candidate tokens (all but the recent window)."""
@@ -135,6 +138,7 @@ class LightningIndexerRelevancy:
                                                  self.weights["wq"].shape[-1])}
 
 
+@register_impl("token-topk-shared", role="retrieval")
 @dataclass
 class SharedTokenTopK:
     """Retrieval: top ``budget`` tokens (recent window forced), shared by all KV heads."""

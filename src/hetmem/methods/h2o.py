@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
@@ -24,6 +25,7 @@ from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetr
 from hetmem.ops.evict import attention_column_mass
 
 
+@register_impl("accumulated-attention", role="prepare")
 @dataclass
 class AccumulatedAttentionPrepare(LeadPrepare):
     name: str = "accumulated-attention"
@@ -45,6 +47,7 @@ class AccumulatedAttentionPrepare(LeadPrepare):
         layer.memory.tensors["acc"][:, :, :L] += attention_column_mass(q, layer.buf_k[:, :, :L], scale, q_pos0=L - T)
 
 
+@register_impl("heavy-hitter-score", role="relevancy")
 @dataclass
 class AccumulatedRelevancy:
     sink: int
@@ -57,6 +60,7 @@ class AccumulatedRelevancy:
         return Scores(memory.tensors["acc"][:, :, self.sink : max(self.sink, L - self.recent)], offset=self.sink)
 
 
+@register_impl("evict-attend-accumulate", role="apply")
 @dataclass
 class H2OAttend(EvictAttend):
     name: str = "evict-attend-accumulate"

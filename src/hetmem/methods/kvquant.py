@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import DecodeTarget, Memory
 from hetmem.errors import HetmemError
 from hetmem.llm.quant_cache import QuantKVLayer
@@ -26,6 +27,7 @@ from hetmem.ops.quant import dequantize_groups, quantize_groups
 from hetmem.ops.sparse_attention import grouped_decode_attention
 
 
+@register_impl("group-quantize", role="prepare")
 @dataclass
 class QuantizePrepare:
     bits: int
@@ -64,6 +66,7 @@ class QuantizePrepare:
         return memory
 
 
+@register_impl("dequant-attention", role="apply")
 @dataclass
 class DequantAttention:
     device: str = "cpu"

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, param, register
@@ -23,6 +24,7 @@ from hetmem.ops.attention_mass import attention_probs
 from hetmem.ops.topk import topk_indices
 
 
+@register_impl("exact-keys", role="prepare")
 @dataclass
 class ExactKeysPrepare:
     """Prepare: the memory is the layer's exact key cache itself (nothing is computed)."""
@@ -39,6 +41,7 @@ class ExactKeysPrepare:
         return memory
 
 
+@register_impl("true-attention", role="relevancy")
 @dataclass
 class TrueAttentionRelevancy:
     """Relevancy: the real attention probability of every cached token (GQA group mean)."""
@@ -53,6 +56,7 @@ class TrueAttentionRelevancy:
         return Scores(attention_probs(query.vectors, layer.buf_k[:, :, :L], scale).mean(dim=2))
 
 
+@register_impl("token-topk", role="retrieval")
 @dataclass
 class TokenTopK:
     """Retrieval: the ``budget`` highest-scoring tokens per KV head (all of them when they fit)."""

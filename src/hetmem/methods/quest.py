@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, param, register
@@ -22,6 +23,7 @@ from hetmem.ops.page_score import quest_upper_bound
 from hetmem.ops.topk import budget_page_indices, candidate_range
 
 
+@register_impl("page-minmax", role="prepare")
 @dataclass
 class PageMinMaxPrepare:
     """Prepare: raw = (paged layer, start, end) of the tokens just written."""
@@ -52,6 +54,7 @@ class PageMinMaxPrepare:
         return {"prepare": [C.page_minmax_update(B, H, D, start, end, self.page_size, layer.buf_k.element_size())]}
 
 
+@register_impl("quest-score", role="relevancy")
 @dataclass
 class QuestRelevancy:
     """Relevancy: Quest upper bound for the candidate pages (between the sink and the recent window)."""
@@ -74,6 +77,7 @@ class QuestRelevancy:
         return {"relevancy": [C.quest_upper_bound(B, Hkv, G, hi - lo, D, memory.tensors["kmin"].element_size())]}
 
 
+@register_impl("page-topk", role="retrieval")
 @dataclass
 class PageBudgetTopK:
     """Retrieval: ``budget_pages`` pages per KV head = sink + top-k candidates + recent window."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
@@ -22,6 +23,7 @@ from hetmem.methods.rag_common import PassagePromptApply, RagMethod, TopKPassage
 from hetmem.ops.bm25 import bm25_scores, build_bm25, reweight, tokenize
 
 
+@register_impl("bm25-index", role="prepare")
 @dataclass
 class Bm25Prepare:
     """Prepare: raw = Corpus -> Memory(kind="bm25", meta={"bm25": Bm25Stats})."""
@@ -36,6 +38,7 @@ class Bm25Prepare:
         return Memory(kind="bm25", n_units=len(raw), meta={"bm25": stats})
 
 
+@register_impl("bm25-score", role="relevancy")
 @dataclass
 class Bm25Relevancy:
     """Relevancy: BM25 score of every passage for the query text (sparse row gather + add)."""

@@ -17,6 +17,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.core.timer import StepTimer
@@ -60,6 +61,7 @@ class CandidateScores(Scores):
     ids: np.ndarray | None = None
 
 
+@register_impl("topk-passages", role="retrieval")
 @dataclass
 class TopKPassages:
     """Retrieval: the ``k`` best passages, best first (ties to the lower id).
@@ -131,6 +133,7 @@ def passage_block(rank: int, passage) -> str:
     return f"{head}\n{passage.text.strip()}"
 
 
+@register_impl("passage-prompt", role="apply")
 @dataclass
 class PassagePromptApply:
     """Apply: prepend the retrieved passages (best first) to the question and generate.

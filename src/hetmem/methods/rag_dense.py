@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
@@ -23,6 +24,7 @@ from hetmem.ops.dense_search import INDEX_TYPES, build_index, search
 from hetmem.rag.embed import load_embedder
 
 
+@register_impl("dense-embed-index", role="prepare")
 @dataclass
 class DenseEmbedPrepare:
     """Prepare: raw = Corpus -> Memory(kind="dense", meta={"faiss": index, "embed_model": id})."""
@@ -42,6 +44,7 @@ class DenseEmbedPrepare:
                       meta={"faiss": index, "embed_model": emb.model_id, "index_type": self.index_type, "dim": emb.dim})
 
 
+@register_impl("dense-embed-score", role="relevancy")
 @dataclass
 class DenseRelevancy:
     """Relevancy: embed the query and let FAISS score and rank (``candidates`` best, best first)."""

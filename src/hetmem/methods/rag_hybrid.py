@@ -20,6 +20,7 @@ from typing import ClassVar
 
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
@@ -37,6 +38,7 @@ class HybridScores(Scores):
     dense_scores: object = None
 
 
+@register_impl("hybrid-index", role="prepare")
 @dataclass
 class HybridPrepare:
     bm25: Bm25Prepare
@@ -49,6 +51,7 @@ class HybridPrepare:
         return Memory(kind="hybrid", n_units=len(raw), meta={**a.meta, **b.meta})
 
 
+@register_impl("hybrid-score", role="relevancy")
 @dataclass
 class HybridRelevancy:
     bm25: Bm25Relevancy
@@ -62,6 +65,7 @@ class HybridRelevancy:
         return HybridScores(s.values, dense_ids=d.ids, dense_scores=d.values.numpy())
 
 
+@register_impl("fused-topk", role="retrieval")
 @dataclass
 class FusedTopK:
     """Retrieval: top ``candidates`` by BM25 and by embedding, fused, best ``k`` kept."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.timer import substep
 from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
@@ -38,6 +39,7 @@ def identity_gates(n_layers: int, n_kv: int, head_dim: int) -> dict[str, torch.T
     return {"wq": eye, "wk": eye.clone()}
 
 
+@register_impl("block-pool-gate", role="prepare")
 @dataclass
 class BlockPoolPrepare:
     """Prepare: per-block key sums kept current; the gated block summaries of the blocks that changed."""
@@ -76,6 +78,7 @@ class BlockPoolPrepare:
         return {"prepare": [C.block_pool_gate(B, H, n_tok, b1 - b0, D, self.wk.shape[-1], layer.buf_k.element_size())]}
 
 
+@register_impl("gate-score", role="relevancy")
 @dataclass
 class GateRelevancy:
     """Relevancy: gated query . gated block summaries, for the candidate blocks between sink and recent."""
@@ -100,6 +103,7 @@ class GateRelevancy:
         return {"relevancy": [C.gated_block_scores(B, Hkv, G, hi - lo, D, self.wq.shape[-1], query.vectors.element_size())]}
 
 
+@register_impl("block-select", role="retrieval")
 @dataclass
 class BlockBudgetOrThreshold:
     """Retrieval: top blocks under the budget, or (threshold > 0) every candidate block whose gate
@@ -136,6 +140,7 @@ class BlockBudgetOrThreshold:
         return {"retrieval": [C.threshold_select(rows, v.shape[-1], memory.n_units)]}
 
 
+@register_impl("block-sparse-attention", role="apply")
 @dataclass
 class BlockSparseAttention(GatherAttention):
     """Apply: gather the selected blocks' K and V and attend over only those tokens. A top-k selection is

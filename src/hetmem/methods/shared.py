@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.timer import substep
 from hetmem.core.types import DecodeTarget, Selection
 from hetmem.ops import counts as C
@@ -25,6 +26,7 @@ def model_dims(model) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
 
 
+@register_impl("dense-attention", role="apply")
 @dataclass
 class DenseAttentionApply:
     """Apply: decode attention over the whole KV cache (the layer's buffer up to its length)."""
@@ -46,6 +48,7 @@ def dense_pipeline(device: str, timer) -> MemoryPipeline:
     return MemoryPipeline(None, None, None, DenseAttentionApply(device), timer)
 
 
+@register_impl("gather-attention", role="apply")
 @dataclass
 class GatherAttention:
     """Apply: gather the selected units' K and V (pages of ``selection.unit_size`` tokens, or single tokens)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
@@ -28,6 +29,7 @@ from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetr
 from hetmem.ops.evict import attention_column_mass
 
 
+@register_impl("observation-votes", role="prepare")
 @dataclass
 class ObservationWindowPrepare(LeadPrepare):
     """Prepare: the stored tokens, and (from prefill) the last ``window`` queries of the prompt."""
@@ -55,6 +57,7 @@ class ObservationWindowPrepare(LeadPrepare):
         meta["scale"] = scale
 
 
+@register_impl("pooled-votes", role="relevancy")
 @dataclass
 class WindowVotesRelevancy:
     """Relevancy: votes of the observation window on the candidate (pre-window) tokens, max-pooled."""
@@ -84,6 +87,7 @@ class WindowVotesRelevancy:
         return Scores(v)
 
 
+@register_impl("keep-set-once", role="retrieval")
 @dataclass
 class OnceKeepSetRetrieval(KeepSetRetrieval):
     def select(self, scores, memory):
@@ -92,6 +96,7 @@ class OnceKeepSetRetrieval(KeepSetRetrieval):
         return super().select(scores, memory)
 
 
+@register_impl("evict-attend-once", role="apply")
 @dataclass
 class OnceEvictAttend(EvictAttend):
     def apply(self, raw, selection, target):

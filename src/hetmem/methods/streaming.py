@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
 from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
 
 
+@register_impl("position", role="relevancy")
 @dataclass
 class PositionRelevancy:
     """Relevancy: nothing to rank between the sink and the window (StreamingLLM keeps by position)."""

@@ -1,8 +1,10 @@
 """Emulated FPGA kernels: Compute Relevancy and Retrieval as the prototype's FPGA runs them.
 
 They run on the host for their *function* (bit-exact to the integer datapath described here) and
-count the cycles the hardware would take; their time is *modelled* from those cycles and the FPGA
-device file (``hw/data/devices/u55c.json``), never measured.
+count what the hardware would do: cycles of the streaming units, multiply-accumulates of the scoring
+kernels, bytes streamed from HBM. Their time is *modelled* from those counts and the FPGA's device
+file (``hw.cost.fpga_modelled_us``: MACs at the file's ``macs_per_cycle``, cycles at its
+``clock_mhz``, bytes at its HBM bandwidth), never measured. Nothing here knows a device's rates.
 
 * ``quest_upper_bound_int16`` / ``gemv_int16``: scoring with int16-quantised queries and keys
   (symmetric, one scale per tensor), int64 accumulation (the DSP48 cascade's 48-bit accumulator
@@ -33,19 +35,22 @@ import torch
 INT16_MAX = 32767
 LANES = 16
 BITMAP_WORD = 128
-MACS_PER_CYCLE = 3010  # u55c int16 peak 1.505 Top/s at 250 MHz (hw/data/devices/u55c.json)
 
 
 @dataclass
 class FpgaCycles:
-    """What the hardware would spend: cycles at the kernel clock plus bytes streamed from HBM."""
+    """What the hardware would spend: cycles of the streaming units (top-k, bitmap, postings), int16
+    multiply-accumulates of the scoring array (their cycles depend on the device: ``macs_per_cycle``
+    in its file), and bytes streamed from HBM."""
 
     cycles: float = 0.0
     hbm_bytes: float = 0.0
+    macs: float = 0.0
 
     def __iadd__(self, o: "FpgaCycles"):
         self.cycles += o.cycles
         self.hbm_bytes += o.hbm_bytes
+        self.macs += o.macs
         return self
 
 
@@ -63,7 +68,7 @@ def gemv_int16(q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, float
     ki, sk = quantize_int16(keys)
     s = torch.matmul(ki, qi.unsqueeze(-1)).squeeze(-1)
     n_mac = keys.numel()
-    cyc = FpgaCycles(cycles=n_mac / MACS_PER_CYCLE, hbm_bytes=keys.numel() * 2 + q.numel() * 2 + s.numel() * 4)
+    cyc = FpgaCycles(macs=n_mac, hbm_bytes=keys.numel() * 2 + q.numel() * 2 + s.numel() * 4)
     return s, sq * sk, cyc
 
 
@@ -79,7 +84,7 @@ def quest_upper_bound_int16(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Ten
     ub = torch.matmul(qi.clamp(min=0), ma.transpose(-1, -2)) + torch.matmul(qi.clamp(max=0), mi.transpose(-1, -2))
     out = ub.amax(dim=2)
     macs = 2 * q.shape[2] * kmin.numel()
-    cyc = FpgaCycles(cycles=macs / MACS_PER_CYCLE, hbm_bytes=(kmin.numel() + kmax.numel() + q.numel()) * 2 + out.numel() * 4)
+    cyc = FpgaCycles(macs=macs, hbm_bytes=(kmin.numel() + kmax.numel() + q.numel()) * 2 + out.numel() * 4)
     return out, sq * sk, cyc
 
 
@@ -92,7 +97,7 @@ def index_scores_int16(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> tup
     s = torch.relu(torch.matmul(qi, ki.transpose(-1, -2)))  # [B, H_i, L]
     out = torch.matmul(wi.unsqueeze(1), s).squeeze(1)
     macs = q.shape[0] * q.shape[1] * k.shape[1] * (k.shape[2] + 1)
-    cyc = FpgaCycles(cycles=macs / MACS_PER_CYCLE, hbm_bytes=k.numel() * 2 + q.numel() * 2 + out.numel() * 4)
+    cyc = FpgaCycles(macs=macs, hbm_bytes=k.numel() * 2 + q.numel() * 2 + out.numel() * 4)
     return out, sq * sw * sk, cyc
 
 

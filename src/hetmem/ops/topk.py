@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -55,9 +57,14 @@ def candidate_range(n_pages: int, sink_pages: int, recent_pages: int, budget_pag
 
 
 def budget_page_indices(
-    scores: torch.Tensor, offset: int, n_pages: int, budget_pages: int, sink_pages: int, recent_pages: int
+    scores: torch.Tensor, offset: int, n_pages: int, budget_pages: int, sink_pages: int, recent_pages: int,
+    topk: Callable[[torch.Tensor, int], torch.Tensor] = topk_indices,
 ) -> torch.Tensor:
     """Page ids ``[..., budget]`` (sorted) under a page budget, always keeping sink and recent pages.
+
+    The one sink + top-k + recent assembly: ``topk(scores, k)`` ranks the candidates and returns their
+    positions ``[..., k]``, ascending (``topk_indices`` by default; the emulated FPGA passes its streaming
+    top-k unit, ``runtime.fpga_steps``). Sink and recent ids are made on ``scores.device``.
 
     ``scores[..., j]`` scores page ``offset + j``: the candidate pages between the sink and the recent
     window. Forced pages come first in priority: the recent window, then the sink; the rest of the
@@ -76,6 +83,6 @@ def budget_page_indices(
     if sink:
         parts.append(torch.arange(sink, device=dev).expand(*lead, sink))
     if k > 0:
-        parts.append(topk_indices(scores, k) + offset)
+        parts.append(topk(scores, k) + offset)
     parts.append(torch.arange(n_pages - recent, n_pages, device=dev).expand(*lead, recent))
     return torch.cat(parts, dim=-1)
