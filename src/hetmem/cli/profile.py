@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hetmem
 from hetmem.errors import HetmemError
+from hetmem.files import write_json_atomic
 from hetmem.cli.common import RUNNERS
 from hetmem.core.steps import STEP_NAMES
 from hetmem.core.timer import StepTimer
@@ -236,12 +237,8 @@ def _load_trace(path: Path) -> list[dict]:
 
 
 def _save_trace(path: Path, trace: list[dict]) -> None:
-    import os
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"traceEvents": trace, "displayTimeUnit": "ms"}))
-    os.replace(tmp, path)
+    write_json_atomic(path, {"traceEvents": trace, "displayTimeUnit": "ms"}, indent=None)
 
 
 def _print_table(doc: dict) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from hetmem.core.device import DTYPES, sync
 from hetmem.errors import HetmemError
+from hetmem.files import write_json_atomic
 from hetmem.settings import cache_dir
 
 CALIBRATED_DTYPES = ("float32", "bfloat16", "float16")
@@ -117,7 +118,5 @@ def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False, 
     entry = measure(device, dtype, quick=quick)
     data.setdefault(info["key"], {})[slot] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
     return dict(entry, cached=False)

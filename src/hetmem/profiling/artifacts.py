@@ -6,9 +6,10 @@ those kept in ``trace_events.json`` from earlier, resumed runs).
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from pathlib import Path
+
+from hetmem.files import write_atomic, write_json_atomic
 
 STEP_COLOURS = {
     "prepare": "#4c72b0",
@@ -149,7 +150,7 @@ def overhead_png(doc: dict, path: Path) -> None:
     fig.legend(handles, ["rest of inference" if h == "rest" else ("apply (attention)" if h == "attention" else h) for h in leg],
                loc="upper right", fontsize=7, ncol=1, bbox_to_anchor=(0.995, 0.9))
     fig.tight_layout(rect=(0, 0, 0.84, 0.95))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -205,7 +206,7 @@ def roofline_png(doc: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -225,18 +226,12 @@ def trace_events(run_label: str, pid: int, events: list[tuple], t_base: float) -
 def write_all(doc: dict, out_dir: Path, trace: list[dict]) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    p = out_dir / "summary.md"
-    p.write_text(summary_md(doc))
-    paths.append(p)
+    paths = [write_atomic(out_dir / "summary.md", summary_md(doc))]
     for name, fn in (("overhead.png", overhead_png), ("roofline.png", roofline_png)):
-        p = out_dir / name
-        fn(doc, p)
-        paths.append(p)
-    p = out_dir / "trace.json"
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"traceEvents": trace, "displayTimeUnit": "ms",
-                               "otherData": {"source": "hetmem profile", "times": "measured"}}))
-    os.replace(tmp, p)
-    paths.append(p)
+        buf = io.BytesIO()
+        fn(doc, buf)
+        paths.append(write_atomic(out_dir / name, buf.getvalue()))
+    paths.append(write_json_atomic(out_dir / "trace.json", {
+        "traceEvents": trace, "displayTimeUnit": "ms", "otherData": {"source": "hetmem profile", "times": "measured"}},
+        indent=None))
     return paths

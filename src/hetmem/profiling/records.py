@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from hetmem.errors import HetmemError
+from hetmem.files import write_json_atomic
 from hetmem.ops.counts import OpCount, intensity, total
 
 SCHEMA = "hetmem.profile/1"
@@ -155,9 +155,7 @@ class ProfileStore:
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.doc["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.doc)
 
 
 def _norm(v):
