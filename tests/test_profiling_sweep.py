@@ -69,6 +69,16 @@ def test_tiny_sweep_writes_all_artifacts_and_resumes(cache, tmp_path, capsys):
     # quest keeps dense_layers=2 of the tiny shape's 4 layers dense: one layer of each kind is timed
     assert [t["scaled_to"] for t in run["phases"]["layers_timed"]] == [2, 2]
     recs = {r["step"]: r for r in doc["records"] if r["method"] == "quest" and r["length"] == 2048 and r["phase"] == "decode"}
+    # ops cover every layer: 2 dense + 2 quest layers x 2 tokens of attention, the gather in the quest ones only
+    apply = recs["apply"]
+    assert apply["calls"] == 8
+    ops = {o["op"]: o for o in apply["ops"]}
+    assert ops["decode_attention"]["calls"] == 8
+    assert [o["calls"] for o in apply["ops"] if "gather" in o["op"]] == [4]
+    for r in recs.values():
+        if r["ops"]:
+            assert sum(o["total"]["flops"] for o in r["ops"]) == pytest.approx(r["flops"], rel=1e-9)
+            assert sum(o["bytes_read"] for o in r["ops"]) == pytest.approx(r["per_call"]["bytes_read"], rel=1e-9)
     mem = sum(recs[s]["ms"] for s in ("prepare", "relevancy", "retrieval", "apply.gather"))
     assert ov["overhead"] == pytest.approx(mem / recs["total"]["ms"], rel=1e-3, abs=1e-4)
     assert 0 < ov["overhead"] < ov["overhead_incl_apply"] <= 1

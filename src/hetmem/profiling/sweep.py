@@ -33,7 +33,7 @@ from hetmem.core.steps import STEP_NAMES
 from hetmem.core.types import DecodeTarget, Query
 from hetmem.errors import HetmemError
 from hetmem.ops import counts as C
-from hetmem.profiling.counters import StepCounter
+from hetmem.profiling.counters import OpTally, StepCounter
 from hetmem.profiling.records import phase_records
 from hetmem.core.timer import StepTimer
 from hetmem.llm.paged_cache import PagedKVLayer
@@ -300,12 +300,11 @@ class ShapeSweep:
                + (" (one per kind of layer)" if kinds > 1 else "") + f", scaled to {s.layers}")
         e = self.esize
         one_layer = C.dense_layer(B, s.hidden, H, Hkv, D, s.intermediate, e)
-        rest_counts = [_scaled(c, n * s.layers) for c in one_layer]
-        rest_counts += [_scaled(c, n) for c in C.lm_head(B, s.hidden, s.vocab, e)]
+        rest = OpTally(one_layer, n * s.layers).add(C.lm_head(B, s.hidden, s.vocab, e), n)
         # rest = total - steps: the dense layer parts, KV append, final norm and LM head (scaled)
         dec, dec_sum = phase_records(
             base=base, phase="decode", timer=timer, counter=counter, total_ms=total_ms, tokens=n, layers=s.layers,
-            time_source=src, rest_counts=rest_counts, rest_calls=n * s.layers, rest_ops=one_layer)
+            time_source=src, rest=rest, rest_calls=n * s.layers)
         pre, _ = phase_records(base=base, phase="prefill", timer=timer, counter=counter, total_ms=None,
                                tokens=length, layers=s.layers, time_source=src)
         phases = {"decode": dec_sum, "prefill": {"tokens": length, "total_ms": None,
@@ -320,14 +319,5 @@ def _merge(timer: StepTimer, counter: StepCounter, t: StepTimer, c: StepCounter,
         timer.ms[key] += ms * k
         timer.calls[key] += t.calls[key] * k
         timer.devices[key[0]] = t.devices.get(key[0], "cpu")
-    for key, (f, br, bw, calls) in c.totals.items():
-        tot = counter.totals.setdefault(key, [0.0, 0.0, 0.0, 0])
-        tot[0] += f * k
-        tot[1] += br * k
-        tot[2] += bw * k
-        tot[3] += calls * k
-        counter.ops[key] = c.ops.get(key, [])
+    counter.merge(c, k)
 
-
-def _scaled(c: C.OpCount, k: float) -> C.OpCount:
-    return C.OpCount(c.op, c.cls, c.flops * k, c.bytes_read * k, c.bytes_written * k)
