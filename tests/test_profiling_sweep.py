@@ -135,6 +135,45 @@ def test_skips_with_reason_and_goes_on(cache, tmp_path, capsys, monkeypatch):
     assert doc["runs"][0]["status"] == "skipped" and "out of memory" in doc["runs"][0]["reason"]
 
 
+def test_length_names_the_context_shortened_to_fit_the_window(cache, tmp_path, capsys):
+    """A length at the window is not skipped: the context is shortened by the warm-up + decode tokens, and
+    the run, its records, the summary and stderr say so in one line."""
+    shape = tmp_path / "w1k.json"
+    shape.write_text(json.dumps({"name": "w1k", "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                                 "hidden": 64, "intermediate": 128, "vocab": 128, "max_context": 1024}))
+    out = tmp_path / "fit"
+    code = main(["profile", "--methods", "dense,quest", "--lengths", "1k,2k", "--shape", str(shape), "--out", str(out),
+                 "--no-progress", "--decode-tokens", "2", "--warmup", "1", "--budget", "256"])
+    assert code == 0
+    err = capsys.readouterr().err
+    doc = json.loads((out / "profile.json").read_text())
+    runs = {(r["method"], r["length"]): r for r in doc["runs"]}
+    for m in ("dense", "quest"):
+        r = runs[(m, 1024)]
+        assert r["status"] == "ok" and r["context_tokens"] == 1021
+        assert "shortened from 1024 to 1021 tokens" in r["note"] and "1 warm-up + 2 timed decode steps" in r["note"]
+        assert f"{m} @ 1024: context shortened" in err
+        assert r["phases"]["decode"]["total_ms"] > 0
+        recs = [x for x in doc["records"] if x["method"] == m and x["length"] == 1024]
+        assert recs and all(x["context_tokens"] == 1021 for x in recs)
+        # a length over the window itself is still skipped, with its reason
+        assert runs[(m, 2048)]["status"] == "skipped" and "over the window" in runs[(m, 2048)]["reason"]
+    prep = next(x for x in doc["records"] if x["method"] == "quest" and x["phase"] == "prefill" and x["step"] == "prepare")
+    assert prep["tokens"] == 1021  # the prefill wrote the shortened context
+    assert "shortened from 1024 to 1021" in (out / "summary.md").read_text()
+
+
+def test_fit_context_rules():
+    from hetmem.profiling.sweep import fit_context, window_reason
+
+    assert fit_context(1000, 5, 1024, "m", "x") == (1000, None)
+    ctx, note = fit_context(131072, 5, 131072, "llama3-8b", "1 warm-up + 4 timed decode steps")
+    assert ctx == 131067 and note.startswith("context shortened from 131072 to 131067")
+    assert window_reason(131072, 5, 131072, "llama3-8b") is None
+    assert "over the window" in window_reason(131073, 5, 131072, "llama3-8b")
+    assert "over the window" in window_reason(100, 200, 200, "m")  # no room left for a context
+
+
 def test_bad_input_is_one_line(cache, tmp_path, capsys):
     for argv in (["--lengths", "4q"], ["--methods", "nosuch"], ["--shape", "nosuch-model"]):
         args = {"--methods": "dense", "--lengths": "1k", "--shape": "tiny"}
@@ -147,13 +186,16 @@ def test_bad_input_is_one_line(cache, tmp_path, capsys):
 def test_real_tiny_model_end_to_end(cache, tmp_path):
     model_dir = save_tiny_model_dir(tmp_path / "m", "llama", max_position_embeddings=512, layers=3)
     out = tmp_path / "real"
-    code = main(["profile", "--methods", "dense,quest", "--lengths", "128,256,600", "--model", str(model_dir),
+    code = main(["profile", "--methods", "dense,quest", "--lengths", "128,256,512,600", "--model", str(model_dir),
                  "--out", str(out), "--no-progress", "--decode-tokens", "2", "--budget", "64", "--page-size", "16"])
     assert code == 0
     doc = json.loads((out / "profile.json").read_text())
     assert doc["mode"] == "model" and doc["shape"]["layers"] == 3
     runs = {(r["method"], r["length"]): r for r in doc["runs"]}
     assert runs[("quest", 600)]["status"] == "skipped" and "window" in runs[("quest", 600)]["reason"]
+    # 512 names the whole window: the prompt is shortened by the 2 decode steps + the first generated token
+    assert runs[("quest", 512)]["status"] == "ok" and runs[("quest", 512)]["context_tokens"] == 509
+    assert "shortened from 512 to 509" in runs[("quest", 512)]["note"]
     q = runs[("quest", 256)]
     assert q["status"] == "ok"
     for ph in ("prefill", "decode"):

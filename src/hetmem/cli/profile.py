@@ -163,20 +163,24 @@ def cmd_profile(args) -> int:
     try:
         for L, m in todo:
             bar.set_postfix_str(f"{m.name} @ {L}")
-            base = {"method": m.name, "params": m.params(), "model": model_name,
-                    "shape": shape_d["name"] if mode == "sweep" else None, "length": L,
-                    "device": device, "dtype": dtype_name}
             reason = None
             if m.family in RUNNERS:
                 reason = f"method family '{m.family}' is not an in-model attention method (profile it with its own runner)"
             reason = reason or runner.check(L)
+            # a length names the context: shortened (and said so) when the decode steps would overrun the window
+            ctx, note = runner.fit(L) if reason is None else (None, None)
+            base = {"method": m.name, "params": m.params(), "model": model_name,
+                    "shape": shape_d["name"] if mode == "sweep" else None, "length": L, "context_tokens": ctx,
+                    "device": device, "dtype": dtype_name}
             phases, recs, events = None, None, None
             if reason is None:
+                if note:
+                    bar.write(f"[hetmem] {m.name} @ {L}: {note}", file=sys.stderr)
                 try:
                     if mode == "sweep":
-                        phases, recs, events = runner.run(m, L, base, progress=lambda: bar.update(1))
+                        phases, recs, events = runner.run(m, ctx, base, progress=lambda: bar.update(1))
                     else:
-                        phases, recs, events = runner.run(m, L, base, progress=show)
+                        phases, recs, events = runner.run(m, ctx, base, progress=show)
                         bar.update(1)
                 except Exception as exc:  # a step that cannot run here is recorded, the sweep goes on
                     msg = str(exc).splitlines()[0][:160] if str(exc) else ""
@@ -194,17 +198,18 @@ def cmd_profile(args) -> int:
                         torch.cuda.empty_cache()
             if reason is not None:
                 base_l = dict(base, layers=shape_d["layers"])
-                store.add({"method": m.name, "params": m.params(), "length": L, "status": "skipped", "reason": reason,
-                           "phases": {}}, skipped_records(base_l, _present_steps(m, shape_d["layers"]), reason))
+                store.add({"method": m.name, "params": m.params(), "length": L, "context_tokens": None, "note": None,
+                           "status": "skipped", "reason": reason, "phases": {}},
+                          skipped_records(base_l, _present_steps(m, shape_d["layers"]), reason))
                 bar.write(f"[hetmem] {m.name} @ {L}: skipped ({reason})", file=sys.stderr)
                 if mode == "sweep":
                     bar.update(per_run)
                 continue
-            store.add({"method": m.name, "params": m.params(), "length": L, "status": "ok", "reason": None,
-                       "phases": phases}, recs)
+            store.add({"method": m.name, "params": m.params(), "length": L, "context_tokens": ctx, "note": note,
+                       "status": "ok", "reason": None, "phases": phases}, recs)
             if events:
                 pid = 1 + max([e.get("pid", 0) for e in trace] + [0])
-                trace += artifacts.trace_events(f"{m.name} @ {L} tokens", pid, events, events[0][2] if events else 0.0)
+                trace += artifacts.trace_events(f"{m.name} @ {ctx} tokens", pid, events, events[0][2] if events else 0.0)
                 _save_trace(out / "trace.json", trace)
     except KeyboardInterrupt:
         interrupted = True
@@ -251,4 +256,5 @@ def _print_table(doc: dict) -> None:
             continue
         d = r["phases"].get("decode", {})
         print(f"{r['method']:<10} {r['length']:>8} {d.get('ms_per_token') or 0:>10.1f} "
-              f"{100 * (d.get('overhead') or 0):>8.1f}% {100 * (d.get('overhead_incl_apply') or 0):>9.1f}%  ok")
+              f"{100 * (d.get('overhead') or 0):>8.1f}% {100 * (d.get('overhead_incl_apply') or 0):>9.1f}%  ok"
+              + (f" ({r['note']})" if r.get("note") else ""))

@@ -86,6 +86,11 @@ def summary_md(doc: dict) -> str:
             pct = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
             lines.append(f"| {run['method']} | {_fmt_len(run['length'])} | ok | {ph} | {p['total_ms']:.1f} | "
                          f"{p.get('ms_per_token', '') or ''} | {pct(p.get('overhead'))} | {pct(p.get('overhead_incl_apply'))} |")
+    notes = [f"- {r['method']} @ {_fmt_len(r['length'])}: {r['note']}"
+             for r in sorted(doc["runs"], key=lambda r: (r["method"], r["length"])) if r.get("note")]
+    if notes:
+        lines += ["", "Shortened contexts (a length names the context; the tokens generated after it must fit the window):", ""]
+        lines += notes
     lines += ["", "## Steps", "",
               "| method | length | phase | step | ms | calls | GFLOP | MB read | MB written | flop/byte | achieved GFLOP/s | achieved GB/s |",
               "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

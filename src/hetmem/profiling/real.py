@@ -13,6 +13,7 @@ import torch
 from hetmem.ops import counts as C
 from hetmem.profiling.counters import OpTally, StepCounter
 from hetmem.profiling.records import phase_records
+from hetmem.profiling.sweep import fit_context, window_reason
 from hetmem.core.timer import StepTimer
 from hetmem.llm.generate import generate
 from hetmem.tasks.haystack import essay_text
@@ -61,11 +62,13 @@ class ModelRunner:
         self._ids: torch.Tensor | None = None
         self._warm: set[str] = set()
 
+    def fit(self, length: int) -> tuple[int, str | None]:
+        """The prompt that runs for a named ``length`` (shortened so the decode steps fit the window) and a note."""
+        return fit_context(length, self.decode_tokens + 1, self.lm.max_context, self.lm.name,
+                           f"{self.decode_tokens} timed decode steps + the first generated token")
+
     def check(self, length: int) -> str | None:
-        need = length + self.decode_tokens + 1
-        if need > self.lm.max_context:
-            return f"over the window: {need} tokens > {self.lm.name}'s {self.lm.max_context}-token context"
-        return None
+        return window_reason(length, self.decode_tokens + 1, self.lm.max_context, self.lm.name)
 
     def input_ids(self, length: int) -> torch.Tensor:
         if self._ids is None or self._ids.shape[1] < length:

@@ -83,6 +83,25 @@ def get_shape(name: str) -> Shape:
     raise HetmemError(f"unknown shape '{name}': use one of {', '.join(SHAPES)} or a .json shape file")
 
 
+def window_reason(length: int, after: int, window: int, name: str) -> str | None:
+    """Why a ``length``-token context cannot run in a ``window``-token model, with ``after`` tokens after it."""
+    if length > window:
+        return f"over the window: {length} tokens > {name}'s {window}-token context"
+    if after >= window:
+        return f"over the window: the {after} tokens generated after the context fill {name}'s {window}-token context"
+    return None
+
+
+def fit_context(length: int, after: int, window: int, name: str, what: str) -> tuple[int, str | None]:
+    """A length names the context. When the ``after`` tokens generated after it (``what``) would overrun the
+    window, the context is shortened by that much and a one-line note says so."""
+    if length + after <= window:
+        return length, None
+    ctx = window - after
+    return ctx, (f"context shortened from {length} to {ctx} tokens so that the {what} "
+                 f"fit in {name}'s {window}-token window")
+
+
 def _avail_bytes() -> int:
     try:
         import psutil
@@ -181,12 +200,20 @@ class ShapeSweep:
         s = self.shape
         return 2 * self.batch * s.kv_heads * (length + self.decode_tokens + self.warmup + 1) * s.head_dim * self.esize
 
+    def fit(self, length: int) -> tuple[int, str | None]:
+        """The context that runs for a named ``length``, and a one-line note when it is shorter.
+
+        The warm-up and timed decode steps append to the KV cache after the context, so the context is
+        shortened by what they need when ``length`` plus them would overrun the shape's window."""
+        return fit_context(length, self.warmup + self.decode_tokens, self.shape.max_context, self.shape.name,
+                           f"{self.warmup} warm-up + {self.decode_tokens} timed decode steps")
+
     def check(self, length: int) -> str | None:
         """Why ``length`` cannot run at this shape (None when it can)."""
         s = self.shape
-        need = length + self.warmup + self.decode_tokens
-        if need > s.max_context:
-            return f"over the window: {need} tokens > {s.name}'s {s.max_context}-token context"
+        reason = window_reason(length, self.warmup + self.decode_tokens, s.max_context, s.name)
+        if reason:
+            return reason
         if not self.device.startswith("cuda"):
             # synthetic KV + the layer's cache (+ growth slack) + weights, kept under 80% of free memory
             est = 3 * self.kv_bytes(length) + (0 if self._weights else LayerWeights.bytes_needed(s, self.esize))
