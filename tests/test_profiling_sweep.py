@@ -30,11 +30,50 @@ def test_calibration_is_measured_and_cached(tmp_path, monkeypatch):
     again = calibrate("cpu", "float32", quick=True)
     assert again["cached"] is True and again["copy_gbps"] == first["copy_gbps"]
     data = json.loads((tmp_path / "calibration.json").read_text())
-    key = cal_mod.machine_info("cpu")["key"]
-    assert any(slot.startswith("cpu:float32") for slot in data[key])
+    kid = cal_mod.key_id(cal_mod.calibration_key("cpu", "float32"))
+    assert data["entries"][kid]["key"]["device"] == "cpu" and data["entries"][kid]["key"]["dtype"] == "float32"
     redo = calibrate("cpu", "float32", force=True, quick=True)
     assert redo["cached"] is False
     (tmp_path / "calibration.json").write_text("{not json")  # a corrupt cache is re-measured, not fatal
+    assert calibrate("cpu", "float32", quick=True)["cached"] is False
+
+
+def test_calibration_cache_is_keyed_on_cores_torch_and_threads(tmp_path, monkeypatch):
+    """A cached calibration is reused only on the same key: other available cores, another torch version or
+    another thread count re-measure instead of silently reusing stale figures."""
+    import os
+
+    monkeypatch.setenv("HETMEM_CACHE", str(tmp_path))
+    first = calibrate("cpu", "float32", quick=True)
+    key = first["key"]
+    assert key["cores_available"] == len(os.sched_getaffinity(0)) and key["torch"] == torch.__version__
+    assert key["threads"] == torch.get_num_threads() and key["cpu"] and first["measured_at"]
+    assert first["key_id"] == cal_mod.key_id(key)
+    assert calibrate("cpu", "float32", quick=True)["cached"] is True
+
+    monkeypatch.setattr(cal_mod, "cores_available", lambda: key["cores_available"] + 7)
+    moved = calibrate("cpu", "float32", quick=True)
+    assert moved["cached"] is False and moved["key"]["cores_available"] == key["cores_available"] + 7
+    monkeypatch.undo()
+    monkeypatch.setenv("HETMEM_CACHE", str(tmp_path))
+    assert calibrate("cpu", "float32", quick=True)["cached"] is True  # the first entry is still there
+
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert calibrate("cpu", "float32", quick=True)["cached"] is False
+    monkeypatch.undo()
+    monkeypatch.setenv("HETMEM_CACHE", str(tmp_path))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        other = calibrate("cpu", "float32", quick=True)
+        assert other["cached"] is False and other["key"]["threads"] == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    # an entry whose stored key does not match (edited, or a hash collision) is not trusted
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    data["entries"][first["key_id"]]["key"]["cpu"] = "some other cpu"
+    (tmp_path / "calibration.json").write_text(json.dumps(data))
     assert calibrate("cpu", "float32", quick=True)["cached"] is False
 
 
@@ -53,6 +92,10 @@ def test_tiny_sweep_writes_all_artifacts_and_resumes(cache, tmp_path, capsys):
     doc = json.loads((out / "profile.json").read_text())
     assert doc["schema"] == "hetmem.profile/1" and doc["mode"] == "sweep" and doc["shape"]["name"] == "tiny"
     assert doc["calibration"]["source"] == "measured" and doc["calibration"]["copy_gbps"] > 0
+    # the run record says when the calibration was measured and under which key (the cache fixture made it)
+    cal = doc["calibration"]
+    assert cal["cached"] is True and cal["measured_at"] and cal["key"]["threads"] == doc["threads"]
+    assert cal["key_id"] == json.loads((cache / "calibration.json").read_text())["entries"][cal["key_id"]]["key_id"]
     assert {(r["method"], r["length"]) for r in doc["runs"]} == {("dense", 1024), ("dense", 2048),
                                                                ("quest", 1024), ("quest", 2048)}
     steps = {r["step"] for r in doc["records"] if r["method"] == "quest" and r["length"] == 2048 and r["phase"] == "decode"}
@@ -88,6 +131,8 @@ def test_tiny_sweep_writes_all_artifacts_and_resumes(cache, tmp_path, capsys):
     assert {"relevancy", "apply.gather"} <= {e["name"] for e in spans}
     summary = (out / "summary.md").read_text()
     assert "measured" in summary and "| quest | 2k |" in summary
+    assert f"reused from the cache, measured at {cal['measured_at']}, key {cal['key_id']}" in summary
+    assert f"{cal['key']['cores_available']} cores available" in summary
 
     # resume: the four done runs are kept as they were, only 4k runs
     before = {(r["method"], r["length"], r["phase"], r["step"]): r["ms"] for r in doc["records"]}

@@ -134,9 +134,10 @@ def cmd_profile(args) -> int:
         runner = ModelRunner(lm, decode_tokens=args.decode_tokens)
         mode, model_name, shape_d = "model", lm.name, runner.shape
 
-    print(f"[hetmem] calibrating {device} at {dtype_name} (cached per machine) ...", file=sys.stderr, flush=True)
+    print(f"[hetmem] calibrating {device} at {dtype_name} (cached per machine, cores, torch and threads) ...",
+          file=sys.stderr, flush=True)
     cal = calibrate(device, dtype_name, force=args.recalibrate)
-    cal.pop("cached", None)
+    print(f"[hetmem] {artifacts.calibration_line(cal)}", file=sys.stderr, flush=True)
     meta = {
         "hetmem_version": getattr(hetmem, "__version__", "0"),
         "mode": mode, "model": model_name, "shape": shape_d, "device": device, "dtype": dtype_name, "batch": 1,

@@ -45,6 +45,15 @@ def _phase_parts(idx: dict, method: str, length: int, phase: str) -> dict[str, f
             "rest": ms["rest"]}
 
 
+def calibration_line(cal: dict) -> str:
+    """When the calibration was measured, whether this run reused it, and the key it was cached under."""
+    k = cal.get("key") or {}
+    when = "measured for this run" if cal.get("cached") is False else "reused from the cache"
+    return (f"calibration {when}, measured at {cal.get('measured_at')}, key {cal.get('key_id')} "
+            f"(cpu {k.get('cpu')}, {k.get('cores_available')} cores available, torch {k.get('torch')}, "
+            f"{k.get('threads')} threads, {k.get('device')} {k.get('dtype')})")
+
+
 # ------------------------------------------------------------------------------------------------
 def summary_md(doc: dict) -> str:
     idx = _idx(doc)
@@ -56,7 +65,8 @@ def summary_md(doc: dict) -> str:
         f"- device `{doc['device']}`, dtype `{doc['dtype']}`, machine `{doc['machine'].get('cpu')}` "
         f"({doc['machine'].get('cpu_count')} cores, torch {doc['machine'].get('torch')})",
         f"- calibration (measured on this machine): copy bandwidth {cal.get('copy_gbps')} GB/s, "
-        f"matmul {cal.get('matmul_gflops')} GFLOP/s at {cal.get('dtype')}, ridge {cal.get('ridge_flop_per_byte')} flop/byte",
+        f"matmul {cal.get('matmul_gflops')} GFLOP/s at {cal.get('dtype')}, ridge {cal.get('ridge_flop_per_byte')} flop/byte; "
+        + calibration_line(cal),
         "- all times **measured** on this machine; flops and bytes **analytic** (from shapes and dtypes)",
     ]
     if doc["mode"] == "sweep":
