@@ -84,7 +84,7 @@ def _profile(out, *extra, lengths="1k,2k", methods="dense,quest"):
 
 def test_tiny_sweep_writes_all_artifacts_and_resumes(cache, tmp_path, capsys):
     out = tmp_path / "prof"
-    assert _profile(out) == 0
+    assert _profile(out, "--roofline-devices", "u55c,h100") == 0
     for name in ARTIFACTS:
         assert (out / name).stat().st_size > 0, name
     assert (out / "overhead.png").read_bytes()[:4] == b"\x89PNG"
@@ -92,6 +92,12 @@ def test_tiny_sweep_writes_all_artifacts_and_resumes(cache, tmp_path, capsys):
     doc = json.loads((out / "profile.json").read_text())
     assert doc["schema"] == "hetmem.profile/1" and doc["mode"] == "sweep" and doc["shape"]["name"] == "tiny"
     assert doc["calibration"]["source"] == "measured" and doc["calibration"]["copy_gbps"] > 0
+    # roofline.png: the measured roof, then each catalogue device's datasheet roof, each with its own ridge
+    from hetmem.profiling.artifacts import roofs
+
+    rs = roofs(doc)
+    assert [(r["name"], r["source"]) for r in rs] == [("cpu", "measured"), ("u55c", "datasheet"), ("h100", "datasheet")]
+    assert len({round(r["peak"] / r["bw"], 6) for r in rs}) == 3
     # the run record says when the calibration was measured and under which key (the cache fixture made it)
     cal = doc["calibration"]
     assert cal["cached"] is True and cal["measured_at"] and cal["key"]["threads"] == doc["threads"]
@@ -131,7 +137,7 @@ def test_tiny_sweep_writes_all_artifacts_and_resumes(cache, tmp_path, capsys):
     assert {"relevancy", "apply.gather"} <= {e["name"] for e in spans}
     summary = (out / "summary.md").read_text()
     assert "measured" in summary and "| quest | 2k |" in summary
-    assert f"reused from the cache, measured at {cal['measured_at']}, key {cal['key_id']}" in summary
+    assert f"reused from the cache (measured at {cal['measured_at']}), key {cal['key_id']}" in summary
     assert f"{cal['key']['cores_available']} cores available" in summary
 
     # resume: the four done runs are kept as they were, only 4k runs
@@ -220,7 +226,8 @@ def test_fit_context_rules():
 
 
 def test_bad_input_is_one_line(cache, tmp_path, capsys):
-    for argv in (["--lengths", "4q"], ["--methods", "nosuch"], ["--shape", "nosuch-model"]):
+    for argv in (["--lengths", "4q"], ["--methods", "nosuch"], ["--shape", "nosuch-model"],
+                 ["--roofline-devices", "nosuch-gpu"]):
         args = {"--methods": "dense", "--lengths": "1k", "--shape": "tiny"}
         args.update(dict(zip(argv[::2], argv[1::2])))
         code = main(["profile", *sum(([k, v] for k, v in args.items()), []), "--out", str(tmp_path / "x")])

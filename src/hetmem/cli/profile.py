@@ -22,6 +22,7 @@ from hetmem.cli.common import RUNNERS
 from hetmem.core.steps import STEP_NAMES
 from hetmem.core.timer import StepTimer
 from hetmem.hw.calibrate import calibrate, machine_info
+from hetmem.hw.catalog import Catalog
 from hetmem.llm.models import load_model, parse_dtype
 from hetmem.methods import get_method
 from hetmem.profiling import artifacts
@@ -68,6 +69,9 @@ def register(subparsers, run_parser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 gives steadier times on a busy machine)")
     p.add_argument("--recalibrate", action="store_true", help="measure the device peaks again (ignore the cache)")
+    p.add_argument("--roofline-devices", default="",
+                   help="also draw these catalogue devices' datasheet roofs on roofline.png, e.g. u55c,h100 "
+                        "(`hetmem devices` lists them)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_profile)
 
@@ -78,6 +82,20 @@ def _methods(args):
         raise HetmemError("--methods is empty: give a comma-separated list such as dense,quest")
     params = {"budget": args.budget, "page_size": args.page_size}
     return [get_method(n, **params) for n in dict.fromkeys(names)]
+
+
+def _roofline_devices(text: str, dtype: str) -> list[dict]:
+    """Datasheet roofs (memory bandwidth, peak at ``dtype``) of catalogue devices, for roofline.png only."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if not names:
+        return []
+    cat = Catalog(calibrate_host=False)
+    out = []
+    for n in dict.fromkeys(names):
+        dev = cat.device(n)
+        out.append({"name": dev.name, "kind": dev.kind, "dtype": dtype, "mem_bw_gbs": dev.mem_bw_gbs,
+                    "peak_gflops": dev.peak(dtype) / 1e9, "source": f"datasheet ({dev.path})"})
+    return out
 
 
 def _present_steps(method, layers: int) -> list[str]:
@@ -124,6 +142,7 @@ def cmd_profile(args) -> int:
     if out.exists() and not out.is_dir():
         raise HetmemError(f"--out {out} exists and is not a directory")
 
+    roof_devs = _roofline_devices(args.roofline_devices, dtype_name)
     show = not args.no_progress
     if args.shape:
         shape = get_shape(args.shape)
@@ -144,6 +163,7 @@ def cmd_profile(args) -> int:
         "threads": torch.get_num_threads(),
         "machine": {k: v for k, v in machine_info(device).items()},
         "calibration": cal,
+        "roofline_devices": roof_devs,
         "timing": {"decode_tokens": args.decode_tokens, "warmup": args.warmup if mode == "sweep" else 0},
         "settings": {"methods": {m.name: m.params() for m in methods}, "lengths": lengths,
                      "decode_tokens": args.decode_tokens, "warmup": args.warmup if mode == "sweep" else 0,
@@ -258,4 +278,4 @@ def _print_table(doc: dict) -> None:
         d = r["phases"].get("decode", {})
         print(f"{r['method']:<10} {r['length']:>8} {d.get('ms_per_token') or 0:>10.1f} "
               f"{100 * (d.get('overhead') or 0):>8.1f}% {100 * (d.get('overhead_incl_apply') or 0):>9.1f}%  ok"
-              + (f" ({r['note']})" if r.get("note") else ""))
+              + (f" (context {r['context_tokens']}: shortened to fit the window)" if r.get("note") else ""))
