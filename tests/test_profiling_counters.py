@@ -138,3 +138,40 @@ def test_seer_step_counts_match_real_tensors():
     k, v = gather_selected_kv(layer.buf_k, layer.buf_v, sel.indices, 16, L)
     assert counter.totals[("apply.gather", "decode")][2] == k.nbytes + v.nbytes
     assert timer.phase_calls("apply.gather", "decode") == 1
+
+
+def test_ops_cover_every_layer_not_the_last_call():
+    """Two layers (a dense one and a quest one, of different KV lengths) counted by one StepCounter: the
+    apply step's per-op tally sums both calls, with each op's call count."""
+    from hetmem.profiling.counters import OpTally
+
+    torch.manual_seed(0)
+    B, Hkv, G, D, P = 1, 2, 2, 8, 16
+    method = get_method("quest", budget=64, page_size=P, dense_layers=1)
+    timer = StepTimer()
+    counter = StepCounter(timer)
+    timer.phase = "decode"
+    per_layer = []
+    for idx, L in ((0, 100), (1, 300)):  # layer 0 is dense (dense_layers=1), layer 1 is quest
+        pipe = counter.wrap(method.pipeline("cpu", timer, layer_idx=idx))
+        layer = PagedKVLayer(P, pipe, reserve_tokens=L + 1)
+        layer.update(torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D))
+        q = torch.randn(B, Hkv, G, D)
+        before = OpTally().merge(counter.ops.get(("apply", "decode"), OpTally()))
+        pipe.query_and_apply(layer.memory, Query(vectors=q), layer, DecodeTarget(q, D**-0.5))
+        after = counter.ops[("apply", "decode")]
+        per_layer.append({op: after.by_op[op][1] - before.by_op.get(op, [None, 0.0])[1] for op in after.by_op})
+    tally = counter.ops[("apply", "decode")]
+    f, br, bw, calls = counter.totals[("apply", "decode")]
+    assert calls == 2 and tally.total() == (f, br, bw)
+    # attention ran in both layers (dense over 100 keys, quest over its budget), the gather only in the quest one
+    assert tally.by_op["decode_attention"][4] == 2
+    assert per_layer[0]["decode_attention"] > 0 and per_layer[1]["decode_attention"] > 0
+    assert tally.by_op["decode_attention"][1] == per_layer[0]["decode_attention"] + per_layer[1]["decode_attention"]
+    gather = [op for op in tally.by_op if "gather" in op]
+    assert gather and all(tally.by_op[op][4] == 1 for op in gather)
+    # the profile's list: per step call (mean over both calls) and the phase sums, with call counts
+    ops = tally.as_list(calls)
+    assert sum(o["total"]["flops"] for o in ops) == f
+    assert abs(sum(o["flops"] for o in ops) - f / 2) < 1e-6 * f
+    assert {o["op"]: o["calls"] for o in ops}["decode_attention"] == 2

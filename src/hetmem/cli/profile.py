@@ -17,10 +17,12 @@ from pathlib import Path
 
 import hetmem
 from hetmem.errors import HetmemError
+from hetmem.files import write_json_atomic
 from hetmem.cli.common import RUNNERS
 from hetmem.core.steps import STEP_NAMES
 from hetmem.core.timer import StepTimer
 from hetmem.hw.calibrate import calibrate, machine_info
+from hetmem.hw.catalog import Catalog
 from hetmem.llm.models import load_model, parse_dtype
 from hetmem.methods import REGISTRY, get_method, param_specs
 from hetmem.profiling import artifacts
@@ -67,6 +69,9 @@ def register(subparsers, run_parser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 gives steadier times on a busy machine)")
     p.add_argument("--recalibrate", action="store_true", help="measure the device peaks again (ignore the cache)")
+    p.add_argument("--roofline-devices", default="",
+                   help="also draw these catalogue devices' datasheet roofs on roofline.png, e.g. u55c,h100 "
+                        "(`hetmem devices` lists them)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_profile)
 
@@ -80,6 +85,20 @@ def _methods(args):
     for n in dict.fromkeys(names):  # --budget/--page-size apply to the methods that take them
         takes = {s.name for s in param_specs(REGISTRY[n])} if n in REGISTRY else set()
         out.append(get_method(n, **{k: v for k, v in params.items() if k in takes}))
+    return out
+
+
+def _roofline_devices(text: str, dtype: str) -> list[dict]:
+    """Datasheet roofs (memory bandwidth, peak at ``dtype``) of catalogue devices, for roofline.png only."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if not names:
+        return []
+    cat = Catalog(calibrate_host=False)
+    out = []
+    for n in dict.fromkeys(names):
+        dev = cat.device(n)
+        out.append({"name": dev.name, "kind": dev.kind, "dtype": dtype, "mem_bw_gbs": dev.mem_bw_gbs,
+                    "peak_gflops": dev.peak(dtype) / 1e9, "source": f"datasheet ({dev.path})"})
     return out
 
 
@@ -127,6 +146,7 @@ def cmd_profile(args) -> int:
     if out.exists() and not out.is_dir():
         raise HetmemError(f"--out {out} exists and is not a directory")
 
+    roof_devs = _roofline_devices(args.roofline_devices, dtype_name)
     show = not args.no_progress
     if args.shape:
         shape = get_shape(args.shape)
@@ -137,15 +157,17 @@ def cmd_profile(args) -> int:
         runner = ModelRunner(lm, decode_tokens=args.decode_tokens)
         mode, model_name, shape_d = "model", lm.name, runner.shape
 
-    print(f"[hetmem] calibrating {device} at {dtype_name} (cached per machine) ...", file=sys.stderr, flush=True)
+    print(f"[hetmem] calibrating {device} at {dtype_name} (cached per machine, cores, torch and threads) ...",
+          file=sys.stderr, flush=True)
     cal = calibrate(device, dtype_name, force=args.recalibrate)
-    cal.pop("cached", None)
+    print(f"[hetmem] {artifacts.calibration_line(cal)}", file=sys.stderr, flush=True)
     meta = {
         "hetmem_version": getattr(hetmem, "__version__", "0"),
         "mode": mode, "model": model_name, "shape": shape_d, "device": device, "dtype": dtype_name, "batch": 1,
         "threads": torch.get_num_threads(),
         "machine": {k: v for k, v in machine_info(device).items()},
         "calibration": cal,
+        "roofline_devices": roof_devs,
         "timing": {"decode_tokens": args.decode_tokens, "warmup": args.warmup if mode == "sweep" else 0},
         "settings": {"methods": {m.name: m.params() for m in methods}, "lengths": lengths,
                      "decode_tokens": args.decode_tokens, "warmup": args.warmup if mode == "sweep" else 0,
@@ -166,20 +188,24 @@ def cmd_profile(args) -> int:
     try:
         for L, m in todo:
             bar.set_postfix_str(f"{m.name} @ {L}")
-            base = {"method": m.name, "params": m.params(), "model": model_name,
-                    "shape": shape_d["name"] if mode == "sweep" else None, "length": L,
-                    "device": device, "dtype": dtype_name}
             reason = None
             if m.family in RUNNERS:
                 reason = f"method family '{m.family}' is not an in-model attention method (profile it with its own runner)"
             reason = reason or runner.check(L)
+            # a length names the context: shortened (and said so) when the decode steps would overrun the window
+            ctx, note = runner.fit(L) if reason is None else (None, None)
+            base = {"method": m.name, "params": m.params(), "model": model_name,
+                    "shape": shape_d["name"] if mode == "sweep" else None, "length": L, "context_tokens": ctx,
+                    "device": device, "dtype": dtype_name}
             phases, recs, events = None, None, None
             if reason is None:
+                if note:
+                    bar.write(f"[hetmem] {m.name} @ {L}: {note}", file=sys.stderr)
                 try:
                     if mode == "sweep":
-                        phases, recs, events = runner.run(m, L, base, progress=lambda: bar.update(1))
+                        phases, recs, events = runner.run(m, ctx, base, progress=lambda: bar.update(1))
                     else:
-                        phases, recs, events = runner.run(m, L, base, progress=show)
+                        phases, recs, events = runner.run(m, ctx, base, progress=show)
                         bar.update(1)
                 except Exception as exc:  # a step that cannot run here is recorded, the sweep goes on
                     msg = str(exc).splitlines()[0][:160] if str(exc) else ""
@@ -197,17 +223,18 @@ def cmd_profile(args) -> int:
                         torch.cuda.empty_cache()
             if reason is not None:
                 base_l = dict(base, layers=shape_d["layers"])
-                store.add({"method": m.name, "params": m.params(), "length": L, "status": "skipped", "reason": reason,
-                           "phases": {}}, skipped_records(base_l, _present_steps(m, shape_d["layers"]), reason))
+                store.add({"method": m.name, "params": m.params(), "length": L, "context_tokens": None, "note": None,
+                           "status": "skipped", "reason": reason, "phases": {}},
+                          skipped_records(base_l, _present_steps(m, shape_d["layers"]), reason))
                 bar.write(f"[hetmem] {m.name} @ {L}: skipped ({reason})", file=sys.stderr)
                 if mode == "sweep":
                     bar.update(per_run)
                 continue
-            store.add({"method": m.name, "params": m.params(), "length": L, "status": "ok", "reason": None,
-                       "phases": phases}, recs)
+            store.add({"method": m.name, "params": m.params(), "length": L, "context_tokens": ctx, "note": note,
+                       "status": "ok", "reason": None, "phases": phases}, recs)
             if events:
                 pid = 1 + max([e.get("pid", 0) for e in trace] + [0])
-                trace += artifacts.trace_events(f"{m.name} @ {L} tokens", pid, events, events[0][2] if events else 0.0)
+                trace += artifacts.trace_events(f"{m.name} @ {ctx} tokens", pid, events, events[0][2] if events else 0.0)
                 _save_trace(out / "trace.json", trace)
     except KeyboardInterrupt:
         interrupted = True
@@ -240,12 +267,8 @@ def _load_trace(path: Path) -> list[dict]:
 
 
 def _save_trace(path: Path, trace: list[dict]) -> None:
-    import os
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"traceEvents": trace, "displayTimeUnit": "ms"}))
-    os.replace(tmp, path)
+    write_json_atomic(path, {"traceEvents": trace, "displayTimeUnit": "ms"}, indent=None)
 
 
 def _print_table(doc: dict) -> None:
@@ -258,4 +281,5 @@ def _print_table(doc: dict) -> None:
             continue
         d = r["phases"].get("decode", {})
         print(f"{r['method']:<10} {r['length']:>8} {d.get('ms_per_token') or 0:>10.1f} "
-              f"{100 * (d.get('overhead') or 0):>8.1f}% {100 * (d.get('overhead_incl_apply') or 0):>9.1f}%  ok")
+              f"{100 * (d.get('overhead') or 0):>8.1f}% {100 * (d.get('overhead_incl_apply') or 0):>9.1f}%  ok"
+              + (f" (context {r['context_tokens']}: shortened to fit the window)" if r.get("note") else ""))

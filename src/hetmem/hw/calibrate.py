@@ -1,8 +1,12 @@
 """Device peaks, measured: copy bandwidth and matmul throughput at a dtype, cached per machine.
 
 The roofline and the overhead analysis use these *measured* figures, never datasheet numbers. The
-cache lives in ``<hetmem cache>/calibration.json`` keyed by a machine key (host, CPU model, core
-count, torch version, GPU name) and then by ``device:dtype:threads``; ``force=True`` re-measures.
+cache lives in ``<hetmem cache>/calibration.json``, one entry per calibration key
+(``calibration_key``): host, CPU model, the cores this process may run on (``os.sched_getaffinity``),
+torch version, torch threads, GPU name, device and dtype. A cached entry is reused only when its whole
+key equals the current one, so a change of machine, CPU affinity, torch or thread count re-measures
+instead of reusing stale figures; ``force=True`` re-measures. Every entry carries its key and
+``measured_at``, and the profile records both.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from hetmem.core.device import DTYPES, sync
 from hetmem.errors import HetmemError
+from hetmem.files import write_json_atomic
 from hetmem.settings import cache_dir
 
 CALIBRATED_DTYPES = ("float32", "bfloat16", "float16")
@@ -35,15 +40,28 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(device: str = "cpu") -> dict:
-    cuda = None
+def cores_available() -> int:
+    """CPU cores this process may run on (its affinity mask), which can be fewer than the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover (not Linux)
+        return os.cpu_count() or 1
+
+
+def _cuda_name(device: str) -> str | None:
     if device.startswith("cuda") and torch.cuda.is_available():
-        cuda = torch.cuda.get_device_name(torch.device(device))
+        return torch.cuda.get_device_name(torch.device(device))
+    return None
+
+
+def machine_info(device: str = "cpu") -> dict:
+    cuda = _cuda_name(device)
     info = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cores_available": cores_available(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda_device": cuda,
@@ -55,6 +73,21 @@ def machine_info(device: str = "cpu") -> dict:
 
 def cache_path() -> Path:
     return cache_dir() / "calibration.json"
+
+
+CACHE_SCHEMA = "hetmem.calibration/2"
+
+
+def calibration_key(device: str = "cpu", dtype: str = "float32") -> dict:
+    """What a calibration depends on: the machine (host, CPU model, cores available to this process, GPU),
+    the software (torch version, torch threads) and what is measured (device, dtype)."""
+    return {"hostname": socket.gethostname(), "cpu": _cpu_model(), "cores_available": cores_available(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cuda_device": _cuda_name(device),
+            "device": device, "dtype": dtype}
+
+
+def key_id(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _best_seconds(fn, device: str, repeats: int) -> float:
@@ -101,8 +134,11 @@ def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False) ->
 
 
 def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False, quick: bool = False) -> dict:
-    """Cached calibration for this machine at ``device:dtype`` (measured on first use or with ``force``)."""
-    info = machine_info(device)
+    """Calibration for this machine at ``device:dtype``: the cached entry whose key equals the current
+    ``calibration_key``, else (or with ``force``) measured now and cached. The result carries ``key``,
+    ``key_id``, ``measured_at`` and ``cached`` (True when reused from the cache)."""
+    key = calibration_key(device, dtype)
+    kid = key_id(key)
     path = cache_path()
     data: dict = {}
     if path.exists():
@@ -110,14 +146,16 @@ def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False, 
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             data = {}  # a corrupt cache is re-measured, not fatal
-    slot = f"{device}:{dtype}:threads={torch.get_num_threads()}"
-    entry = data.get(info["key"], {}).get(slot)
-    if entry is not None and not force:
+    if not isinstance(data, dict):
+        data = {}
+    entries = data.get("entries") if data.get("schema") == CACHE_SCHEMA else None
+    entries = entries if isinstance(entries, dict) else {}
+    entry = entries.get(kid)
+    if entry is not None and not force and entry.get("key") == key:
         return dict(entry, cached=True)
-    entry = measure(device, dtype, quick=quick)
-    data.setdefault(info["key"], {})[slot] = entry
+    entry = dict(measure(device, dtype, quick=quick), key=key, key_id=kid)
+    entries[kid] = entry
+    data.update(schema=CACHE_SCHEMA, entries=entries)  # other top-level keys (older layouts) are kept
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
     return dict(entry, cached=False)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from hetmem.ops import counts as C
-from hetmem.profiling.counters import StepCounter
+from hetmem.profiling.counters import OpTally, StepCounter
 from hetmem.profiling.records import phase_records
+from hetmem.profiling.sweep import fit_context, window_reason
 from hetmem.core.timer import StepTimer
 from hetmem.llm.generate import generate
 from hetmem.tasks.haystack import essay_text
@@ -61,11 +62,13 @@ class ModelRunner:
         self._ids: torch.Tensor | None = None
         self._warm: set[str] = set()
 
+    def fit(self, length: int) -> tuple[int, str | None]:
+        """The prompt that runs for a named ``length`` (shortened so the decode steps fit the window) and a note."""
+        return fit_context(length, self.decode_tokens + 1, self.lm.max_context, self.lm.name,
+                           f"{self.decode_tokens} timed decode steps + the first generated token")
+
     def check(self, length: int) -> str | None:
-        need = length + self.decode_tokens + 1
-        if need > self.lm.max_context:
-            return f"over the window: {need} tokens > {self.lm.name}'s {self.lm.max_context}-token context"
-        return None
+        return window_reason(length, self.decode_tokens + 1, self.lm.max_context, self.lm.name)
 
     def input_ids(self, length: int) -> torch.Tensor:
         if self._ids is None or self._ids.shape[1] < length:
@@ -95,18 +98,18 @@ class ModelRunner:
         L, n = length, len(res.token_ids) - 1
         B, H, Hkv, D = 1, s["heads"], s["kv_heads"], s["head_dim"]
         chunks = [(min(PREFILL_CHUNK, L - a), a + min(PREFILL_CHUNK, L - a)) for a in range(0, L, PREFILL_CHUNK)]
-        pre_apply = [C.prefill_attention(B, H, Hkv, lq, lk, D, e) for lq, lk in chunks] * s["layers"]
-        pre_rest = []
-        for lq, _ in chunks:
-            pre_rest += C.dense_layer(lq, s["hidden"], H, Hkv, D, s["intermediate"], e) * s["layers"]
-            pre_rest += C.lm_head(1, s["hidden"], s["vocab"], e)
-        one_layer = C.dense_layer(1, s["hidden"], H, Hkv, D, s["intermediate"], e)
-        dec_rest = (one_layer * s["layers"] + C.lm_head(1, s["hidden"], s["vocab"], e)) * n
+        pre_apply, pre_rest = OpTally(), OpTally()
+        for lq, lk in chunks:
+            pre_apply.add([C.prefill_attention(B, H, Hkv, lq, lk, D, e)], s["layers"])
+            pre_rest.add(C.dense_layer(lq, s["hidden"], H, Hkv, D, s["intermediate"], e), s["layers"])
+            pre_rest.add(C.lm_head(1, s["hidden"], s["vocab"], e))
+        dec_rest = OpTally(C.dense_layer(1, s["hidden"], H, Hkv, D, s["intermediate"], e), n * s["layers"])
+        dec_rest.add(C.lm_head(1, s["hidden"], s["vocab"], e), n)
         pre, pre_sum = phase_records(
             base=base, phase="prefill", timer=timer, counter=counter, total_ms=res.prefill_ms, tokens=L,
-            layers=s["layers"], rest_counts=pre_rest, rest_calls=len(chunks) * s["layers"],
+            layers=s["layers"], rest=pre_rest, rest_calls=len(chunks) * s["layers"],
             extra_counts={"apply": pre_apply})
         dec, dec_sum = phase_records(
             base=base, phase="decode", timer=timer, counter=counter, total_ms=res.decode_ms, tokens=n,
-            layers=s["layers"], rest_counts=dec_rest, rest_calls=n * s["layers"], rest_ops=one_layer)
+            layers=s["layers"], rest=dec_rest, rest_calls=n * s["layers"])
         return {"prefill": pre_sum, "decode": dec_sum}, pre + dec, list(timer.events or [])

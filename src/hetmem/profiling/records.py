@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from hetmem.errors import HetmemError
-from hetmem.ops.counts import OpCount, intensity, total
+from hetmem.files import write_json_atomic
+from hetmem.ops.counts import intensity
+from hetmem.profiling.counters import OpTally
 
 SCHEMA = "hetmem.profile/1"
 STEP_ORDER = ("prepare", "relevancy", "retrieval", "apply", "apply.gather", "rest", "total")
@@ -22,15 +23,15 @@ def _r(x, nd=4):
 
 
 def phase_records(*, base: dict, phase: str, timer, counter, total_ms: float | None, tokens: int, layers: int,
-                  scale: float = 1.0, time_source: str = "measured", rest_ms_extra: float = 0.0,
-                  rest_counts: list[OpCount] | None = None, rest_calls: int = 0, rest_ops: list[OpCount] | None = None,
-                  extra_counts: dict[str, list[OpCount]] | None = None) -> tuple[list[dict], dict]:
+                  scale: float = 1.0, time_source: str = "measured", rest: OpTally | None = None, rest_calls: int = 0,
+                  extra_counts: dict[str, OpTally] | None = None) -> tuple[list[dict], dict]:
     """Records for one phase of one (method, length) run, and the phase's summary for ``runs[]``.
 
-    Step times and counts come from ``timer``/``counter`` and are multiplied by ``scale`` (sweep mode:
-    layers / layers_timed). ``rest_ms_extra``/``rest_counts`` add measured work outside the timed
-    layer (the LM head); ``extra_counts`` adds analytic counts for steps timed outside a pipeline
-    (prefill attention, timed as Apply by the attention hook).
+    Step times and counts come from ``timer``/``counter`` and are multiplied by ``scale``. ``rest`` holds
+    the analytic counts of the work outside the steps (dense layer parts, LM head) over the whole phase,
+    in ``rest_calls`` layer calls; ``extra_counts`` holds analytic counts for steps timed outside a
+    pipeline (prefill attention, timed as Apply by the attention hook), over the whole phase. Every
+    record's ``ops`` covers every call of the step in the phase (all layers, all tokens).
     """
     extra_counts = extra_counts or {}
     recs: list[dict] = []
@@ -40,25 +41,22 @@ def phase_records(*, base: dict, phase: str, timer, counter, total_ms: float | N
         ms = timer.phase_ms(name, phase) * scale
         calls = int(round(timer.phase_calls(name, phase) * scale))
         step_ms[name] = ms
-        t = counter.totals.get((name, phase)) if counter is not None else None
-        ops = counter.ops.get((name, phase), []) if counter is not None else []
-        if name in extra_counts:
-            f, br, bw = total(extra_counts[name])
-            ops = []  # analytic totals for calls timed outside a pipeline (no per-call breakdown)
-            t = [f, br, bw, calls / scale]
-        if t is not None:
-            flops, br, bw = t[0] * scale, t[1] * scale, t[2] * scale
+        tally = extra_counts.get(name)
+        if tally is None and counter is not None:
+            tally = counter.ops.get((name, phase))
+        if tally is not None:
+            flops, br, bw = (v * scale for v in tally.total())
+            ops = tally.as_list(calls, scale)
         else:
             flops = br = bw = None
+            ops = []
         recs.append(_record(base, phase, name, ms, calls, tokens, layers, flops, br, bw, ops, time_source))
     if total_ms is not None:
         tot_ms = total_ms
         rest_ms = max(0.0, tot_ms - sum(v for k, v in step_ms.items() if k != "apply.gather"))
-        rc = rest_counts or []
-        f, br, bw = total(rc) if rc else (None, None, None)
-        rest_rec = _record(base, phase, "rest", rest_ms, rest_calls, tokens, layers, f, br, bw,
-                           rest_ops if rest_ops is not None else rc, time_source)
-        recs.append(rest_rec)
+        f, br, bw = rest.total() if rest else (None, None, None)
+        recs.append(_record(base, phase, "rest", rest_ms, rest_calls, tokens, layers, f, br, bw,
+                            rest.as_list(rest_calls) if rest else [], time_source))
         parts = [r for r in recs if r["step"] != "apply.gather"]
         tf = sum(r["flops"] for r in parts) if all(r["flops"] is not None for r in parts) else None
         tbr = sum(r["bytes_read"] for r in parts) if tf is not None else None
@@ -100,7 +98,7 @@ def _record(base, phase, step, ms, calls, tokens, layers, flops, br, bw, ops, ti
             "bytes_read": None if br is None or not calls else br / per,
             "bytes_written": None if bw is None or not calls else bw / per,
         },
-        "ops": [o.as_dict() for o in ops],
+        "ops": ops,
     }
 
 
@@ -155,9 +153,7 @@ class ProfileStore:
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.doc["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.doc)
 
 
 def _norm(v):

@@ -33,7 +33,7 @@ from hetmem.core.steps import STEP_NAMES
 from hetmem.core.types import DecodeTarget, Query
 from hetmem.errors import HetmemError
 from hetmem.ops import counts as C
-from hetmem.profiling.counters import StepCounter
+from hetmem.profiling.counters import OpTally, StepCounter
 from hetmem.profiling.records import phase_records
 from hetmem.core.timer import StepTimer
 from hetmem.llm.paged_cache import PagedKVLayer
@@ -81,6 +81,25 @@ def get_shape(name: str) -> Shape:
         except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
             raise HetmemError(f"shape file {p} is not valid: {exc}") from None
     raise HetmemError(f"unknown shape '{name}': use one of {', '.join(SHAPES)} or a .json shape file")
+
+
+def window_reason(length: int, after: int, window: int, name: str) -> str | None:
+    """Why a ``length``-token context cannot run in a ``window``-token model, with ``after`` tokens after it."""
+    if length > window:
+        return f"over the window: {length} tokens > {name}'s {window}-token context"
+    if after >= window:
+        return f"over the window: the {after} tokens generated after the context fill {name}'s {window}-token context"
+    return None
+
+
+def fit_context(length: int, after: int, window: int, name: str, what: str) -> tuple[int, str | None]:
+    """A length names the context. When the ``after`` tokens generated after it (``what``) would overrun the
+    window, the context is shortened by that much and a one-line note says so."""
+    if length + after <= window:
+        return length, None
+    ctx = window - after
+    return ctx, (f"context shortened from {length} to {ctx} tokens so that the {what} "
+                 f"fit in {name}'s {window}-token window")
 
 
 def _avail_bytes() -> int:
@@ -181,12 +200,20 @@ class ShapeSweep:
         s = self.shape
         return 2 * self.batch * s.kv_heads * (length + self.decode_tokens + self.warmup + 1) * s.head_dim * self.esize
 
+    def fit(self, length: int) -> tuple[int, str | None]:
+        """The context that runs for a named ``length``, and a one-line note when it is shorter.
+
+        The warm-up and timed decode steps append to the KV cache after the context, so the context is
+        shortened by what they need when ``length`` plus them would overrun the shape's window."""
+        return fit_context(length, self.warmup + self.decode_tokens, self.shape.max_context, self.shape.name,
+                           f"{self.warmup} warm-up + {self.decode_tokens} timed decode steps")
+
     def check(self, length: int) -> str | None:
         """Why ``length`` cannot run at this shape (None when it can)."""
         s = self.shape
-        need = length + self.warmup + self.decode_tokens
-        if need > s.max_context:
-            return f"over the window: {need} tokens > {s.name}'s {s.max_context}-token context"
+        reason = window_reason(length, self.warmup + self.decode_tokens, s.max_context, s.name)
+        if reason:
+            return reason
         if not self.device.startswith("cuda"):
             # synthetic KV + the layer's cache (+ growth slack) + weights, kept under 80% of free memory
             est = 3 * self.kv_bytes(length) + (0 if self._weights else LayerWeights.bytes_needed(s, self.esize))
@@ -300,12 +327,11 @@ class ShapeSweep:
                + (" (one per kind of layer)" if kinds > 1 else "") + f", scaled to {s.layers}")
         e = self.esize
         one_layer = C.dense_layer(B, s.hidden, H, Hkv, D, s.intermediate, e)
-        rest_counts = [_scaled(c, n * s.layers) for c in one_layer]
-        rest_counts += [_scaled(c, n) for c in C.lm_head(B, s.hidden, s.vocab, e)]
+        rest = OpTally(one_layer, n * s.layers).add(C.lm_head(B, s.hidden, s.vocab, e), n)
         # rest = total - steps: the dense layer parts, KV append, final norm and LM head (scaled)
         dec, dec_sum = phase_records(
             base=base, phase="decode", timer=timer, counter=counter, total_ms=total_ms, tokens=n, layers=s.layers,
-            time_source=src, rest_counts=rest_counts, rest_calls=n * s.layers, rest_ops=one_layer)
+            time_source=src, rest=rest, rest_calls=n * s.layers)
         pre, _ = phase_records(base=base, phase="prefill", timer=timer, counter=counter, total_ms=None,
                                tokens=length, layers=s.layers, time_source=src)
         phases = {"decode": dec_sum, "prefill": {"tokens": length, "total_ms": None,
@@ -320,14 +346,5 @@ def _merge(timer: StepTimer, counter: StepCounter, t: StepTimer, c: StepCounter,
         timer.ms[key] += ms * k
         timer.calls[key] += t.calls[key] * k
         timer.devices[key[0]] = t.devices.get(key[0], "cpu")
-    for key, (f, br, bw, calls) in c.totals.items():
-        tot = counter.totals.setdefault(key, [0.0, 0.0, 0.0, 0])
-        tot[0] += f * k
-        tot[1] += br * k
-        tot[2] += bw * k
-        tot[3] += calls * k
-        counter.ops[key] = c.ops.get(key, [])
+    counter.merge(c, k)
 
-
-def _scaled(c: C.OpCount, k: float) -> C.OpCount:
-    return C.OpCount(c.op, c.cls, c.flops * k, c.bytes_read * k, c.bytes_written * k)
