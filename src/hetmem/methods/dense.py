@@ -12,14 +12,16 @@ from hetmem.ops.sparse_attention import grouped_decode_attention
 
 @dataclass
 class DenseAttentionApply:
-    """Apply: decode attention over the whole KV cache (the layer's buffer up to its length)."""
+    """Apply: decode attention over the whole KV cache (the layer's buffer up to its length; on a
+    sliding-window layer, the tokens inside the window)."""
 
     device: str = "cpu"
     name: str = "dense-attention"
 
     def apply(self, raw, selection, target: DecodeTarget):
-        L = raw.length
-        return grouped_decode_attention(target.q, raw.buf_k[:, :, :L], raw.buf_v[:, :, :L], target.scale)
+        L, ws = raw.length, raw.window_start
+        return grouped_decode_attention(target.q, raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L], target.scale,
+                                        softcap=target.softcap, sinks=target.sinks)
 
 
 @register

@@ -22,6 +22,7 @@ from hetmem.errors import HetmemError
 from hetmem.methods.base import register
 from hetmem.methods.streaming import CompressedMethod, EvictAttend, KeepSetRetrieval, _LeadPrepare
 from hetmem.ops.evict import attention_column_mass
+from hetmem.ops.sparse_attention import decode_probs
 
 
 @dataclass
@@ -61,10 +62,11 @@ class AccumulatedRelevancy:
 class H2OAttend(EvictAttend):
     name: str = "evict-attend-accumulate"
 
-    def attend(self, memory, q, k, v, scale):
-        probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, dim=-1)  # [B,H,G,S]
+    def attend(self, memory, k, v, target):
+        probs = decode_probs(target.q.float(), k.float(), target.scale, softcap=target.softcap,
+                             sinks=target.sinks)  # [B,H,G,S]
         memory.tensors["acc"][:, :, : k.shape[2]] += probs.sum(dim=2)
-        return torch.matmul(probs, v.float()).to(q.dtype)
+        return torch.matmul(probs, v.float()).to(target.q.dtype)
 
 
 @register

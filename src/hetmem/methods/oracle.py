@@ -48,9 +48,11 @@ class TrueAttentionRelevancy:
 
     def score(self, memory: Memory, query: Query) -> Scores:
         layer = memory.meta["layer"]
-        L = layer.length
+        L, ws = layer.length, memory.meta.get("window_start", 0)
         scale = query.meta.get("scale", query.vectors.shape[-1] ** -0.5)
-        return Scores(attention_probs(query.vectors, layer.buf_k[:, :, :L], scale).mean(dim=2))
+        probs = attention_probs(query.vectors, layer.buf_k[:, :, ws:L], scale, softcap=query.meta.get("softcap"),
+                                sinks=query.meta.get("sinks"))
+        return Scores(probs.mean(dim=2), offset=ws)
 
 
 @dataclass
@@ -63,7 +65,8 @@ class TokenTopK:
 
     def select(self, scores: Scores, memory: Memory) -> Selection:
         L = memory.meta["length"]
-        return Selection(indices=topk_indices(scores.values, self.budget), n_units=L, unit_size=1, length=L)
+        idx = topk_indices(scores.values, self.budget) + scores.offset
+        return Selection(indices=idx, n_units=L, unit_size=1, length=L, start=memory.meta.get("window_start", 0))
 
 
 @dataclass
@@ -74,13 +77,13 @@ class TokenGatherAttention:
     name: str = "token-gather-attention"
 
     def apply(self, raw, selection: Selection, target: DecodeTarget):
-        L = selection.length
-        if selection.indices.shape[-1] >= L:  # everything selected: no gather needed
-            k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
+        L, ws = selection.length, selection.start
+        if selection.indices.shape[-1] >= L - ws:  # everything (in the window) selected: no gather needed
+            k, v = raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L]
         else:
             with substep("gather", self.device):  # timed as apply.gather (inside apply)
                 k, v = gather_tokens(raw.buf_k, selection.indices), gather_tokens(raw.buf_v, selection.indices)
-        return grouped_decode_attention(target.q, k, v, target.scale)
+        return grouped_decode_attention(target.q, k, v, target.scale, softcap=target.softcap, sinks=target.sinks)
 
 
 @register

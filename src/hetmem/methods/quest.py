@@ -17,7 +17,7 @@ from hetmem.methods.base import Method, register
 from hetmem.methods.dense import Dense
 from hetmem.ops.page_minmax import update_page_minmax
 from hetmem.ops.page_score import quest_upper_bound
-from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
+from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention, window_valid
 from hetmem.ops.topk import budget_page_indices, candidate_range
 from hetmem.profiling.timer import substep
 
@@ -58,7 +58,8 @@ class QuestRelevancy:
     name: str = "quest-upper-bound"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
+        first = memory.meta.get("window_start", 0) // memory.unit_size  # a sliding window's first page
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages, first)
         kmin = memory.tensors["kmin"][:, :, lo:hi]
         kmax = memory.tensors["kmax"][:, :, lo:hi]
         return Scores(quest_upper_bound(query.vectors, kmin, kmax), offset=lo)
@@ -75,11 +76,12 @@ class PageBudgetTopK:
     name: str = "page-topk"
 
     def select(self, scores: Scores, memory: Memory) -> Selection:
-        n = memory.n_units
+        n, ws = memory.n_units, memory.meta.get("window_start", 0)
         idx = budget_page_indices(
-            scores.values, scores.offset, n, self.budget_pages, self.sink_pages, self.recent_pages
+            scores.values, scores.offset, n, self.budget_pages, self.sink_pages, self.recent_pages,
+            ws // memory.unit_size,
         )
-        return Selection(indices=idx, n_units=n, unit_size=memory.unit_size, length=memory.meta["length"])
+        return Selection(indices=idx, n_units=n, unit_size=memory.unit_size, length=memory.meta["length"], start=ws)
 
 
 @dataclass
@@ -90,13 +92,16 @@ class PageGatherAttention:
     name: str = "page-gather-attention"
 
     def apply(self, raw, selection: Selection, target: DecodeTarget):
-        L = selection.length
-        if selection.indices.shape[-1] >= selection.n_units:  # everything selected: no gather needed
-            k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
+        L, P, ws = selection.length, selection.unit_size, selection.start
+        valid = None
+        if selection.indices.shape[-1] >= selection.n_units - ws // P:  # everything selected: no gather needed
+            k, v = raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L]
         else:
             with substep("gather", self.device):  # timed as apply.gather (inside apply)
-                k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, selection.unit_size, L)
-        return grouped_decode_attention(target.q, k, v, target.scale)
+                k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
+            valid = window_valid(selection.indices, P, ws, k.shape[2])  # a window's partial first page
+        return grouped_decode_attention(target.q, k, v, target.scale, softcap=target.softcap, sinks=target.sinks,
+                                        valid=valid)
 
 
 @register

@@ -10,7 +10,9 @@
                ops.token_gather for a ragged bitmap)
 
 Untrained gates are the identity (pooled-key scoring). ``hetmem train --method seer`` distils them from
-the frozen model's own block-pooled attention; ``--gates DIR`` loads them.
+the frozen model's own block-pooled attention; ``--gates DIR`` loads them. The gates act on what the cache
+holds: per KV head keys, or on MLA models the latent ``c_kv ++ k_rope``. On a sliding-window layer the
+blocks ranked are those inside the window.
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, register
 from hetmem.methods.dense import Dense
 from hetmem.ops.block_pool import block_counts, gated_block_scores, update_block_sums
-from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
-from hetmem.ops.token_gather import bitmap_to_padded, gather_tokens, masked_decode_attention, unit_token_ids
+from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention, window_valid
+from hetmem.ops.token_gather import bitmap_to_padded, gather_tokens, unit_token_ids
 from hetmem.ops.topk import budget_page_indices, candidate_range
 from hetmem.profiling.timer import substep
 
 
 def model_dims(model) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of a transformers causal LM."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
+    """(layers, cached KV heads, cached key dim) of a transformers causal LM (``llm.arch.describe``: for MLA
+    one latent head of dim kv_lora_rank + qk_rope_head_dim, which is where the gates act)."""
+    from hetmem.llm.arch import describe
+
+    a = describe(model)
+    return a.n_layers, a.kv_heads, a.key_dim
 
 
 def identity_gates(n_layers: int, n_kv: int, head_dim: int) -> dict[str, torch.Tensor]:
@@ -83,7 +87,8 @@ class GateRelevancy:
     name: str = "gate-score"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
+        first = memory.meta.get("window_start", 0) // memory.unit_size  # a sliding window's first block
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages, first)
         q = query.vectors.float().mean(dim=2)  # [B, H_kv, D]: one gated query per GQA group
         qg = torch.einsum("bhd,hde->bhe", q, self.wq.to(q.device))
         scale = qg.shape[-1] ** -0.5
@@ -104,18 +109,20 @@ class BlockBudgetOrThreshold:
 
     def select(self, scores: Scores, memory: Memory) -> Selection:
         n, L, P = memory.n_units, memory.meta["length"], memory.unit_size
+        ws = memory.meta.get("window_start", 0)
+        first = ws // P  # a sliding window's first block (0 on full-attention layers)
         if self.threshold <= 0:
             idx = budget_page_indices(scores.values, scores.offset, n, self.budget_pages, self.sink_pages,
-                                      self.recent_pages)
-            return Selection(indices=idx, n_units=n, unit_size=P, length=L)
+                                      self.recent_pages, first)
+            return Selection(indices=idx, n_units=n, unit_size=P, length=L, start=ws)
         lead = scores.values.shape[:-1]
         bitmap = torch.zeros(*lead, n, dtype=torch.bool, device=scores.values.device)
         if scores.n_units:
             probs = torch.softmax(scores.values, dim=-1)
             bitmap[..., scores.offset : scores.offset + scores.n_units] = probs >= self.threshold
-        bitmap[..., : min(self.sink_pages, n)] = True
-        bitmap[..., max(0, n - self.recent_pages) :] = True
-        return Selection(bitmap=bitmap, n_units=n, unit_size=P, length=L)
+        bitmap[..., first : min(first + self.sink_pages, n)] = True
+        bitmap[..., max(first, n - self.recent_pages) :] = True
+        return Selection(bitmap=bitmap, n_units=n, unit_size=P, length=L, start=ws)
 
 
 @dataclass
@@ -126,19 +133,23 @@ class BlockSparseAttention:
     name: str = "block-sparse-attention"
 
     def apply(self, raw, selection: Selection, target: DecodeTarget):
-        L, P = selection.length, selection.unit_size
+        L, P, ws = selection.length, selection.unit_size, selection.start
+        extra = {"softcap": target.softcap, "sinks": target.sinks}
         if selection.form == "topk":
-            if selection.indices.shape[-1] >= selection.n_units:
-                k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
+            valid = None
+            if selection.indices.shape[-1] >= selection.n_units - ws // P:
+                k, v = raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L]
             else:
                 with substep("gather", self.device):  # timed as apply.gather (inside apply)
                     k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
-            return grouped_decode_attention(target.q, k, v, target.scale)
+                valid = window_valid(selection.indices, P, ws, k.shape[2])  # a window's partial first block
+            return grouped_decode_attention(target.q, k, v, target.scale, valid=valid, **extra)
         units, unit_valid = bitmap_to_padded(selection.bitmap)  # ragged: rows pad to the longest
         tok, valid = unit_token_ids(units, P, L, unit_valid)
+        valid &= tok >= ws
         with substep("gather", self.device):
             k, v = gather_tokens(raw.buf_k, tok), gather_tokens(raw.buf_v, tok)
-        return masked_decode_attention(target.q, k, v, valid, target.scale)
+        return grouped_decode_attention(target.q, k, v, target.scale, valid=valid, **extra)
 
 
 @register
