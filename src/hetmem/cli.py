@@ -111,18 +111,22 @@ def cmd_demo(args) -> int:
 def cmd_methods(args) -> int:
     from dataclasses import fields
 
+    from hetmem.llm.families import supported_model_types
     from hetmem.methods import REGISTRY
 
+    families = supported_model_types()  # every method runs on every family of the tested table
     rows = []
     for name, cls in sorted(REGISTRY.items()):
         params = {f.name: f.default for f in fields(cls)}
-        rows.append({"name": name, "family": cls.family, "summary": cls.summary, "params": params})
+        rows.append({"name": name, "family": cls.family, "summary": cls.summary, "params": params,
+                     "families": families})
     if args.json:
         print(json.dumps(rows))
     else:
         for r in rows:
             ps = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
             print(f"{r['name']:<10} {r['family']:<18} {r['summary']}  [{ps}]")
+        print(f"\nmodel families (model types): {', '.join(families)} (README: model families)")
     return 0
 
 

@@ -217,6 +217,7 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
             path = ensure_gguf_file(path)
         if not (path / "config.json").exists():
             raise HetmemError(f"model directory {path} has no config.json")
+        check_model_config(path)  # refuse an unsupported family or feature before any weight is read
         tok = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
     except HetmemError:
@@ -227,6 +228,25 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
     log(f"loaded {name} ({model.config.model_type}, {torch_dtype}) in {time.perf_counter() - t0:.1f} s (measured)")
     max_ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     return LoadedModel(name=label, model=model, tokenizer=tok, max_context=max_ctx)
+
+
+def check_model_config(path: Path) -> None:
+    """Read only ``config.json`` and refuse, in one line, a model type or feature hetmem does not run exactly
+    (``llm.families``)."""
+    from transformers import AutoConfig
+
+    from hetmem.llm.families import check_model_type, check_supported
+
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HetmemError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    check_model_type(raw.get("model_type") if isinstance(raw, dict) else None)  # even a type transformers lacks
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HetmemError(f"cannot read the model config in {path}: {str(exc).splitlines()[0]}") from None
+    check_supported(config)
 
 
 def parse_dtype(dtype: str, device: str) -> torch.dtype:
