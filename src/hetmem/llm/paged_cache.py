@@ -177,18 +177,28 @@ class PagedKVLayer(CacheLayerMixin):
             for t in self.memory.tensors.values():  # dim 2 counts units of memory.unit_size tokens
                 t[:, :, : valid - d // u] = t[:, :, d // u : valid].clone()
         self.length = n
+        want = self._round(n + self._trim_slack() + self.page_size)
+        if getattr(self, "buf_k", None) is not None and self.capacity > 2 * want:
+            self._resize(want)  # after a long prefill chunk: give the memory back
 
     def _grow(self, needed: int) -> None:
+        self._resize(max(needed, 2 * self.capacity))
+
+    def _resize(self, tokens: int) -> None:
+        """Reallocate the buffers (and the Memory's per-unit tensors) for ``tokens``, keeping what is stored."""
         old_k, old_v, n = self.buf_k, self.buf_v, self.length
         B, H, _, Dk = old_k.shape
-        self._alloc(B, H, Dk, old_v.shape[-1], max(needed, 2 * self.capacity))
+        self._alloc(B, H, Dk, old_v.shape[-1], tokens)
         self.buf_k[:, :, :n] = old_k[:, :, :n]
-        self.buf_v[:, :, :n] = old_v[:, :, :n]
+        if self.mla_rank is None:
+            self.buf_v[:, :, :n] = old_v[:, :, :n]
         if self.memory is not None:
+            u = self.memory.unit_size
             for name, t in self.memory.tensors.items():  # dim 2 counts units of memory.unit_size tokens
-                grown = t.new_empty(*t.shape[:2], self.capacity // self.memory.unit_size, *t.shape[3:])
-                grown[:, :, : t.shape[2]] = t
-                self.memory.tensors[name] = grown
+                new = t.new_empty(*t.shape[:2], self.capacity // u, *t.shape[3:])
+                keep = min(t.shape[2], new.shape[2], -(-n // u))
+                new[:, :, :keep] = t[:, :, :keep]
+                self.memory.tensors[name] = new
 
 
     # -- compressed memory: eviction -----------------------------------------------------------
