@@ -104,8 +104,8 @@ def mla_output(out_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
 
 # -- q/k projections ---------------------------------------------------------------------------------------------
 def _wb(linear, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    w = linear.weight.detach().float()
-    b = linear.bias.detach().float() if getattr(linear, "bias", None) is not None else torch.zeros(w.shape[0])
+    w = linear.weight.detach().float().cpu()
+    b = linear.bias.detach().float().cpu() if getattr(linear, "bias", None) is not None else torch.zeros(w.shape[0])
     if rows is not None:
         w, b = w[rows], b[rows]
     return w, b
@@ -113,7 +113,7 @@ def _wb(linear, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def qk_projections(module, config) -> dict[str, torch.Tensor]:
     """Linear maps from the attention input ``h [hidden]`` to pre-RoPE queries and cached keys, per head:
-    ``wq [H, d, hidden]``, ``bq [H, d]``, ``wk [H_kv, d, hidden]``, ``bk [H_kv, d]`` (float32).
+    ``wq [H, d, hidden]``, ``bq [H, d]``, ``wk [H_kv, d, hidden]``, ``bk [H_kv, d]`` (float32, on the CPU).
 
     ``d`` is the head dim, or for MLA the latent rank ``r``: query head ``i`` is ``W_UK_i^T q_nope_i`` (its
     score against ``c_kv``) and the key is ``c_kv`` before its RMSNorm. Norms inside a projection (q/k norm,
@@ -132,7 +132,7 @@ def qk_projections(module, config) -> dict[str, torch.Tensor]:
             wq, bq = wb @ wa, wb @ ba + bb
         wq = wq.reshape(H, qd, -1)[:, :dn]
         bq = bq.reshape(H, qd)[:, :dn]
-        w_uk = mla_absorb(module)[0].detach().float()  # [H, dn, r]
+        w_uk = mla_absorb(module)[0].detach().float().cpu()  # [H, dn, r]
         wq_lat = torch.einsum("hdr,hdx->hrx", w_uk, wq)
         bq_lat = torch.einsum("hdr,hd->hr", w_uk, bq)
         wk, bk = _wb(module.kv_a_proj_with_mqa, slice(0, r))
