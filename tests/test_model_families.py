@@ -227,3 +227,16 @@ def test_methods_json_lists_the_families(capsys):
     for name in SPARSE + EVICTING + ["dense"]:
         assert sorted(rows[name]["families"]) == types
     assert set(REGISTRY) == set(rows)
+
+
+def test_methods_bind_to_a_profiling_shape_without_a_model():
+    """Kernel sweeps bind methods to a bare shape (a namespace config, shared projections): the arch helpers
+    must read it too."""
+    from hetmem.profiling.sweep import SHAPES, LayerWeights, ShapeModel
+
+    s = SHAPES["tiny"]
+    model = ShapeModel(s, LayerWeights(s, torch.float32, "cpu"))
+    for name in ("seer", "dsa"):
+        m = get_method(name)
+        m.bind(model)
+        assert m._w["wq"].shape[0] == s.layers

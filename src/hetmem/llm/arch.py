@@ -25,14 +25,20 @@ import torch
 from hetmem.errors import HetmemError
 
 
+def text_config(config):
+    """The decoder's config (a multimodal config's text part; a plain namespace as it is)."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
 def attention_modules(model) -> list:
     """The model's attention modules (those our attention function is called with), in layer order."""
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
     mods = sorted(mods, key=lambda m: m.layer_idx)
-    n = model.config.get_text_config(decoder=True).num_hidden_layers
+    n = text_config(model.config).num_hidden_layers
     if len(mods) != n or [m.layer_idx for m in mods] != list(range(n)):
-        raise HetmemError(f"model type '{model.config.model_type}': found {len(mods)} attention modules with an "
-                          f"o_proj for {n} layers; hetmem cannot place its attention hook")
+        raise HetmemError(f"model type '{getattr(model.config, 'model_type', '?')}': found {len(mods)} attention "
+                          f"modules with an o_proj for {n} layers; hetmem cannot place its attention hook")
     return mods
 
 
@@ -57,15 +63,18 @@ class AttentionArch:
 
 def layer_windows(config) -> tuple[int | None, ...]:
     """The sliding window of each layer, as transformers' own cache decides it (``get_layer_types_and_kwargs``)."""
+    from transformers import PreTrainedConfig
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    text = config.get_text_config(decoder=True)
+    text = text_config(config)
+    if not isinstance(text, PreTrainedConfig):  # a bare shape (profiling sweeps): one window for all, if any
+        return (getattr(text, "sliding_window", None),) * text.num_hidden_layers
     types, kwargs = get_layer_types_and_kwargs(text)
     return tuple(kw.get("sliding_window") if t == "sliding_attention" else None for t, kw in zip(types, kwargs))
 
 
 def describe(model) -> AttentionArch:
-    cfg = model.config.get_text_config(decoder=True)
+    cfg = text_config(model.config)
     mods = attention_modules(model)
     m = mods[0]
     if is_mla(m):
@@ -77,7 +86,7 @@ def describe(model) -> AttentionArch:
         kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         dk = dv = head_dim
         mla = None
-    return AttentionArch(cfg.model_type, len(mods), layer_windows(model.config), kv, dk, dv, mla)
+    return AttentionArch(getattr(cfg, "model_type", "?"), len(mods), layer_windows(model.config), kv, dk, dv, mla)
 
 
 # -- MLA, absorbed ----------------------------------------------------------------------------------------------
@@ -119,7 +128,7 @@ def qk_projections(module, config) -> dict[str, torch.Tensor]:
     score against ``c_kv``) and the key is ``c_kv`` before its RMSNorm. Norms inside a projection (q/k norm,
     MLA's ``q_a_layernorm``) and RoPE are left out: these are starting points that training adapts.
     """
-    cfg = config.get_text_config(decoder=True)
+    cfg = text_config(config)
     H = cfg.num_attention_heads
     if is_mla(module):
         dn, r = module.qk_nope_head_dim, module.kv_lora_rank
@@ -146,7 +155,8 @@ def qk_projections(module, config) -> dict[str, torch.Tensor]:
         wq, bq = _wb(module.qkv_proj, slice(0, H * d))
         wk, bk = _wb(module.qkv_proj, slice(H * d, (H + kv) * d))
     else:
-        raise HetmemError(f"model type '{cfg.model_type}': no q/k projections found in {type(module).__name__}")
+        raise HetmemError(f"model type '{getattr(cfg, 'model_type', '?')}': no q/k projections found in "
+                          f"{type(module).__name__}")
     hidden = wq.shape[1]
     return {"wq": wq.reshape(H, d, hidden), "bq": bq.reshape(H, d),
             "wk": wk.reshape(kv, d, hidden), "bk": bk.reshape(kv, d)}
