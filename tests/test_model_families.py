@@ -121,6 +121,24 @@ def test_small_budget_selects_inside_windows(row, name, monkeypatch):
     assert 0 < res.recall["attention_mass_recall"] <= 1 + 1e-5
 
 
+@pytest.mark.parametrize("name", EVICTING)
+def test_eviction_leaves_window_layers_to_their_window(row, name, monkeypatch):
+    fam, path, lm, ids, dense = row
+    from hetmem.llm.paged_cache import PagedKVLayer
+
+    compacted = []
+    real = PagedKVLayer.compact
+    monkeypatch.setattr(PagedKVLayer, "compact", lambda self, keep: (compacted.append(self.is_sliding), real(self, keep)))
+    res = generate(lm.model, ids, get_method(name, budget=16, **({"window": 8} if name == "snapkv" else {})), 4,
+                   progress=False, prefill_chunk=CHUNK)
+    from hetmem.llm.arch import describe
+
+    assert not any(compacted)  # evicted on full-attention layers only
+    assert bool(compacted) == (None in describe(lm.model).windows)
+    if "sliding_window_layers" in res.memory:
+        assert "keep their window whole" in res.memory["sliding_window_layers"]["note"]
+
+
 @pytest.mark.parametrize("fid", ["phi3", "deepseek_v3", "gemma2"])
 @pytest.mark.parametrize("name", ["seer", "dsa"])
 def test_trained_gates_attach_to_any_projection_layout(tmp_path, fid, name):

@@ -13,7 +13,6 @@ from hetmem.llm import attention
 from hetmem.llm.arch import describe
 from hetmem.llm.paged_cache import PagedKVCache
 from hetmem.methods.base import Method
-from hetmem.methods.dense import Dense
 from hetmem.profiling.recall import RecallMeter
 from hetmem.profiling.timer import StepTimer
 
@@ -80,9 +79,7 @@ def generate(
     n_layers = arch.n_layers
     page_size = getattr(method, "page_size", 16)
     method.bind(model)  # methods with per-layer weights (gates, indexers) size and load them here
-    keep_windows = getattr(method, "window_layers_dense", False)
-    pipelines = [Dense().pipeline(device, timer) if keep_windows and arch.windows[i] is not None
-                 else method.pipeline(device, timer, layer_idx=i) for i in range(n_layers)]
+    pipelines = [method.pipeline(device, timer, layer_idx=i) for i in range(n_layers)]
     prompt_len = input_ids.shape[1]
     cache = PagedKVCache(n_layers, page_size, pipelines, reserve_tokens=prompt_len + max_new_tokens,
                          layer_cls=getattr(method, "cache_layer", None), windows=arch.windows, mla_rank=arch.mla_rank)

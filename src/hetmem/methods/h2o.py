@@ -20,6 +20,7 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import register
+from hetmem.methods.dense import Dense
 from hetmem.methods.streaming import CompressedMethod, EvictAttend, KeepSetRetrieval, _LeadPrepare
 from hetmem.ops.evict import attention_column_mass
 from hetmem.ops.sparse_attention import decode_probs
@@ -91,5 +92,7 @@ class H2O(CompressedMethod):
         return self.budget - self.sink - int(self.budget * self.heavy_ratio)
 
     def pipeline(self, device, timer, layer_idx: int = 0):
+        if self.window_layer(layer_idx):
+            return Dense().pipeline(device, timer)
         return MemoryPipeline(AccumulatedAttentionPrepare(device), AccumulatedRelevancy(self.sink, self.recent, device),
                               KeepSetRetrieval(self.budget, self.sink, self.recent, device), H2OAttend(device), timer)

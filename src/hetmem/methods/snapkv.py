@@ -19,6 +19,7 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import register
+from hetmem.methods.dense import Dense
 from hetmem.methods.streaming import CompressedMethod, EvictAttend, KeepSetRetrieval, _LeadPrepare
 from hetmem.ops.evict import attention_column_mass
 
@@ -100,6 +101,8 @@ class SnapKV(CompressedMethod):
             raise HetmemError(f"--kernel must be a positive odd number (got {self.kernel})")
 
     def pipeline(self, device, timer, layer_idx: int = 0):
+        if self.window_layer(layer_idx):
+            return Dense().pipeline(device, timer)
         return MemoryPipeline(ObservationVotesPrepare(device, window=self.window),
                               PooledVotesRelevancy(self.window, self.kernel, device),
                               OnceKeepSetRetrieval(self.budget, 0, self.window, device), OnceEvictAttend(device), timer)

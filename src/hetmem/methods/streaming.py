@@ -20,6 +20,7 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import DecodeTarget, Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.methods.base import Method, register
+from hetmem.methods.dense import Dense
 from hetmem.ops.evict import keep_indices
 from hetmem.ops.sparse_attention import grouped_decode_attention
 
@@ -113,6 +114,16 @@ class CompressedMethod(Method):
 
     window_layers_dense = True
 
+    def bind(self, model) -> None:
+        from hetmem.llm.arch import describe
+
+        self._windows = describe(model).windows
+
+    def window_layer(self, layer_idx: int) -> bool:
+        """A sliding-window layer: it keeps its window, with dense attention over it (no eviction)."""
+        windows = getattr(self, "_windows", ())
+        return layer_idx < len(windows) and windows[layer_idx] is not None
+
     def report(self, cache) -> dict:
         ev = [layer.memory.meta.get("evicted", 0) if layer.memory else 0 for layer in cache.layers]
         return {"tokens_evicted_per_layer_mean": round(sum(ev) / len(ev), 2)}
@@ -142,6 +153,8 @@ class Streaming(CompressedMethod):
             raise HetmemError(f"streaming needs 0 <= --sink < --budget (got sink={self.sink}, budget={self.budget})")
 
     def pipeline(self, device, timer, layer_idx: int = 0):
+        if self.window_layer(layer_idx):
+            return Dense().pipeline(device, timer)
         return MemoryPipeline(_LeadPrepare(device), PositionRelevancy(device),
                               KeepSetRetrieval(self.budget, self.sink, self.budget - self.sink, device),
                               EvictAttend(device), timer)
