@@ -121,6 +121,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers.utils import logging as hf_logging
 
     t0 = time.perf_counter()
+    check_gguf_type(path)  # refuse an unsupported family before converting (reading) any weight
     log(f"converting {path.name} from GGUF (one-off, ~15-60 s)")
     hf_logging.enable_progress_bar()
     try:
@@ -228,6 +229,19 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
     log(f"loaded {name} ({model.config.model_type}, {torch_dtype}) in {time.perf_counter() - t0:.1f} s (measured)")
     max_ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     return LoadedModel(name=label, model=model, tokenizer=tok, max_context=max_ctx)
+
+
+def check_gguf_type(path: Path) -> None:
+    """Refuse a GGUF file of an unsupported model type, from its metadata alone."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from hetmem.llm.families import check_model_type
+
+    try:
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except Exception as exc:  # not a GGUF file transformers can read: one line, not a traceback
+        raise HetmemError(f"could not read {path.name} as GGUF: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    check_model_type(config.get("model_type"))
 
 
 def check_model_config(path: Path) -> None:
