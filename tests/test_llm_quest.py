@@ -74,9 +74,9 @@ def test_small_budget_attends_only_to_the_budget(model, monkeypatch):
     seen = []
     real = quest_mod.grouped_decode_attention
 
-    def spy(q, k, v, scale):
+    def spy(q, k, v, scale, **kw):
         seen.append(k.shape[2])
-        return real(q, k, v, scale)
+        return real(q, k, v, scale, **kw)
 
     monkeypatch.setattr(quest_mod, "grouped_decode_attention", spy)
     ids = _prompt(200, seed=3)

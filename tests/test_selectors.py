@@ -5,7 +5,6 @@ when there are enough units; no id repeats; and the ranked part is the true top-
 the tie rule of ``ops.topk.topk_indices``: (score descending, id ascending), NaN ranked as -inf.
 """
 
-from types import SimpleNamespace
 
 import torch
 from hypothesis import given, settings
@@ -18,7 +17,7 @@ from hetmem.methods.quest import PageBudgetTopK, QuestRelevancy
 from hetmem.methods.seer import BlockBudgetOrThreshold, Seer
 from hetmem.methods.compressed import KeepSetRetrieval
 from hetmem.ops.topk import budget_page_indices, candidate_range, topk_indices
-from hetmem.testing import tiny_config
+from hetmem.testing import tiny_model
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -163,9 +162,10 @@ def test_seer_threshold_mode_scores_every_candidate_whatever_the_budget():
     """Regression: in threshold mode the budget must not shrink the candidates. With the default budget
     (1024 tokens = 64 blocks) a context of < 64 blocks used to score no candidate at all, so the bitmap
     held only the sink and recent blocks."""
-    cfg = tiny_config()
+    model = tiny_model()
+    cfg = model.config
     seer = Seer(threshold=0.05, page_size=8, sink_pages=1, recent_pages=1)
-    seer.bind(SimpleNamespace(config=cfg))
+    seer.bind(model)
     pipe = seer.pipeline("cpu", None, layer_idx=0)
     H, D, n = cfg.num_key_value_heads, cfg.head_dim, 12
     mem = Memory(kind="gated-block-keys", n_units=n, unit_size=8, meta={"length": n * 8},

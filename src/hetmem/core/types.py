@@ -55,7 +55,9 @@ class Selection:
     """Which units to apply: sorted top-k ``indices`` or a threshold ``bitmap`` (one bool per unit).
 
     Both forms carry absolute unit ids. ``n_units`` is the number of units that exist; ``length`` is
-    the number of valid raw elements (tokens), so the last unit may be partial.
+    the number of valid raw elements (tokens), so the last unit may be partial. ``start`` is the first
+    element that may be attended (a sliding-window layer's window start; 0 otherwise): units are
+    selected only from the one holding it on, and Apply leaves out the elements before it.
     """
 
     indices: torch.Tensor | None = None
@@ -63,6 +65,7 @@ class Selection:
     n_units: int = 0
     unit_size: int = 1
     length: int = 0
+    start: int = 0
 
     def __post_init__(self) -> None:
         if (self.indices is None) == (self.bitmap is None):
@@ -100,12 +103,19 @@ class Selection:
         has_last = bool((ids == last).any()) if ids is not None else bool(self.bitmap[..., last].any())
         if has_last:
             full -= self.n_units * self.unit_size - self.length
+        first = self.start // self.unit_size
+        has_first = bool((ids == first).any()) if ids is not None else bool(self.bitmap[..., first].any())
+        if self.start and has_first:
+            full -= self.start - first * self.unit_size
         return full
 
 
 @dataclass
 class DecodeTarget:
-    """What sparse attention's Apply acts on in one decode step: grouped queries and the softmax scale."""
+    """What sparse attention's Apply acts on in one decode step: grouped queries, the softmax scale and
+    what else the model's own attention applies (logit soft-capping, per-head sink logits)."""
 
     q: torch.Tensor  # [B, H_kv, G, D]
     scale: float
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # [H_kv, G]

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hetmem.llm import attention
+from hetmem.llm.arch import describe
 from hetmem.llm.paged_cache import PagedKVCache
 from hetmem.core.steps import MemoryMethod as Method
 from hetmem.llm.recall import RecallMeter
@@ -31,6 +32,25 @@ class GenerationResult:
     @property
     def total_ms(self) -> float:
         return self.prefill_ms + self.decode_ms
+
+
+def arch_notes(arch, method) -> dict:
+    """What the run record says about layers that are not plain full attention (kept small)."""
+    out = {}
+    if arch.sliding_layers:
+        w = sorted({arch.windows[i] for i in arch.sliding_layers})
+        if getattr(method, "window_layers_dense", False):
+            how = "these layers keep their window whole (it is their memory); eviction runs on the other layers"
+        elif method.family == "sparse-attention":
+            how = "selection on these layers is made inside the window"
+        else:
+            how = "attention on these layers covers the window"
+        out["sliding_window_layers"] = {"layers": arch.sliding_layers, "window": w[0] if len(w) == 1 else w,
+                                        "note": how}
+    if arch.mla_rank is not None:
+        out["mla"] = (f"latent KV cache (c_kv {arch.mla_rank} + k_rope {arch.key_dim - arch.mla_rank} per token); "
+                      "methods select and attend on it with absorbed projections")
+    return out
 
 
 def _device_name(model) -> str:
@@ -56,13 +76,14 @@ def generate(
     attention.install(model)
     device = _device_name(model)
     timer = timer or StepTimer()
-    n_layers = model.config.num_hidden_layers
+    arch = describe(model)
+    n_layers = arch.n_layers
     page_size = getattr(method, "page_size", 16)
     method.bind(model)  # methods with per-layer weights (gates, indexers) size and load them here
     pipelines = [method.pipeline(device, timer, layer_idx=i) for i in range(n_layers)]
     prompt_len = input_ids.shape[1]
     cache = PagedKVCache(n_layers, page_size, pipelines, reserve_tokens=prompt_len + max_new_tokens,
-                         layer_cls=getattr(method, "cache_layer", None))
+                         layer_cls=getattr(method, "cache_layer", None), windows=arch.windows, mla_rank=arch.mla_rank)
     # recall compares a selection with the oracle over the same cache: defined for sparse attention only
     meter = RecallMeter(n_layers) if recall and method.family == "sparse-attention" else None
     runtime = attention.SparseRuntime(cache, device, recall=meter)
@@ -87,6 +108,7 @@ def generate(
         "source": "measured",
     }
     memory.update(method.report(cache) or {})
+    memory.update(arch_notes(arch, method))
     # Measurement work (the recall meter's dense scores) is not the method's: take it out of decode time.
     measure_ms = meter.ms if meter else 0.0
     return GenerationResult(out_ids, prompt_len, timer, times[0], times[1] - measure_ms, logits_kept,

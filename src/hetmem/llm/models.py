@@ -117,6 +117,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers.utils import logging as hf_logging
 
     t0 = time.perf_counter()
+    check_gguf_type(path)  # refuse an unsupported family before converting (reading) any weight
     log(f"converting {path.name} from GGUF (one-off, ~15-60 s)")
     hf_logging.enable_progress_bar()
     try:
@@ -213,6 +214,7 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
             path = ensure_gguf_file(path)
         if not (path / "config.json").exists():
             raise HetmemError(f"model directory {path} has no config.json")
+        check_model_config(path)  # refuse an unsupported family or feature before any weight is read
         tok = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
     except HetmemError:
@@ -225,3 +227,33 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "c
     return LoadedModel(name=label, model=model, tokenizer=tok, max_context=max_ctx)
 
 
+def check_gguf_type(path: Path) -> None:
+    """Refuse a GGUF file of an unsupported model type, from its metadata alone."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from hetmem.llm.families import check_model_type
+
+    try:
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except Exception as exc:  # not a GGUF file transformers can read: one line, not a traceback
+        raise HetmemError(f"could not read {path.name} as GGUF: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    check_model_type(config.get("model_type"))
+
+
+def check_model_config(path: Path) -> None:
+    """Read only ``config.json`` and refuse, in one line, a model type or feature hetmem does not run exactly
+    (``llm.families``)."""
+    from transformers import AutoConfig
+
+    from hetmem.llm.families import check_model_type, check_supported
+
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HetmemError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    check_model_type(raw.get("model_type") if isinstance(raw, dict) else None)  # even a type transformers lacks
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HetmemError(f"cannot read the model config in {path}: {str(exc).splitlines()[0]}") from None
+    check_supported(config)

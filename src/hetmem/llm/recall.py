@@ -20,13 +20,15 @@ class RecallMeter:
         self.tokens = [0.0] * n_layers
         self.ms = 0.0
 
-    def measure(self, layer_idx: int, q, layer, selection, scale: float) -> None:
+    def measure(self, layer_idx: int, target, layer, selection) -> None:
+        """``target``: the step's DecodeTarget (grouped query, scale, soft-cap, sinks). A sliding-window layer
+        is measured inside its window (the tokens the model can attend)."""
         if selection is None:
             return
         t0 = time.perf_counter()
-        L = layer.length
-        probs = attention_probs(q, layer.buf_k[:, :, :L], scale)
-        mask = selection_token_mask(selection, (q.shape[0], q.shape[1]))
+        q, L, ws = target.q, layer.length, selection.start
+        probs = attention_probs(q, layer.buf_k[:, :, ws:L], target.scale, softcap=target.softcap, sinks=target.sinks)
+        mask = selection_token_mask(selection, (q.shape[0], q.shape[1]))[..., ws:L]
         r = selection_recall(probs, mask)
         self.sum[layer_idx] += float(r.mean())
         self.tokens[layer_idx] += float(mask.sum(-1).float().mean())

@@ -14,6 +14,7 @@ import torch
 
 from hetmem.core.registry import register_impl
 from hetmem.core.types import DecodeTarget, Memory, Scores, Selection
+from hetmem.llm.arch import describe
 from hetmem.methods.base import Method
 from hetmem.ops.evict import keep_indices
 from hetmem.ops.sparse_attention import grouped_decode_attention
@@ -81,10 +82,10 @@ class EvictAttend:
             mem.meta["evicted"] = mem.meta.get("evicted", 0) + selection.length - keep.shape[-1]
             mem.n_units = mem.meta["length"] = raw.length
         L = raw.length
-        return self.attend(mem, target.q, raw.buf_k[:, :, :L], raw.buf_v[:, :, :L], target.scale)
+        return self.attend(mem, raw.buf_k[:, :, :L], raw.buf_v[:, :, :L], target)
 
-    def attend(self, memory, q, k, v, scale):
-        return grouped_decode_attention(q, k, v, scale)
+    def attend(self, memory, k, v, target: DecodeTarget):
+        return grouped_decode_attention(target.q, k, v, target.scale, softcap=target.softcap, sinks=target.sinks)
 
 
 def lead_of(layer) -> tuple[int, int]:
@@ -92,7 +93,21 @@ def lead_of(layer) -> tuple[int, int]:
 
 
 class CompressedMethod(Method):
-    """Shared by the eviction methods: their reports (tokens evicted, KV bytes vs the dense cache)."""
+    """Shared by the eviction methods: their reports (tokens evicted, KV bytes vs the dense cache).
+
+    On a sliding-window layer the model's own window already bounds the memory (the layer keeps only its
+    last W tokens): eviction runs on the full-attention layers, and window layers keep their window whole.
+    """
+
+    window_layers_dense = True
+
+    def bind(self, model) -> None:
+        self._windows = describe(model).windows
+
+    def window_layer(self, layer_idx: int) -> bool:
+        """A sliding-window layer: it keeps its window, with dense attention over it (no eviction)."""
+        windows = getattr(self, "_windows", ())
+        return layer_idx < len(windows) and windows[layer_idx] is not None
 
     def report(self, cache) -> dict:
         ev = [layer.memory.meta.get("evicted", 0) if layer.memory else 0 for layer in cache.layers]

@@ -10,9 +10,12 @@ small learned indexer computed from the layer's hidden state.
     Apply      gather the selected tokens' K and V and attend over only those          (ops.token_gather)
 
 The untrained indexer is the model's own query/key projections (the first KV group, without RoPE) with
-equal head weights; ``hetmem train --method dsa`` distils it (KL to the head-summed attention), and
-``--gates DIR`` loads it. Index dim = the model's head dim. DeepSeek stores index keys in FP8; here they
-are float32.
+equal head weights, found by ``llm.arch.qk_projections`` whatever the module layout (separate q/k, fused
+qkv, MLA); ``hetmem train --method dsa`` distils it (KL to the head-summed attention), and ``--gates DIR``
+loads it. Index dim = the model's head dim; on MLA models (DeepSeek-V3) it is the latent rank: index keys
+start as ``c_kv`` (the latent the cache holds) and index queries as ``W_UK^T q_nope``, so the indexer
+selects on the latent cache, and Apply attends over the selected latents. On a sliding-window layer the
+candidates are the tokens inside the window. DeepSeek stores index keys in FP8; here they are float32.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.registry import register_impl
 from hetmem.core.types import Memory, Query, Scores, Selection
 from hetmem.errors import HetmemError
+from hetmem.llm.arch import attention_modules, qk_projections
 from hetmem.methods.base import Method, param, register
-from hetmem.llm.attention import attention_modules
 from hetmem.methods.gates import check_gates_dir, check_shape, load_gates
-from hetmem.methods.shared import GatherAttention, dense_pipeline, model_dims
+from hetmem.methods.shared import GatherAttention, dense_pipeline
 from hetmem.ops import counts as C
 from hetmem.ops.index_score import index_scores
 from hetmem.ops.topk import budget_page_indices
@@ -43,25 +46,22 @@ def init_indexer(model, index_heads: int, seed: int = 0) -> dict[str, torch.Tens
     Shapes (per layer, stacked over layers): wq [H_i*D, hidden], bq [H_i*D], wk [D, hidden], bk [D],
     ww [H_i, hidden], bw [H_i].
     """
-    n_layers, n_kv, d = model_dims(model)
-    heads_per_group = model.config.num_attention_heads // n_kv
     gen = torch.Generator().manual_seed(seed)
     out = {k: [] for k in INDEXER_KEYS}
     for m in attention_modules(model):
-        qw, kw = m.q_proj.weight.detach().float(), m.k_proj.weight.detach().float()
-        hidden = qw.shape[1]
+        p = qk_projections(m, model.config)  # wq [H, d, hidden], wk [H_kv, d, hidden]
+        heads_per_group = p["wq"].shape[0] // p["wk"].shape[0]
+        hidden = p["wq"].shape[2]
         rows = []
         for i in range(index_heads):
-            h = i % heads_per_group
-            w = qw[h * d : (h + 1) * d]
+            w = p["wq"][i % heads_per_group]
             if i >= heads_per_group:  # a repeated head: break the symmetry so training can separate them
                 w = w + 0.01 * w.std() * torch.randn(w.shape, generator=gen)
             rows.append(w)
         out["wq"].append(torch.cat(rows))
-        qb = m.q_proj.bias.detach().float() if m.q_proj.bias is not None else torch.zeros(qw.shape[0])
-        out["bq"].append(torch.cat([qb[(i % heads_per_group) * d : (i % heads_per_group + 1) * d] for i in range(index_heads)]))
-        out["wk"].append(kw[:d].clone())
-        out["bk"].append(m.k_proj.bias.detach().float()[:d].clone() if m.k_proj.bias is not None else torch.zeros(d))
+        out["bq"].append(torch.cat([p["bq"][i % heads_per_group] for i in range(index_heads)]))
+        out["wk"].append(p["wk"][0].clone())
+        out["bk"].append(p["bk"][0].clone())
         out["ww"].append(torch.zeros(index_heads, hidden))
         out["bw"].append(torch.full((index_heads,), 1.0 / index_heads))
     return {k: torch.stack(v) for k, v in out.items()}
@@ -124,11 +124,11 @@ class LightningIndexerRelevancy:
     name: str = "lightning-indexer"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        L = memory.n_units
-        hi = max(0, L - self.recent) if self.budget < L else 0
+        L, ws = memory.n_units, memory.meta.get("window_start", 0)  # a sliding window's first token
+        hi = max(ws, L - self.recent) if self.budget < L - ws else ws
         h = query.meta["hidden"][:, -1].float()  # [B, hidden]: the decode token's attention input
         q, w = indexer_query(self.weights, h, self.index_heads)
-        return Scores(index_scores(q, w, memory.tensors["kidx"][:, 0, :hi]))
+        return Scores(index_scores(q, w, memory.tensors["kidx"][:, 0, ws:hi]), offset=ws)
 
     def op_counts(self, memory, query):
         L = memory.n_units
@@ -149,10 +149,10 @@ class SharedTokenTopK:
     name: str = "token-topk-shared"
 
     def select(self, scores: Scores, memory: Memory) -> Selection:
-        L = memory.n_units
-        idx = budget_page_indices(scores.values, 0, L, self.budget, 0, self.recent)  # [B, k]
+        L, ws = memory.n_units, memory.meta.get("window_start", 0)
+        idx = budget_page_indices(scores.values, scores.offset, L, self.budget, 0, self.recent, ws)  # [B, k]
         idx = idx.unsqueeze(1).expand(idx.shape[0], memory.meta["n_kv"], idx.shape[-1])
-        return Selection(indices=idx, n_units=L, unit_size=1, length=L)
+        return Selection(indices=idx, n_units=L, unit_size=1, length=L, start=ws)
 
     def op_counts(self, scores, memory):
         v = scores.values

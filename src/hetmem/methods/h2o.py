@@ -22,7 +22,9 @@ from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
 from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
+from hetmem.methods.shared import dense_pipeline
 from hetmem.ops.evict import attention_column_mass
+from hetmem.ops.sparse_attention import decode_probs
 
 
 @register_impl("accumulated-attention", role="prepare")
@@ -65,10 +67,11 @@ class AccumulatedRelevancy:
 class H2OAttend(EvictAttend):
     name: str = "evict-attend-accumulate"
 
-    def attend(self, memory, q, k, v, scale):
-        probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, dim=-1)  # [B,H,G,S]
+    def attend(self, memory, k, v, target):
+        probs = decode_probs(target.q.float(), k.float(), target.scale, softcap=target.softcap,
+                             sinks=target.sinks)  # [B,H,G,S]
         memory.tensors["acc"][:, :, : k.shape[2]] += probs.sum(dim=2)
-        return torch.matmul(probs, v.float()).to(q.dtype)
+        return torch.matmul(probs, v.float()).to(target.q.dtype)
 
 
 @register
@@ -93,5 +96,7 @@ class H2O(CompressedMethod):
         return self.budget - self.sink - int(self.budget * self.heavy_ratio)
 
     def pipeline(self, device, timer, layer_idx: int = 0):
+        if self.window_layer(layer_idx):
+            return dense_pipeline(device, timer)
         return MemoryPipeline(AccumulatedAttentionPrepare(device), AccumulatedRelevancy(self.sink, self.recent, device),
                               KeepSetRetrieval(self.budget, self.sink, self.recent, device), H2OAttend(device), timer)

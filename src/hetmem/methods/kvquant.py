@@ -21,8 +21,8 @@ from hetmem.core.registry import register_impl
 from hetmem.core.types import DecodeTarget, Memory
 from hetmem.errors import HetmemError
 from hetmem.llm.quant_cache import QuantKVLayer
+from hetmem.llm.arch import describe
 from hetmem.methods.base import Method, param, register
-from hetmem.methods.shared import model_dims
 from hetmem.ops.quant import dequantize_groups, quantize_groups
 from hetmem.ops.sparse_attention import grouped_decode_attention
 
@@ -72,18 +72,18 @@ class DequantAttention:
     device: str = "cpu"
     name: str = "dequant-attention"
 
-    def dequantize(self, memory: Memory, length: int, dtype=torch.float32):
+    def dequantize(self, memory: Memory, length: int, dtype=torch.float32, start: int = 0):
         b, g = memory.meta["bits"], memory.meta["group"]
         t = memory.tensors
         out = []
         for name in ("k", "v"):
-            out.append(dequantize_groups(t[f"{name}_codes"][:, :, :length], t[f"{name}_scale"][:, :, :length],
-                                         t[f"{name}_zero"][:, :, :length], b, g, dtype))
+            out.append(dequantize_groups(t[f"{name}_codes"][:, :, start:length], t[f"{name}_scale"][:, :, start:length],
+                                         t[f"{name}_zero"][:, :, start:length], b, g, dtype))
         return tuple(out)
 
     def apply(self, raw, selection, target: DecodeTarget):
-        k, v = self.dequantize(raw.memory, raw.length, target.q.dtype)
-        return grouped_decode_attention(target.q, k, v, target.scale)
+        k, v = self.dequantize(raw.memory, raw.length, target.q.dtype, start=raw.window_start)
+        return grouped_decode_attention(target.q, k, v, target.scale, softcap=target.softcap, sinks=target.sinks)
 
 
 @register
@@ -105,9 +105,10 @@ class KVQuant(Method):
             raise HetmemError(f"--group-size must be an even number >= 2 (got {self.group_size})")
 
     def bind(self, model) -> None:
-        d = model_dims(model)[2]
-        if d % self.group_size:
-            raise HetmemError(f"--group-size {self.group_size} does not divide the model's head dim {d}")
+        a = describe(model)
+        for what, d in (("key", a.key_dim), ("value", a.value_dim)):
+            if d % self.group_size:
+                raise HetmemError(f"--group-size {self.group_size} does not divide the model's cached {what} dim {d}")
 
     def pipeline(self, device, timer, layer_idx: int = 0):
         return MemoryPipeline(QuantizePrepare(self.bits, self.group_size, device), None, None, DequantAttention(device),

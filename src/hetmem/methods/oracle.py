@@ -51,9 +51,11 @@ class TrueAttentionRelevancy:
 
     def score(self, memory: Memory, query: Query) -> Scores:
         layer = memory.meta["layer"]
-        L = layer.length
+        L, ws = layer.length, memory.meta.get("window_start", 0)
         scale = query.meta.get("scale", query.vectors.shape[-1] ** -0.5)
-        return Scores(attention_probs(query.vectors, layer.buf_k[:, :, :L], scale).mean(dim=2))
+        probs = attention_probs(query.vectors, layer.buf_k[:, :, ws:L], scale, softcap=query.meta.get("softcap"),
+                                sinks=query.meta.get("sinks"))
+        return Scores(probs.mean(dim=2), offset=ws)
 
 
 @register_impl("token-topk", role="retrieval")
@@ -67,7 +69,8 @@ class TokenTopK:
 
     def select(self, scores: Scores, memory: Memory) -> Selection:
         L = memory.meta["length"]
-        return Selection(indices=topk_indices(scores.values, self.budget), n_units=L, unit_size=1, length=L)
+        idx = topk_indices(scores.values, self.budget) + scores.offset
+        return Selection(indices=idx, n_units=L, unit_size=1, length=L, start=memory.meta.get("window_start", 0))
 
     def op_counts(self, scores, memory):
         v = scores.values

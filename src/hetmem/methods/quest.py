@@ -66,13 +66,15 @@ class QuestRelevancy:
     name: str = "quest-upper-bound"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
+        first = memory.meta.get("window_start", 0) // memory.unit_size  # a sliding window's first page
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages, first)
         kmin = memory.tensors["kmin"][:, :, lo:hi]
         kmax = memory.tensors["kmax"][:, :, lo:hi]
         return Scores(quest_upper_bound(query.vectors, kmin, kmax), offset=lo)
 
     def op_counts(self, memory, query):
-        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
+        first = memory.meta.get("window_start", 0) // memory.unit_size
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages, first)
         B, Hkv, G, D = query.vectors.shape
         return {"relevancy": [C.quest_upper_bound(B, Hkv, G, hi - lo, D, memory.tensors["kmin"].element_size())]}
 
@@ -89,11 +91,12 @@ class PageBudgetTopK:
     name: str = "page-topk"
 
     def select(self, scores: Scores, memory: Memory) -> Selection:
-        n = memory.n_units
+        n, ws = memory.n_units, memory.meta.get("window_start", 0)
         idx = budget_page_indices(
-            scores.values, scores.offset, n, self.budget_pages, self.sink_pages, self.recent_pages
+            scores.values, scores.offset, n, self.budget_pages, self.sink_pages, self.recent_pages,
+            ws // memory.unit_size,
         )
-        return Selection(indices=idx, n_units=n, unit_size=memory.unit_size, length=memory.meta["length"])
+        return Selection(indices=idx, n_units=n, unit_size=memory.unit_size, length=memory.meta["length"], start=ws)
 
     def op_counts(self, scores, memory):
         v = scores.values

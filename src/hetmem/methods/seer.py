@@ -10,7 +10,9 @@
                ops.token_gather for a ragged bitmap)
 
 Untrained gates are the identity (pooled-key scoring). ``hetmem train --method seer`` distils them from
-the frozen model's own block-pooled attention; ``--gates DIR`` loads them.
+the frozen model's own block-pooled attention; ``--gates DIR`` loads them. The gates act on what the cache
+holds: per KV head keys, or on MLA models the latent ``c_kv ++ k_rope``. On a sliding-window layer the
+blocks ranked are those inside the window.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from hetmem.methods.gates import check_gates_dir, check_shape, load_gates
 from hetmem.methods.shared import GatherAttention, dense_pipeline, gather_attention_counts, model_dims
 from hetmem.ops import counts as C
 from hetmem.ops.block_pool import block_counts, gated_block_scores, update_block_sums
-from hetmem.ops.token_gather import bitmap_to_padded, gather_tokens, masked_decode_attention, unit_token_ids
+from hetmem.ops.sparse_attention import grouped_decode_attention
+from hetmem.ops.token_gather import bitmap_to_padded, gather_tokens, unit_token_ids
 from hetmem.ops.topk import budget_page_indices, candidate_range
 
 
@@ -91,14 +94,16 @@ class GateRelevancy:
     name: str = "gate-score"
 
     def score(self, memory: Memory, query: Query) -> Scores:
-        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
+        first = memory.meta.get("window_start", 0) // memory.unit_size  # a sliding window's first block
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages, first)
         q = query.vectors.float().mean(dim=2)  # [B, H_kv, D]: one gated query per GQA group
         qg = torch.einsum("bhd,hde->bhe", q, self.wq.to(q.device))
         scale = qg.shape[-1] ** -0.5
         return Scores(gated_block_scores(qg, memory.tensors["kgated"][:, :, lo:hi], scale), offset=lo)
 
     def op_counts(self, memory, query):
-        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages)
+        first = memory.meta.get("window_start", 0) // memory.unit_size
+        lo, hi = candidate_range(memory.n_units, self.sink_pages, self.recent_pages, self.budget_pages, first)
         B, Hkv, G, D = query.vectors.shape
         return {"relevancy": [C.gated_block_scores(B, Hkv, G, hi - lo, D, self.wq.shape[-1], query.vectors.element_size())]}
 
@@ -118,18 +123,20 @@ class BlockBudgetOrThreshold:
 
     def select(self, scores: Scores, memory: Memory) -> Selection:
         n, L, P = memory.n_units, memory.meta["length"], memory.unit_size
+        ws = memory.meta.get("window_start", 0)
+        first = ws // P  # a sliding window's first block (0 on full-attention layers)
         if self.threshold <= 0:
             idx = budget_page_indices(scores.values, scores.offset, n, self.budget_pages, self.sink_pages,
-                                      self.recent_pages)
-            return Selection(indices=idx, n_units=n, unit_size=P, length=L)
+                                      self.recent_pages, first)
+            return Selection(indices=idx, n_units=n, unit_size=P, length=L, start=ws)
         lead = scores.values.shape[:-1]
         bitmap = torch.zeros(*lead, n, dtype=torch.bool, device=scores.values.device)
         if scores.n_units:
             probs = torch.softmax(scores.values, dim=-1)
             bitmap[..., scores.offset : scores.offset + scores.n_units] = probs >= self.threshold
-        bitmap[..., : min(self.sink_pages, n)] = True
-        bitmap[..., max(0, n - self.recent_pages) :] = True
-        return Selection(bitmap=bitmap, n_units=n, unit_size=P, length=L)
+        bitmap[..., first : min(first + self.sink_pages, n)] = True
+        bitmap[..., max(first, n - self.recent_pages) :] = True
+        return Selection(bitmap=bitmap, n_units=n, unit_size=P, length=L, start=ws)
 
     def op_counts(self, scores, memory):
         v = scores.values
@@ -154,9 +161,11 @@ class BlockSparseAttention(GatherAttention):
             return super().apply(raw, selection, target)
         units, unit_valid = bitmap_to_padded(selection.bitmap)  # ragged: rows pad to the longest
         tok, valid = unit_token_ids(units, selection.unit_size, selection.length, unit_valid)
+        valid &= tok >= selection.start
         with substep("gather", self.device):
             k, v = gather_tokens(raw.buf_k, tok), gather_tokens(raw.buf_v, tok)
-        return masked_decode_attention(target.q, k, v, valid, target.scale)
+        return grouped_decode_attention(target.q, k, v, target.scale, softcap=target.softcap, sinks=target.sinks,
+                                        valid=valid)
 
     def op_counts(self, raw, selection, target):
         if selection.form == "topk":

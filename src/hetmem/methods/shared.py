@@ -15,32 +15,35 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.registry import register_impl
 from hetmem.core.timer import substep
 from hetmem.core.types import DecodeTarget, Selection
+from hetmem.llm.arch import describe
 from hetmem.ops import counts as C
-from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention
+from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention, window_valid
 
 
 def model_dims(model) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of a transformers causal LM."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
+    """(layers, cached KV heads, cached key dim) of a transformers causal LM (``llm.arch.describe``: for MLA
+    one latent head of dim kv_lora_rank + qk_rope_head_dim, which is where gates and indexers act)."""
+    a = describe(model)
+    return a.n_layers, a.kv_heads, a.key_dim
 
 
 @register_impl("dense-attention", role="apply")
 @dataclass
 class DenseAttentionApply:
-    """Apply: decode attention over the whole KV cache (the layer's buffer up to its length)."""
+    """Apply: decode attention over the whole KV cache (the layer's buffer up to its length; on a
+    sliding-window layer, the tokens inside the window)."""
 
     device: str = "cpu"
     name: str = "dense-attention"
 
     def apply(self, raw, selection, target: DecodeTarget):
-        L = raw.length
-        return grouped_decode_attention(target.q, raw.buf_k[:, :, :L], raw.buf_v[:, :, :L], target.scale)
+        L, ws = raw.length, raw.window_start
+        return grouped_decode_attention(target.q, raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L], target.scale,
+                                        softcap=target.softcap, sinks=target.sinks)
 
     def op_counts(self, raw, selection, target):
         B, Hkv, G, D = target.q.shape
-        return {"apply": [C.decode_attention(B, Hkv, G, raw.length, D, raw.buf_k.element_size())]}
+        return {"apply": [C.decode_attention(B, Hkv, G, raw.length - raw.window_start, D, raw.buf_k.element_size())]}
 
 
 def dense_pipeline(device: str, timer) -> MemoryPipeline:
@@ -58,20 +61,23 @@ class GatherAttention:
     name: str = "gather-attention"
 
     def apply(self, raw, selection: Selection, target: DecodeTarget):
-        L = selection.length
-        if selection.indices.shape[-1] >= selection.n_units:  # everything selected: no gather needed
-            k, v = raw.buf_k[:, :, :L], raw.buf_v[:, :, :L]
+        L, P, ws = selection.length, selection.unit_size, selection.start
+        valid = None
+        if selection.indices.shape[-1] >= selection.n_units - ws // P:  # everything selected: no gather needed
+            k, v = raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L]
         else:
             with substep("gather", self.device):  # timed as apply.gather (inside apply)
-                k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, selection.unit_size, L)
-        return grouped_decode_attention(target.q, k, v, target.scale)
+                k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
+            valid = window_valid(selection.indices, P, ws, k.shape[2])  # a window's partial first page
+        return grouped_decode_attention(target.q, k, v, target.scale, softcap=target.softcap, sinks=target.sinks,
+                                        valid=valid)
 
     def op_counts(self, raw, selection, target):
         B, Hkv, G, D = target.q.shape
         e = raw.buf_k.element_size()
         k = selection.indices.shape[-1]
-        if k >= selection.n_units:
-            return {"apply": [C.decode_attention(B, Hkv, G, selection.length, D, e)]}
+        if k >= selection.n_units - selection.start // selection.unit_size:
+            return {"apply": [C.decode_attention(B, Hkv, G, selection.length - selection.start, D, e)]}
         return gather_attention_counts(B, Hkv, G, D, e, selection.selected_tokens, k)
 
 

@@ -26,6 +26,7 @@ from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
 from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
+from hetmem.methods.shared import dense_pipeline
 from hetmem.ops.evict import attention_column_mass
 
 
@@ -124,6 +125,8 @@ class SnapKV(CompressedMethod):
             raise HetmemError(f"--kernel must be a positive odd number (got {self.kernel})")
 
     def pipeline(self, device, timer, layer_idx: int = 0):
+        if self.window_layer(layer_idx):
+            return dense_pipeline(device, timer)
         return MemoryPipeline(ObservationWindowPrepare(device, window=self.window),
                               WindowVotesRelevancy(self.budget, self.window, self.kernel, device),
                               OnceKeepSetRetrieval(self.budget, 0, self.window, device), OnceEvictAttend(device), timer)

@@ -20,6 +20,7 @@ from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.methods.base import param, register
 from hetmem.methods.compressed import CompressedMethod, EvictAttend, KeepSetRetrieval, LeadPrepare
+from hetmem.methods.shared import dense_pipeline
 
 
 @register_impl("position", role="relevancy")
@@ -49,6 +50,8 @@ class Streaming(CompressedMethod):
             raise HetmemError(f"streaming needs 0 <= --sink < --budget (got sink={self.sink}, budget={self.budget})")
 
     def pipeline(self, device, timer, layer_idx: int = 0):
+        if self.window_layer(layer_idx):
+            return dense_pipeline(device, timer)
         return MemoryPipeline(LeadPrepare(device), PositionRelevancy(device),
                               KeepSetRetrieval(self.budget, self.sink, self.budget - self.sink, device),
                               EvictAttend(device), timer)

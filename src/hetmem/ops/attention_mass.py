@@ -10,11 +10,16 @@ from __future__ import annotations
 import torch
 
 from hetmem.core.types import Selection
+from hetmem.ops.sparse_attention import decode_probs
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q [B, H_kv, G, D]``, ``k [B, H_kv, L, D]`` -> true decode attention ``[B, H_kv, G, L]``."""
-    return torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, dim=-1)
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """``q [B, H_kv, G, D]``, ``k [B, H_kv, L, D]`` -> true decode attention ``[B, H_kv, G, L]`` (with the
+    model's logit soft-capping and sink logits, when it has them)."""
+    if softcap is None and sinks is None:
+        return torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, dim=-1)
+    return decode_probs(q.float(), k.float(), scale, softcap=softcap, sinks=sinks)
 
 
 def selection_token_mask(sel: Selection, shape: tuple[int, int], device=None) -> torch.Tensor:

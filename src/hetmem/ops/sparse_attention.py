@@ -1,6 +1,9 @@
 """Apply ops: gather the selected pages of K and V, then attend over only those.
 
 The work is proportional to the tokens selected: nothing of size L (the context) is materialised.
+Attention follows what the model's own attention does: its softmax scale, logit soft-capping
+(Gemma2: ``tanh(s / cap) * cap``), per-head attention sinks (gpt-oss: an extra logit in the softmax
+denominator) and K/V of different head dims (MLA's latent cache).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ def gather_pages(buf: torch.Tensor, indices: torch.Tensor, page_size: int) -> to
     B, H, cap, D = buf.shape
     n = cap // page_size
     k = indices.shape[-1]
+    if not buf.is_contiguous():  # a view (MLA's values are a prefix of its latent keys): gather by token
+        tok = (indices.unsqueeze(-1) * page_size + torch.arange(page_size, device=buf.device)).flatten(-2)
+        return torch.gather(buf, 2, tok.unsqueeze(-1).expand(*tok.shape, D))
     flat = buf[:, :, : n * page_size].reshape(B * H * n, page_size * D)
     base = torch.arange(B * H, device=buf.device).unsqueeze(-1) * n
     rows = (indices.reshape(B * H, k) + base).reshape(-1)
@@ -41,12 +47,89 @@ def gather_selected_kv(
     return k_sel, v_sel
 
 
-def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode attention, GQA without repeating K/V: ``q [B, H_kv, G, D]`` against ``k, v [B, H_kv, S, D]``."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
+                             softcap: float | None = None, sinks: torch.Tensor | None = None,
+                             valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention, GQA without repeating K/V: ``q [B, H_kv, G, Dk]`` against ``k [B, H_kv, S, Dk]``,
+    ``v [B, H_kv, S, Dv]`` -> ``[B, H_kv, G, Dv]``.
+
+    ``softcap``: logit soft-capping; ``sinks [H_kv, G]``: per-head sink logits; ``valid [B, H_kv, S]``: which
+    gathered entries are real (padding of a ragged selection, tokens outside a sliding window).
+    """
+    if softcap is None and sinks is None:
+        mask = None if valid is None else valid.unsqueeze(2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    probs = decode_probs(q, k, scale, softcap=softcap, sinks=sinks, valid=valid)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def decode_probs(q: torch.Tensor, k: torch.Tensor, scale: float, *, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention probabilities ``[B, H_kv, G, S]`` (float32) as the model's eager attention computes them:
+    ``q.k * scale``, soft-capped, masked, softmax (with the sink logit in the denominator, its column dropped)."""
+    w = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    w = w.float()
+    if valid is not None:
+        w = w.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    if sinks is None:
+        return torch.softmax(w, dim=-1)
+    s = sinks.float().reshape(1, *sinks.shape, 1).expand(*w.shape[:-1], 1)
+    w = torch.cat([w, s], dim=-1)
+    w = w - w.amax(dim=-1, keepdim=True)
+    return torch.softmax(w, dim=-1)[..., :-1]
+
+
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float, *, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                      block: int = 256) -> torch.Tensor:
+    """Causal attention of a chunk of queries the way transformers' eager attention computes it (for what
+    SDPA cannot do: soft-capping, sinks): ``query [B, H, T, Dk]``, ``key [B, H_kv, S, Dk]``, ``value
+    [B, H_kv, S, Dv]``, a boolean ``mask [B|1, 1, T, S]`` (True = attend) or None (causal, the queries being
+    the last T of the S positions). Queries run in blocks of ``block`` so the score matrix stays small.
+    Returns ``[B, T, H, Dv]`` (the layout attention functions return)."""
+    B, H, T, _ = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    G = H // Hkv
+    q = query.reshape(B, Hkv, G, T, -1)
+    k = key.unsqueeze(2)
+    v = value.unsqueeze(2)
+    out = []
+    for s in range(0, T, block):
+        qb = q[:, :, :, s : s + block]
+        t = qb.shape[3]
+        w = torch.matmul(qb, k.transpose(-1, -2)) * scale  # [B, Hkv, G, t, S]
+        if softcap is not None:
+            w = torch.tanh(w / softcap) * softcap
+        if mask is not None:
+            m = mask[:, :, s : s + t].unsqueeze(1)  # [B, 1, 1, t, S]
+        else:
+            qpos = S - T + s + torch.arange(t, device=query.device)
+            m = torch.arange(S, device=query.device) <= qpos.unsqueeze(-1)
+        w = w.masked_fill(~m, torch.finfo(w.dtype).min)
+        if sinks is not None:
+            sk = sinks.reshape(1, Hkv, G, 1, 1).to(w.dtype).expand(*w.shape[:-1], 1)
+            w = torch.cat([w, sk], dim=-1)
+            w = w - w.amax(dim=-1, keepdim=True)
+            p = torch.softmax(w, dim=-1, dtype=w.dtype)[..., :-1]
+        else:
+            p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+        out.append(torch.matmul(p.to(value.dtype), v))
+    o = torch.cat(out, dim=3)  # [B, Hkv, G, T, Dv]
+    return o.reshape(B, H, T, -1).transpose(1, 2).contiguous()
 
 
 def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Plain softmax attention for tests."""
     w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
     return (w @ v.float()).to(q.dtype)
+
+
+def window_valid(indices: torch.Tensor, unit_size: int, start: int, n_tokens: int) -> torch.Tensor | None:
+    """Which of the ``n_tokens`` gathered tokens of the sorted selected units ``indices [B, H, k]`` lie at or
+    after ``start`` (a sliding window's first token): ``[B, H, n_tokens]`` bool, or None when all do."""
+    if start % unit_size == 0 or not bool((indices[..., 0] * unit_size < start).any()):
+        return None
+    tok = (indices.unsqueeze(-1) * unit_size + torch.arange(unit_size, device=indices.device)).flatten(-2)
+    return tok[..., :n_tokens] >= start

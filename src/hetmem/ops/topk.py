@@ -47,18 +47,21 @@ def threshold_bitmap(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores >= threshold
 
 
-def candidate_range(n_pages: int, sink_pages: int, recent_pages: int, budget_pages: int) -> tuple[int, int]:
+def candidate_range(n_pages: int, sink_pages: int, recent_pages: int, budget_pages: int,
+                    first: int = 0) -> tuple[int, int]:
     """The pages ``[lo, hi)`` that Relevancy scores: those between the sink and the recent window.
 
-    Empty when the budget covers every page (nothing to rank)."""
-    lo = min(sink_pages, n_pages)
+    Pages before ``first`` do not exist for the query (a sliding window has passed them): the sink is the
+    first pages from ``first`` on. Empty when the budget covers every page (nothing to rank)."""
+    avail = n_pages - first
+    lo = first + min(sink_pages, avail)
     hi = max(lo, n_pages - recent_pages)
-    return (lo, lo) if budget_pages >= n_pages else (lo, hi)
+    return (lo, lo) if budget_pages >= avail else (lo, hi)
 
 
 def budget_page_indices(
     scores: torch.Tensor, offset: int, n_pages: int, budget_pages: int, sink_pages: int, recent_pages: int,
-    topk: Callable[[torch.Tensor, int], torch.Tensor] = topk_indices,
+    first: int = 0, topk: Callable[[torch.Tensor, int], torch.Tensor] = topk_indices,
 ) -> torch.Tensor:
     """Page ids ``[..., budget]`` (sorted) under a page budget, always keeping sink and recent pages.
 
@@ -70,18 +73,20 @@ def budget_page_indices(
     window. Forced pages come first in priority: the recent window, then the sink; the rest of the
     budget goes to the top candidates (ties to the lower page id, as in ``topk_indices``). With at
     least ``budget_pages`` pages and enough candidates the result holds exactly ``budget_pages``
-    distinct ids; with fewer pages, all of them.
+    distinct ids; with fewer pages, all of them. Only pages ``first .. n_pages - 1`` exist for the
+    query (a sliding window's); the sink starts at ``first``.
     """
     lead = scores.shape[:-1]
     dev = scores.device
-    if budget_pages >= n_pages:
-        return torch.arange(n_pages, device=dev).expand(*lead, n_pages)
-    recent = min(recent_pages, n_pages, budget_pages)
-    sink = min(sink_pages, n_pages - recent, budget_pages - recent)
+    avail = n_pages - first
+    if budget_pages >= avail:
+        return torch.arange(first, n_pages, device=dev).expand(*lead, avail)
+    recent = min(recent_pages, avail, budget_pages)
+    sink = min(sink_pages, avail - recent, budget_pages - recent)
     k = budget_pages - recent - sink
     parts = []
     if sink:
-        parts.append(torch.arange(sink, device=dev).expand(*lead, sink))
+        parts.append(torch.arange(first, first + sink, device=dev).expand(*lead, sink))
     if k > 0:
         parts.append(topk(scores, k) + offset)
     parts.append(torch.arange(n_pages - recent, n_pages, device=dev).expand(*lead, recent))

@@ -64,3 +64,20 @@ def save_tiny_model_dir(path: Path, arch: str = "llama", **kw) -> Path:
     tiny_model(arch, **kw).save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+def family_model(family, seed: int = 0, dtype=torch.float32, **overrides):
+    """A tiny random-weight model of one row of ``hetmem.llm.families.SUPPORTED_FAMILIES``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family.model_type, **{**family.config, **overrides})
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def save_family_dir(path: Path, family, seed: int = 0) -> Path:
+    """A local HF model directory (config, safetensors, char tokenizer) of one family row."""
+    path = Path(path)
+    family_model(family, seed).save_pretrained(path)
+    char_tokenizer(family.config.get("vocab_size", 128)).save_pretrained(path)
+    return path

@@ -1,8 +1,10 @@
 """Self-distillation of SeerAttention-R gates and DSA indexers from a frozen model's own attention.
 
-For each text chunk the frozen model runs once (no grad) while hetmem's attention hook records every
-layer's post-RoPE queries and keys and a forward pre-hook records each attention module's input hidden
-state. From those:
+For each text chunk the frozen model runs once (no grad) into a hetmem paged cache while hetmem's attention
+hook records every layer's post-RoPE queries and the keys the cache holds (what the methods select on: per
+KV head keys, or MLA's latent ``c_kv ++ k_rope`` with the queries absorbed into latent space, see
+``llm.arch``), and a forward pre-hook records each attention module's input hidden state. The model's
+attention is reproduced exactly: soft-capping, and on sliding-window layers only the window. From those:
 
 * ``seer``: target = the model's attention mass per block (complete blocks before the query's block),
   averaged over each GQA group; prediction = softmax of (Q-gate(mean group query)) . (K-gate(avg-pooled
@@ -26,30 +28,39 @@ import torch.nn.functional as F
 from hetmem.errors import HetmemError
 from hetmem.llm import attention
 from hetmem.methods.dsa import INDEXER_KEYS, indexer_key, indexer_query, init_indexer
-from hetmem.methods.seer import identity_gates, model_dims
+from hetmem.methods.seer import identity_gates
+from hetmem.methods.shared import model_dims
 from hetmem.ops.index_score import index_scores_all
 
 
 class _CaptureRuntime(attention.SparseRuntime):
-    """Records each layer's query/key (post-RoPE) while attention runs densely."""
+    """Records each layer's query (in the cache's key space) and cached keys while attention runs densely."""
 
-    def __init__(self):
-        super().__init__(cache=None)
-        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    def __init__(self, cache):
+        super().__init__(cache=cache)
+        self.qk: dict[int, tuple] = {}
 
     def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+        layer = self.cache.layers[module.layer_idx]
+        attention.check_window(module, layer, kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        self.qk[module.layer_idx] = (query.detach().float(), key.detach().float(), scale)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)
+        q = self.latent_query(module, layer, query)
+        self.qk[module.layer_idx] = (q.detach().float(), layer.buf_k[:, :, : layer.length].detach().float(), scale,
+                                     layer.sliding_window, kwargs.get("softcap"))
+        return attention.dense_attention(module, query, key, value, attention_mask, scaling=scale, **kwargs)
 
 
 @torch.no_grad()
 def capture(model, ids: torch.Tensor) -> list[dict]:
-    """Per layer: q [B,H_kv,G,T,D], k [B,H_kv,T,D] (post-RoPE), scale, hidden [B,T,hidden] (attention input)."""
+    """Per layer: q [B,H_kv,G,T,D], k [B,H_kv,T,D] (post-RoPE, as cached), scale, window, softcap, hidden
+    [B,T,hidden] (attention input)."""
+    from hetmem.llm.arch import describe
+    from hetmem.llm.paged_cache import PagedKVCache
+
     attention.install(model)
-    rt = _CaptureRuntime()
+    arch = describe(model)
+    cache = PagedKVCache(arch.n_layers, reserve_tokens=ids.shape[1], windows=arch.windows, mla_rank=arch.mla_rank)
+    rt = _CaptureRuntime(cache)
     hidden: dict[int, torch.Tensor] = {}
 
     def hook(module, args, kwargs):
@@ -58,17 +69,28 @@ def capture(model, ids: torch.Tensor) -> list[dict]:
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention.attention_modules(model)]
     try:
         with rt.activate():
-            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
+            model(input_ids=ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
     out = []
     for i in sorted(rt.qk):
-        q, k, scale = rt.qk[i]
+        q, k, scale, window, softcap = rt.qk[i]
         B, H, T, D = q.shape
         Hkv = k.shape[1]
-        out.append({"q": q.reshape(B, Hkv, H // Hkv, T, D), "k": k, "scale": scale, "hidden": hidden[i]})
+        out.append({"q": q.reshape(B, Hkv, H // Hkv, T, D), "k": k, "scale": scale, "window": window,
+                    "softcap": softcap, "hidden": hidden[i]})
     return out
+
+
+def visible(rows: torch.Tensor, T: int, window: int | None) -> torch.Tensor:
+    """``[R, T]``: the keys query position ``rows[r]`` attends (causal; inside a sliding window if any)."""
+    ar = torch.arange(T)[None, :]
+    vis = ar <= rows[:, None]
+    if window is not None:
+        vis &= ar > rows[:, None] - window
+    return vis
 
 
 def query_rows(T: int, min_pos: int, max_rows: int) -> torch.Tensor:
@@ -85,8 +107,10 @@ def row_probs(lay: dict, rows: torch.Tensor) -> torch.Tensor:
     q, k = lay["q"][:, :, :, rows], lay["k"]
     T = k.shape[2]
     logits = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * lay["scale"]
-    future = torch.arange(T)[None, :] > rows[:, None]
-    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    if lay.get("softcap") is not None:
+        logits = torch.tanh(logits / lay["softcap"]) * lay["softcap"]
+    hidden = ~visible(rows, T, lay.get("window"))
+    return torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
 
 
 # -- seer -------------------------------------------------------------------------------------------------------
@@ -178,7 +202,8 @@ class DSAObjective:
             tgt = probs.sum(dim=(1, 2))
             tgt = tgt / tgt.sum(-1, keepdim=True)
             prepared.append({"hidden": lay["hidden"], "target": tgt, "rows": rows, "mass": probs.mean(2),
-                             "causal": torch.arange(T)[None, :] <= rows[:, None], "scale": lay["q"].shape[-1] ** -0.5})
+                             "causal": visible(rows, T, lay.get("window")), "window": lay.get("window"),
+                             "scale": self.params["wk"].shape[1] ** -0.5})  # 1/sqrt(index dim)
         return prepared
 
     def scores(self, layer: int, p: dict):
@@ -203,7 +228,7 @@ class DSAObjective:
             s = self.scores(i, p)  # [B,R,T]
             ar = torch.arange(T)[None, :]
             recent = (ar > (tpos - self.recent)[:, None]) & (ar <= tpos[:, None])
-            cand = ar <= (tpos - self.recent)[:, None]
+            cand = (ar <= (tpos - self.recent)[:, None]) & p["causal"]
             s = s.masked_fill(~cand, float("-inf"))
             top = s.topk(min(max(0, budget - self.recent), T), dim=-1).indices
             sel = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True) & cand | recent
