@@ -14,6 +14,8 @@ machine noise and order effects hit both alike. Reported, all measured on this m
 Target: overhead <= 3% (the exit code checks the CPU-time ratio and the direct cost).
 
     .venv/bin/python benchmarks/bench_profiler_overhead.py [--model smollm2] [--method quest] [--length 2048]
+
+Appends its record to benchmarks/results/bench_profiler_overhead.jsonl (benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import time
 
 import torch
+from _record import Record
 
 from hetmem.llm.generate import generate
 from hetmem.llm.models import load_model
@@ -43,6 +46,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = ap.parse_args()
+    rec = Record().setting(**vars(args))
     torch.set_num_threads(args.threads)
 
     lm = load_model(args.model)
@@ -86,7 +90,18 @@ def main() -> int:
     print(f"direct cost: {per_call_us:.2f} us per timed+counted step call -> {calls} calls = {100 * direct:.2f}% of the run")
     print(f"profiler overhead ratio (with / without, median of pairs): CPU time {rc:.4f} ({100 * (rc - 1):+.2f}%), "
           f"wall {rw:.4f} ({100 * (rw - 1):+.2f}%), decode wall {rd:.4f} ({100 * (rd - 1):+.2f}%); target <= 1.03")
-    return 0 if rc <= 1.03 and direct <= 0.03 else 1
+    ok = rc <= 1.03 and direct <= 0.03
+    rec.setting(model_name=lm.name)
+    rec.figure("cpu_ratio", round(rc, 4), "x", note="with / without profiler, process CPU time, median of pairs")
+    rec.figure("wall_ratio", round(rw, 4), "x", note="with / without profiler, wall time, median of pairs")
+    rec.figure("decode_wall_ratio", round(rd, 4), "x", note="with / without profiler, decode wall time, median of pairs")
+    rec.figure("step_calls", calls, "calls")
+    rec.figure("direct_us_per_call", round(per_call_us, 3), "us/call", note="timed + counted step call vs untimed")
+    rec.figure("direct_share", round(direct, 5), "fraction", note="direct cost x calls / profiled run wall time")
+    rec.detail("pairs", [{"wall_ratio": round(w, 4), "cpu_ratio": round(c, 4), "decode_ratio": round(d, 4)}
+                         for w, c, d in zip(wall, cpu, dec)])
+    rec.write(ok)
+    return 0 if ok else 1
 
 
 def _direct_cost_us(method, n: int = 20000) -> float:
