@@ -280,7 +280,8 @@ def block_methods(rec: dict) -> str:
     for r in rec["details"]["runs"]:
         k = r["label"]
         kv = v(rec, f"{k}.kv_bytes")
-        rows.append(f"| {k} | {cell(repr(r['answer']))} | {'yes' if r['correct'] else 'no'} "
+        untrained = k in ("seer", "dsa") and not s.get(f"{k}_gates")
+        rows.append(f"| {k}{' (untrained estimator)' if untrained else ''} | {cell(repr(r['answer']))} | {'yes' if r['correct'] else 'no'} "
                     f"| {'–' if kv is None else f'{kv / 1e6:.1f} MB'} | {fmt(v(rec, f'{k}.decode_ms_per_token'), 1)} |")
     return "\n".join([f"Passkey {rec['details']['passkey']} in a {v(rec, 'prompt_tokens')}-token prompt, "
                       f"{s.get('model_name', s['model'])}, budget {s['budget']}, {s['max_new_tokens']} new tokens "
