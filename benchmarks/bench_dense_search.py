@@ -11,6 +11,8 @@ wrapper may cost at most ~10%). Also prints, for scale, one real MiniLM query em
 measured wall time on this machine (median over interleaved repeats).
 
     .venv/bin/python benchmarks/bench_dense_search.py [--passages 100000] [--queries 200] [--k 8]
+
+Appends its record to benchmarks/results/bench_dense_search.jsonl (benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def main() -> int:
                     help="also time HNSW (on random vectors HNSW recall is a worst case, far below real embeddings)")
     ap.add_argument("--skip-embed", action="store_true", help="do not time a real MiniLM query embedding")
     args = ap.parse_args()
+    from _record import Record
+
+    rec = Record().setting(**vars(args))
 
     import faiss
     import torch
@@ -64,7 +69,9 @@ def main() -> int:
         _, ids = plain.search(qi[None], args.k)
         return ids[0].tolist()
 
+    rec.setting(faiss_version=faiss.__version__, faiss_threads=faiss.omp_get_max_threads())
     same = sum(ours(qi) == baseline(qi) for qi in q)
+    rec.figure("same_ids", same, "queries")
     print(f"same top-{args.k} ids: {same}/{args.queries}")
 
     times = {"ours": [], "faiss.IndexFlatIP": []}
@@ -84,8 +91,11 @@ def main() -> int:
     ratio = med["faiss.IndexFlatIP"] / med["ours"]
     print(f"ratio (measured, same run): faiss.IndexFlatIP / ours = {ratio:.2f}  (>= 0.9 required)")
 
+    for name, ms in med.items():
+        rec.figure(f"query_ms.{name}", round(ms, 4), "ms/query")
+    rec.figure("ratio", round(ratio, 3), "x", note="faiss.IndexFlatIP time / ours (>= 0.9 required)")
     if args.hnsw:
-        _hnsw(args, x, q, baseline)
+        _hnsw(args, x, q, baseline, rec)
     if not args.skip_embed:
         from hetmem.rag.embed import load_embedder
 
@@ -94,18 +104,23 @@ def main() -> int:
         t0 = time.perf_counter()
         for _ in range(10):
             emb.encode(["In which town does Ranquin Tasolhal live?"])
-        print(f"  for scale: embedding one query with all-MiniLM-L6-v2 {(time.perf_counter() - t0) / 10 * 1e3:.1f} ms (measured)")
+        emb_ms = (time.perf_counter() - t0) / 10 * 1e3
+        print(f"  for scale: embedding one query with all-MiniLM-L6-v2 {emb_ms:.1f} ms (measured)")
+        rec.figure("embed_query_ms.all-MiniLM-L6-v2", round(emb_ms, 2), "ms/query")
     ok = same == args.queries and ratio >= 0.9
+    rec.write(ok)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
 
-def _hnsw(args, x, q, baseline):
+def _hnsw(args, x, q, baseline, rec):
     from hetmem.ops.dense_search import build_index, search
 
     t0 = time.perf_counter()
     hnsw = build_index(x, "hnsw")
-    print(f"  hnsw build {time.perf_counter() - t0:.1f} s (measured)")
+    build_s = time.perf_counter() - t0
+    print(f"  hnsw build {build_s:.1f} s (measured)")
+    rec.figure("hnsw.build_s", round(build_s, 2), "s")
     hv = [search(hnsw, qi, args.k, ef_search=64)[1][0] for qi in q]
     recall = np.mean([len(set(h) & set(baseline(qi))) / args.k for h, qi in zip(hv, q)])
     t0 = time.perf_counter()
@@ -113,6 +128,7 @@ def _hnsw(args, x, q, baseline):
         search(hnsw, qi, args.k, ef_search=64)
     hms = (time.perf_counter() - t0) / args.queries * 1e3
     print(f"  hnsw (M=32, efSearch=64)  {hms:8.3f} ms/query (measured), recall@{args.k} vs exact {recall:.3f}")
+    rec.figure("hnsw.query_ms", round(hms, 4), "ms/query").figure("hnsw.recall", round(float(recall), 4), "fraction")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ frozen, then measures on held-out essay text (the last 20% of the essays' tokens
 Every number printed is measured on this machine.
 
     .venv/bin/python benchmarks/bench_gate_training.py --model smollm2 --steps 30
+
+Appends its record to benchmarks/results/bench_gate_training.jsonl (benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import time
 
 import torch
+from _record import Record
 
 from hetmem.tasks.haystack import essay_text
 from hetmem.llm.generate import generate
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    record = Record().setting(**vars(args))
     torch.manual_seed(0)
     lm = load_model(args.model)
     results = {"model": lm.name, "source": "measured", "offline": {}, "in_model": {}}
@@ -77,6 +81,9 @@ def main() -> None:
         prepared_u = [un.targets(d) for d in data]
         prepared_t = [tr.targets(d) for d in data]
         how = f"loaded {gdir}" if "loaded" in info else f"trained {args.steps} steps in {info['wall_s']} s -> {gdir}"
+        record.detail(f"{name}_gates", "loaded" if "loaded" in info else "trained")
+        if "wall_s" in info:
+            record.figure(f"train_s.{name}", info["wall_s"], "s", note=f"{args.steps} steps x {args.seq_len} tokens")
         print(f"\n{name}: {how}")
         print(f"  held-out offline recall ({len(data)} chunks x {args.seq_len} tokens, up to 256 query positions each):")
         print(f"  {'budget':>8} {'untrained':>10} {'trained':>10}")
@@ -88,6 +95,8 @@ def main() -> None:
             results["offline"][f"{name}@{b}"] = {"untrained": round(ru, 4), "trained": round(rt, 4),
                                                  "kl_untrained": round(kl_u, 4), "kl_trained": round(kl_t, 4)}
             print(f"  {b:>8} {ru:>10.4f} {rt:>10.4f}   (KL {kl_u:.4f} -> {kl_t:.4f})")
+            for k, v in results["offline"][f"{name}@{b}"].items():
+                record.figure(f"offline.{name}@{b}.{k}", v, "fraction" if k in ("untrained", "trained") else "KL")
 
     ids = lm.tokenizer(essay_text(), add_special_tokens=False)["input_ids"]
     ctx = torch.tensor([ids[-args.context_tokens :]])  # held-out tail of the essays
@@ -103,8 +112,11 @@ def main() -> None:
             res = generate(lm.model, ctx, m, args.new_tokens, progress=False, recall=True)
             r = res.recall["attention_mass_recall"]
             results["in_model"][f"{label}@{b}"] = r
+            record.figure(f"in_model.{label}@{b}", round(r, 4), "fraction")
             cells.append(f"{r:>14.4f}")
         print(f"  {label:<16}" + "".join(cells), flush=True)
+    record.setting(model_name=lm.name)
+    record.write(True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -15,6 +15,8 @@ order so machine noise and order effects hit all alike. Reported, all measured o
 Target: overhead <= 3% (the exit code checks the CPU-time ratio and the direct cost).
 
     .venv/bin/python benchmarks/bench_profiler_overhead.py [--model smollm2] [--method quest] [--length 2048]
+
+Appends its record to benchmarks/results/bench_profiler_overhead.jsonl (benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import time
 
 import torch
+from _record import Record
 
 from hetmem.llm.generate import generate
 from hetmem.llm.models import load_model
@@ -44,6 +47,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = ap.parse_args()
+    rec = Record().setting(**vars(args))
     torch.set_num_threads(args.threads)
 
     lm = load_model(args.model)
@@ -94,7 +98,20 @@ def main() -> int:
           f"wall {rw:.4f} ({100 * (rw - 1):+.2f}%), decode wall {rd:.4f} ({100 * (rd - 1):+.2f}%); target <= 1.03")
     print(f"step timing of 'hetmem run' vs --no-step-timing (median of rounds): CPU time {tc:.4f} "
           f"({100 * (tc - 1):+.2f}%), wall {tw:.4f} ({100 * (tw - 1):+.2f}%)")
-    return 0 if rc <= 1.03 and direct <= 0.03 else 1
+    ok = rc <= 1.03 and direct <= 0.03
+    rec.setting(model_name=lm.name)
+    rec.figure("cpu_ratio", round(rc, 4), "x", note="with / without profiler, process CPU time, median of rounds")
+    rec.figure("wall_ratio", round(rw, 4), "x", note="with / without profiler, wall time, median of rounds")
+    rec.figure("decode_wall_ratio", round(rd, 4), "x", note="with / without profiler, decode wall time, median of rounds")
+    rec.figure("step_timing_cpu_ratio", round(tc, 4), "x", note="hetmem run (step timer) / --no-step-timing, CPU time")
+    rec.figure("step_timing_wall_ratio", round(tw, 4), "x", note="hetmem run (step timer) / --no-step-timing, wall time")
+    rec.figure("step_calls", calls, "calls")
+    rec.figure("direct_us_per_call", round(per_call_us, 3), "us/call", note="timed + counted step call vs untimed")
+    rec.figure("direct_share", round(direct, 5), "fraction", note="direct cost x calls / profiled run wall time")
+    rec.detail("rounds", [{m: {"wall_ms": round(r[i][0], 1), "cpu_ms": round(r[i][1], 1)} for m, r in runs.items()}
+                          for i in range(args.repeats)])
+    rec.write(ok)
+    return 0 if ok else 1
 
 
 def _direct_cost_us(method, n: int = 20000) -> float:

@@ -7,6 +7,8 @@ can be told apart: retrieval missed it, or the model misread it. Times are measu
 
     .venv/bin/python benchmarks/eval_rag_qa.py [--model qwen2.5-coder-0.5b] [--methods rag-hybrid]
                                                [--questions 20] [--files 300] [--top-k 8]
+
+Appends its record to benchmarks/results/eval_rag_qa.jsonl (benchmarks/_record.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--min-accuracy", type=float, default=0.5, help="exit 1 below this (default 0.5: 'most')")
     args = ap.parse_args()
+    from _record import Record
+
+    record = Record().setting(**vars(args))
 
     from hetmem.tasks.rag_facts import generate_fact_corpus
     from hetmem.llm.models import load_model
@@ -39,10 +44,12 @@ def main() -> int:
     qs = generate_fact_corpus(td, n_files=args.files, n_questions=args.questions, seed=args.seed)
     corpus = load_corpus(td)
     lm = load_model(args.model)
+    record.setting(model_name=lm.name, dtype=str(lm.model.dtype).replace("torch.", ""))
     ok_all = True
     for name in args.methods.split(","):
         session = RagSession.build(get_method(name, top_k=args.top_k), corpus)
         right = found = 0
+        rows = []
         t0 = time.perf_counter()
         for i, q in enumerate(qs):
             rec = session.answer(lm, q.question, args.max_new_tokens, progress=False)
@@ -50,6 +57,8 @@ def main() -> int:
             good = q.answer.lower() in rec["answer"].lower()
             right += good
             found += hit
+            rows.append({"right": bool(good), "retrieved": bool(hit), "prompt_tokens": rec["tokens"]["prompt"],
+                         "expected": q.answer, "answer": rec["answer"]})
             print(f"{name} q{i:02d} {'RIGHT' if good else 'wrong'} retrieved={'yes' if hit else 'NO '} "
                   f"prompt={rec['tokens']['prompt']:>5} expected={q.answer!r:<15} answer={rec['answer'][:70]!r}",
                   flush=True)
@@ -59,6 +68,11 @@ def main() -> int:
         print(f"{name}: model {lm.name}, top-k {args.top_k}: accuracy {right}/{len(qs)} = {acc:.0%}, "
               f"recall@{args.top_k} (in prompt) {found}/{len(qs)}; {secs / len(qs):.1f} s/question (measured)",
               flush=True)
+        record.figure(f"{name}.right", right, "questions").figure(f"{name}.questions", len(qs), "questions")
+        record.figure(f"{name}.in_prompt", found, "questions", note=f"answer passage among the top-{args.top_k} in the prompt")
+        record.figure(f"{name}.s_per_question", round(secs / len(qs), 2), "s/question")
+        record.detail(name, rows)
+    record.write(ok_all)
     return 0 if ok_all else 1
 
 

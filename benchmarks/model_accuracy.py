@@ -20,6 +20,9 @@ gave MAPE=64% on an idle machine); ``--cached-fit`` reuses the cached ones.
     python benchmarks/model_accuracy.py                 # calibrate + fit, then evaluate (same process)
     python benchmarks/model_accuracy.py --cached-fit    # reuse the cached calibration and fit
     python benchmarks/model_accuracy.py --device cuda   # on a GPU (device model: --gpu-device a100|h100)
+
+Appends its record to benchmarks/results/model_accuracy.jsonl (benchmarks/_record.py): the MAPE, the
+per-step errors, and every (predicted, measured) pair.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from datetime import datetime, timezone
 
 import numpy as np
@@ -35,7 +39,8 @@ import torch
 from hetmem.core.types import DecodeTarget, Query
 from hetmem.hw import cost
 from hetmem.hw.catalog import Catalog
-from hetmem.hw.host import fill_from_calibration, load_op_fit, save_op_fit
+from hetmem.hw.catalog import fill_from_calibration
+from hetmem.hw.host import load_op_fit, save_op_fit
 from hetmem.methods.quest import PageBudgetTopK, PageMinMaxPrepare, QuestRelevancy
 from hetmem.methods.shared import GatherAttention
 from hetmem.ops.page_minmax import update_page_minmax
@@ -241,6 +246,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: robust on a shared machine; the fit is per thread count)")
     a = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _record import Record
+
+    record = Record(argv=None if argv is None else [sys.argv[0], *argv]).setting(**vars(a))
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -290,6 +299,16 @@ def main(argv=None) -> int:
     print("\nper step: " + ", ".join(f"{s} {100 * np.mean(v):.1f}%" for s, v in by_step.items()))
     print(f"{len(rows)} step calls on {a.device} ({torch.get_num_threads()} threads); target MAPE <= 20%")
     print(f"MAPE={100 * float(np.mean(errs)):.1f}%")
+    record.setting(device_model=device.name, fit=("cached" if a.cached_fit else "measured in this run"))
+    record.figure("mape", round(100 * float(np.mean(errs)), 2), "%",
+                  note="mean |modelled - measured| / measured over all step calls")
+    for s_, v in by_step.items():
+        record.figure(f"mape.{s_}", round(100 * float(np.mean(v)), 2), "%")
+    record.figure("copy_gbps", round(device.mem_bw_gbs, 3), "GB/s", note="host calibration")
+    record.figure("fp32_peak_gflops", round(device.peak("float32") / 1e9, 2), "GFLOP/s", note="host calibration")
+    record.detail("calls", [{**r, "predicted_us": round(r["predicted_us"], 2), "measured_us": round(r["measured_us"], 2),
+                             "predicted_source": "modelled", "measured_source": "measured"} for r in rows])
+    record.write(True)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from hetmem.cli.common import model_args
@@ -23,7 +24,8 @@ def cmd_demo(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     task = passkey_task(lm.tokenizer, args.tokens, seed=args.seed)
     budget = max(args.page_size, (args.tokens // 4) // args.page_size * args.page_size)
-    print(f"Hid passkey {task.passkey} at depth {task.depth:.0%} of {args.tokens} tokens of essays.")
+    out = sys.stderr if args.json else sys.stdout  # with --json, stdout carries only the JSON object
+    print(f"Hid passkey {task.passkey} at depth {task.depth:.0%} of {args.tokens} tokens of essays.", file=out)
     runs, ok = {}, True
     for label, method in (
         ("dense", get_method("dense")),
@@ -34,7 +36,14 @@ def cmd_demo(args) -> int:
         found = task.passkey in rec["answer"]
         ok &= found
         runs[label] = rec
-        print(f"{label:<22} answer: {rec['answer']!r:<40} {'correct' if found else 'WRONG'}", flush=True)
+        print(f"{label:<22} answer: {rec['answer']!r:<40} {'correct' if found else 'WRONG'}", file=out, flush=True)
+    if args.json:  # one object: the task, and each run's `hetmem run --json` record plus whether it was right
+        task_d = {"passkey": task.passkey, "depth": round(task.depth, 4), "tokens": args.tokens, "seed": args.seed,
+                  "question": task.question}
+        print(json.dumps({"task": task_d, "model": lm.name, "budget": budget, "page_size": args.page_size,
+                          "correct": all(task.passkey in r["answer"] for r in runs.values()),
+                          "runs": {lab: {**r, "correct": task.passkey in r["answer"]} for lab, r in runs.items()}}))
+        return 0 if ok else 1
     print()
     print(f"prompt: {next(iter(runs.values()))['tokens']['prompt']} tokens, model {lm.name} ({rec['dtype']}, {rec['device']})")
     print(step_table(runs))
@@ -47,5 +56,6 @@ def register(sub) -> None:
     d.add_argument("--page-size", type=int, default=16)
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--max-new-tokens", type=int, default=16)
+    d.add_argument("--json", action="store_true", help="print one JSON object: the task and both runs' records")
     model_args(d)
     d.set_defaults(func=cmd_demo)

@@ -1,0 +1,404 @@
+"""Generate benchmarks/RESULTS.md and the README's (and docs') result blocks from benchmarks/results/*.jsonl.
+
+The one way measured (and modelled) figures reach the documentation: every benchmark appends a record
+(benchmarks/_record.py); this script renders
+
+* ``benchmarks/RESULTS.md`` whole: per benchmark, every figure of its latest record, with where it ran;
+* in ``README.md`` and ``docs/*.md``, only what lies between ``<!-- results:NAME:begin -->`` and
+  ``<!-- results:NAME:end -->``, from the block renderer NAME below. Text outside the markers is left
+  alone, and it must not type figures by hand: it points to a block instead.
+
+Every generated table says the command, commit, date, torch threads and load of the record it came
+from. ``tests/test_results_docs.py`` fails when a committed document differs from what this script
+generates from the committed records.
+
+    python benchmarks/make_results.py            # rewrite the documents
+    python benchmarks/make_results.py --check    # exit 1 and name the stale files, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import ROOT, read_records  # noqa: E402
+
+RESULTS = "benchmarks/results"
+MARK = re.compile(r"<!-- results:([a-z0-9_-]+):begin -->\n(.*?)<!-- results:\1:end -->", re.S)
+BEGIN = re.compile(r"<!-- results:([a-z0-9_-]+):(begin|end) -->")
+
+# RESULTS.md order: (bench, what it measures, how to run it)
+BENCHES = [
+    ("record_demo", "`hetmem demo --json`: passkey in essays, dense vs quest at a quarter-context budget",
+     "python benchmarks/record_demo.py"),
+    ("record_profile", "`hetmem profile` kernel sweep at the llama3-8b shape, then `hetmem plan` on it",
+     "python benchmarks/record_profile.py"),
+    ("bench_profiler_overhead", "the same SmolLM2 generation with and without the profiler's timer and counters",
+     "python benchmarks/bench_profiler_overhead.py"),
+    ("bench_quest_budget", "Quest Apply vs dense decode attention at several budgets, kernel level and end to end",
+     "python benchmarks/bench_quest_budget.py"),
+    ("record_methods", "every in-model method on one passkey task: answer, decode time, KV bytes",
+     "python benchmarks/record_methods.py"),
+    ("bench_bm25", "hetmem's BM25 scoring + top-k vs the `bm25s` library", "python benchmarks/bench_bm25.py"),
+    ("bench_dense_search", "hetmem's dense search vs a plain `faiss.IndexFlatIP`",
+     "python benchmarks/bench_dense_search.py"),
+    ("eval_rag_qa", "RAG answer accuracy with a real model on invented facts", "python benchmarks/eval_rag_qa.py"),
+    ("bench_gate_training", "attention-mass recall of trained vs untrained SeerAttention-R gates and DSA indexers",
+     "python benchmarks/bench_gate_training.py"),
+    ("model_accuracy", "hetmem's device model (modelled) vs measured step times on this host",
+     "python benchmarks/model_accuracy.py"),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+
+class Records:
+    """The committed records under ``root/benchmarks/results``, read once."""
+
+    def __init__(self, root: Path = ROOT):
+        self.root = Path(root)
+        self.dir = self.root / RESULTS
+        self._cache: dict[str, list[dict]] = {}
+
+    def benches(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.jsonl")) if self.dir.is_dir() else []
+
+    def all(self, bench: str) -> list[dict]:
+        if bench not in self._cache:
+            p = self.dir / f"{bench}.jsonl"
+            self._cache[bench] = read_records(p) if p.exists() else []
+        return self._cache[bench]
+
+    def latest(self, bench: str, where=None) -> dict | None:
+        recs = [r for r in self.all(bench) if where is None or where(r)]
+        return recs[-1] if recs else None
+
+
+def provenance(rec: dict) -> str:
+    """One line: what ran, at which commit, when, where, with how many threads, under what load."""
+    g = rec["git"]
+    commit = f"`{g['commit'][:10]}`" if g.get("commit") else "an unknown commit"
+    ch = g.get("changed") or []
+    dirty = (f" with uncommitted changes ({', '.join(ch[:3])}{', ...' if len(ch) > 3 else ''})" if g.get("dirty") else "")
+    m = rec["machine"]
+    ld = rec["load1"]
+    return (f"Recorded by `{rec['command']}` at commit {commit}{dirty}, {rec['date'].replace('T', ' ').rstrip('Z')} UTC; "
+            f"{m['cpu']}, {m['cores_available']} of {m['cpu_count']} cores available, "
+            f"{rec['torch_threads']} torch thread{'s' if rec['torch_threads'] != 1 else ''}, torch {rec['versions']['torch']}; "
+            f"1-minute load average {ld['start']} at start, {ld['end']} at end.")
+
+
+def short_provenance(rec: dict) -> str:
+    g = rec["git"]
+    return (f"`{(g.get('commit') or '?')[:7]}`{'+dirty' if g.get('dirty') else ''}, {rec['date'][:10]}, "
+            f"{rec['torch_threads']} thr, load {rec['load1']['start']}→{rec['load1']['end']}")
+
+
+def v(rec: dict, name: str):
+    f = rec["figures"].get(name)
+    return None if f is None else f["value"]
+
+
+def fmt(x, nd: int = 2, pct: bool = False) -> str:
+    if x is None:
+        return "–"
+    if pct:
+        return f"{100 * x:.{nd}f}%"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:,.{nd}f}"
+
+
+def cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def missing(bench: str) -> str:
+    cmd = dict((b, c) for b, _, c in BENCHES).get(bench, f"python benchmarks/{bench}.py")
+    return f"*No recorded run of `{bench}` yet: run `{cmd}`, then `python benchmarks/make_results.py`.*"
+
+
+def _header(bench: str) -> str:
+    return f"<!-- generated by benchmarks/make_results.py from {RESULTS}/{bench}.jsonl: do not edit by hand -->"
+
+
+# --------------------------------------------------------------------------------------------------
+# README / docs blocks: name -> (bench, render(rec) -> markdown)
+
+
+def block_demo(rec: dict) -> str:
+    from hetmem.profiling.report import step_table
+
+    d = rec["details"]["demo"]
+    t = d["task"]
+    lines = [f"Hid passkey {t['passkey']} at depth {t['depth']:.0%} of {t['tokens']} tokens of essays."]
+    for label, r in d["runs"].items():
+        lines.append(f"{label:<22} answer: {r['answer']!r:<40} {'correct' if r['correct'] else 'WRONG'}")
+    first = next(iter(d["runs"].values()))
+    lines += ["", f"prompt: {first['tokens']['prompt']} tokens, model {d['model']} ({first['dtype']}, {first['device']})",
+              step_table(d["runs"])]
+    return "\n".join([f"`hetmem {' '.join(rec['settings']['hetmem_argv'])}`:", "", "```", *lines, "```", "",
+                      provenance(rec)])
+
+
+def _profile_rows(rec: dict):
+    runs = rec["details"]["runs"]
+    lengths = sorted({int(k.split("@")[1]) for k in runs})
+    methods = list(dict.fromkeys(k.split("@")[0] for k in runs))
+    return methods, lengths
+
+
+def block_profile(rec: dict) -> str:
+    methods, lengths = _profile_rows(rec)
+    s = rec["settings"]
+    head = "| method | context | decode s/token | attention (Apply) share | memory-processing overhead | relevancy share | vs dense |"
+    lines = [f"`hetmem {' '.join(s['hetmem_profile_argv'])}` (kernel sweep; times measured, one layer of each kind "
+             "timed and scaled to the model's layers):", "",
+             head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        for L in lengths:
+            k = f"{m}@{L}"
+            tok = v(rec, f"{k}.decode_ms_per_token")
+            if tok is None:
+                lines.append(f"| {m} | {L:,} | skipped: {rec['details'].get(f'skipped.{k}', '?')} | | | | |")
+                continue
+            dense = v(rec, f"dense@{L}.decode_ms_per_token")
+            attn = (v(rec, f"{k}.apply.ms_per_token") or 0.0) / tok
+            rel = (v(rec, f"{k}.relevancy.ms_per_token") or 0.0) / tok
+            ratio = "" if m == "dense" or not dense else f"{dense / tok:.2f}x faster" if dense >= tok else f"{tok / dense:.2f}x slower"
+            mp = "–" if m == "dense" else fmt(v(rec, f"{k}.overhead"), 1, True)
+            rs = "–" if m == "dense" else fmt(rel, 1, True)
+            lines.append(f"| {m} | {L:,} | {tok / 1e3:.2f} | {fmt(attn, 1, True)} | {mp} | {rs} | {ratio} |")
+    lines += ["", "Memory-processing overhead = (prepare + relevancy + retrieval + apply.gather) / decode time; "
+              "attention share = Apply / decode time (for dense, all of its attention). " + provenance(rec)]
+    return "\n".join(lines)
+
+
+def block_plan(rec: dict) -> str:
+    table = rec["details"].get("plan_table")
+    if not table:
+        return missing("record_profile")
+    return "\n".join([f"`{rec['details']['plan_command']}` on the profile above (every figure **modelled**):", "",
+                      "```", table, "```", "", provenance(rec)])
+
+
+def block_profiler_overhead(rec: dict) -> str:
+    s = rec["settings"]
+    cpu, wall, dec = v(rec, "cpu_ratio"), v(rec, "wall_ratio"), v(rec, "decode_wall_ratio")
+    return "\n".join([
+        f"| run | CPU time with / without | wall time with / without | decode wall with / without | direct cost per step call | direct cost share |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| {s.get('model_name', s['model'])}, {s['method']} (budget {s['budget']}), {s['length']} prompt tokens + "
+        f"{s['new_tokens']} decoded, {s['repeats']} alternating pairs | {cpu:.4f} ({100 * (cpu - 1):+.1f}%) "
+        f"| {wall:.4f} ({100 * (wall - 1):+.1f}%) | {dec:.4f} ({100 * (dec - 1):+.1f}%) "
+        f"| {v(rec, 'direct_us_per_call'):.2f} us | {fmt(v(rec, 'direct_share'), 2, True)} |",
+        "", "All measured (target: CPU-time ratio <= 1.03). " + provenance(rec)])
+
+
+def block_bm25(rec: dict) -> str:
+    s = rec["settings"]
+    base = rec["details"]["baseline"]
+    n = s["queries_used"]
+    return "\n".join([
+        "| passages | queries | same top-k (identical ids / up to ties) | ours | bm25s `get_scores`+top-k | bm25s `retrieve` | ratio (fastest bm25s / ours) | build: ours / bm25s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        f"| {s['passages']:,} | {n} | {v(rec, 'topk_identical')}/{n} / {v(rec, 'topk_identical_up_to_ties')}/{n} "
+        f"| {v(rec, 'query_us.ours'):.0f} us | {v(rec, 'query_us.bm25s.get_scores+topk'):.0f} us "
+        f"| {v(rec, 'query_us.bm25s.retrieve'):.0f} us | **{v(rec, 'ratio'):.2f}x** ({base}) "
+        f"| {v(rec, 'build_ms.ours'):.0f} / {v(rec, 'build_ms.bm25s'):.0f} ms |",
+        "", f"k = {s['k']}, k1 = 1.2, b = 0.75, median of {s['repeats']} interleaved passes, all measured. "
+        + provenance(rec)])
+
+
+def block_dense_search(rec: dict) -> str:
+    s = rec["settings"]
+    emb = v(rec, "embed_query_ms.all-MiniLM-L6-v2")
+    return "\n".join([
+        "| vectors | queries | same ids | ours | plain `faiss.IndexFlatIP` | ratio (faiss / ours) | one MiniLM query embedding |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {s['passages']:,} x {s['dim']} | {s['queries']} | {v(rec, 'same_ids')}/{s['queries']} "
+        f"| {v(rec, 'query_ms.ours'):.2f} ms | {v(rec, 'query_ms.faiss.IndexFlatIP'):.2f} ms | **{v(rec, 'ratio'):.2f}x** "
+        f"| {'–' if emb is None else f'{emb:.1f} ms'} |",
+        "", f"k = {s['k']}, faiss {s['faiss_version']} with {s['faiss_threads']} thread(s), median of {s['repeats']} "
+        "interleaved passes, all measured. " + provenance(rec)])
+
+
+def block_rag_qa(rec: dict) -> str:
+    s = rec["settings"]
+    rows = ["| method | model | right | answer passage in the prompt | s/question |", "|---|---|---:|---:|---:|"]
+    for m in s["methods"].split(","):
+        rows.append(f"| {m} (top-k {s['top_k']}) | {s['model_name']} ({s.get('dtype', '?')}) | "
+                    f"{v(rec, f'{m}.right')}/{v(rec, f'{m}.questions')} | {v(rec, f'{m}.in_prompt')}/{v(rec, f'{m}.questions')} "
+                    f"| {v(rec, f'{m}.s_per_question'):.1f} |")
+    return "\n".join(rows + ["", f"{s['files']} generated files, {s['questions']} questions (seed {s['seed']}), all "
+                             "measured. " + provenance(rec)])
+
+
+def block_gate_training(rec: dict) -> str:
+    s = rec["settings"]
+    budgets = s["run_budgets"].split(",")
+    trained = {n: rec["details"].get(f"{n}_gates") for n in ("seer", "dsa")}
+    lines = [f"In-model decode attention-mass recall ({s['context_tokens']}-token held-out essay tail, "
+             f"{s.get('model_name', s['model'])}, {s['new_tokens']} greedy tokens; measured):", "",
+             "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for label, name in (("quest", "quest"), ("seer (identity gates)", "seer"), (f"seer ({trained['seer']} gates)", "seer+trained"),
+                        ("dsa (model's q/k)", "dsa"), (f"dsa ({trained['dsa']} indexer)", "dsa+trained"), ("oracle", "oracle")):
+        lines.append(f"| {label} | " + " | ".join(fmt(v(rec, f"in_model.{name}@{b}"), 4) for b in budgets) + " |")
+    lines += ["", f"Held-out offline recall ({s['seq_len']}-token chunks):", "",
+              "| estimator | budget | untrained | trained | KL untrained -> trained |", "|---|---:|---:|---:|---|"]
+    for n in ("seer", "dsa"):
+        for b in s["budgets"].split(","):
+            k = f"offline.{n}@{b}"
+            lines.append(f"| {n} | {b} | {fmt(v(rec, k + '.untrained'), 4)} | {fmt(v(rec, k + '.trained'), 4)} "
+                         f"| {fmt(v(rec, k + '.kl_untrained'), 3)} -> {fmt(v(rec, k + '.kl_trained'), 3)} |")
+    tr = [f"{n} {v(rec, f'train_s.{n}'):.0f} s" for n in ("seer", "dsa") if v(rec, f"train_s.{n}") is not None]
+    if tr:
+        lines += ["", f"Training ({s['steps']} steps x {s['seq_len']} tokens, measured): " + ", ".join(tr) + "."]
+    return "\n".join(lines + ["", provenance(rec)])
+
+
+def block_model_accuracy(rec: dict) -> str:
+    steps = [k[len("mape."):] for k in rec["figures"] if k.startswith("mape.")]
+    s = rec["settings"]
+    return "\n".join([
+        "| step calls | MAPE, all | " + " | ".join(steps) + " |", "|---:|---:|" + "---:|" * len(steps),
+        f"| {len(rec['details']['calls'])} | **{v(rec, 'mape'):.1f}%** | " + " | ".join(f"{v(rec, 'mape.' + x):.1f}%" for x in steps) + " |",
+        "", f"Predicted step times are **modelled** (device model `{s['device_model']}`, fit {s['fit']}); the "
+        f"times they are compared with are **measured** at lengths {s['lengths']} and budgets {s['budgets']} on this "
+        f"host, inside the range the op classes were fitted on, with the same kernels. " + provenance(rec)])
+
+
+def block_methods(rec: dict) -> str:
+    s = rec["settings"]
+    rows = ["| method | answer | right | KV bytes | decode ms/token |", "|---|---|---|---:|---:|"]
+    for r in rec["details"]["runs"]:
+        k = r["label"]
+        kv = v(rec, f"{k}.kv_bytes")
+        untrained = k in ("seer", "dsa") and not s.get(f"{k}_gates")
+        rows.append(f"| {k}{' (untrained estimator)' if untrained else ''} | {cell(repr(r['answer']))} | {'yes' if r['correct'] else 'no'} "
+                    f"| {'–' if kv is None else f'{kv / 1e6:.1f} MB'} | {fmt(v(rec, f'{k}.decode_ms_per_token'), 1)} |")
+    return "\n".join([f"Passkey {rec['details']['passkey']} in a {v(rec, 'prompt_tokens')}-token prompt, "
+                      f"{s.get('model_name', s['model'])}, budget {s['budget']}, {s['max_new_tokens']} new tokens "
+                      "(all measured):", "", *rows, "", provenance(rec)])
+
+
+BLOCKS = {
+    "demo": ("record_demo", block_demo),
+    "profile": ("record_profile", block_profile),
+    "plan": ("record_profile", block_plan),
+    "profiler-overhead": ("bench_profiler_overhead", block_profiler_overhead),
+    "bm25": ("bench_bm25", block_bm25),
+    "dense-search": ("bench_dense_search", block_dense_search),
+    "rag-qa": ("eval_rag_qa", block_rag_qa),
+    "gate-training": ("bench_gate_training", block_gate_training),
+    "model-accuracy": ("model_accuracy", block_model_accuracy),
+    "methods": ("record_methods", block_methods),
+}
+
+
+def render_block(name: str, records: Records) -> str:
+    if name not in BLOCKS:
+        raise ValueError(f"unknown results block '{name}' (known: {', '.join(sorted(BLOCKS))})")
+    bench, fn = BLOCKS[name]
+    rec = records.latest(bench)
+    body = missing(bench) if rec is None else fn(rec)
+    body = "\n".join(line.rstrip() for line in body.splitlines())  # editors strip trailing blanks
+    return f"{_header(bench)}\n{body}\n"
+
+
+def render_markers(text: str, records: Records, where: str = "") -> str:
+    """``text`` with every results block regenerated; unbalanced or unknown markers are an error."""
+    marks = BEGIN.findall(text)
+    opened = [n for n, kind in marks if kind == "begin"]
+    closed = [n for n, kind in marks if kind == "end"]
+    if opened != closed:
+        raise ValueError(f"{where}: unbalanced results markers (begin: {opened}, end: {closed})")
+    return MARK.sub(lambda m: f"<!-- results:{m.group(1)}:begin -->\n{render_block(m.group(1), records)}"
+                              f"<!-- results:{m.group(1)}:end -->", text)
+
+
+# --------------------------------------------------------------------------------------------------
+# RESULTS.md
+
+
+def render_results_md(records: Records) -> str:
+    known = [b for b, _, _ in BENCHES]
+    order = known + [b for b in records.benches() if b not in known]
+    what = {b: w for b, w, _ in BENCHES}
+    out = ["# Benchmark results", "",
+           "<!-- generated by benchmarks/make_results.py from benchmarks/results/*.jsonl: do not edit by hand -->",
+           "Generated by `python benchmarks/make_results.py` from the records the benchmarks append to",
+           "`benchmarks/results/<bench>.jsonl` (benchmarks/_record.py); each section shows the latest record. Every",
+           "figure says whether it is **measured** (ran on the machine named) or **modelled** (a device model",
+           "produced it). The machines are shared: the load average at start and end says how busy it was.", ""]
+    for b in order:
+        recs = records.all(b)
+        out += [f"## `{b}`", ""]
+        if b in what:
+            out += [what[b] + ".", ""]
+        if not recs:
+            out += [missing(b), ""]
+            continue
+        rec = recs[-1]
+        out += [provenance(rec) + (f" Exit status: {'ok' if rec['ok'] else 'FAILED its target'}."
+                                   if rec.get("ok") is not None else ""), ""]
+        if len(recs) > 1:
+            out += [f"({len(recs) - 1} earlier record{'s' if len(recs) > 2 else ''} in `{RESULTS}/{b}.jsonl`.)", ""]
+        out += ["| figure | value | unit | source | note |", "|---|---:|---|---|---|"]
+        for name, f in rec["figures"].items():
+            val = f["value"]
+            val = "–" if val is None else (f"{val:,}" if isinstance(val, int) else f"{val:.6g}")
+            out.append(f"| `{name}` | {val} | {f['unit']} | {f['source']} | {cell(f.get('note', ''))} |")
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def targets(root: Path = ROOT) -> list[Path]:
+    """The documents this script owns: RESULTS.md whole, README.md and docs/*.md between markers."""
+    root = Path(root)
+    return [root / "benchmarks" / "RESULTS.md", root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def generate(root: Path = ROOT) -> dict[Path, str]:
+    """Path -> the text it should have, for every document this script owns."""
+    records = Records(root)
+    out = {}
+    for p in targets(root):
+        if p.name == "RESULTS.md":
+            out[p] = render_results_md(records)
+        elif p.exists():
+            out[p] = render_markers(p.read_text(encoding="utf-8"), records, str(p.relative_to(root)))
+    return out
+
+
+def stale(root: Path = ROOT) -> list[Path]:
+    return [p for p, text in generate(root).items() if not p.exists() or p.read_text(encoding="utf-8") != text]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a document is out of date")
+    a = ap.parse_args(argv)
+    gen = generate(ROOT)
+    changed = [p for p, text in gen.items() if not p.exists() or p.read_text(encoding="utf-8") != text]
+    if a.check:
+        for p in changed:
+            print(f"out of date: {p.relative_to(ROOT)} (run python benchmarks/make_results.py)", file=sys.stderr)
+        return 1 if changed else 0
+    for p in changed:
+        p.write_text(gen[p], encoding="utf-8")
+        print(f"rewrote {p.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
