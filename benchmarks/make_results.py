@@ -266,12 +266,19 @@ def block_gate_training(rec: dict) -> str:
 def block_model_accuracy(rec: dict) -> str:
     steps = [k[len("mape."):] for k in rec["figures"] if k.startswith("mape.")]
     s = rec["settings"]
-    return "\n".join([
-        "| step calls | MAPE, all | " + " | ".join(steps) + " |", "|---:|---:|" + "---:|" * len(steps),
-        f"| {len(rec['details']['calls'])} | **{v(rec, 'mape'):.1f}%** | " + " | ".join(f"{v(rec, 'mape.' + x):.1f}%" for x in steps) + " |",
-        "", f"Predicted step times are **modelled** (device model `{s['device_model']}`, fit {s['fit']}); the "
-        f"times they are compared with are **measured** at lengths {s['lengths']} and budgets {s['budgets']} on this "
-        f"host, inside the range the op classes were fitted on, with the same kernels. " + provenance(rec)])
+    rows = ["| evaluated | step calls | MAPE, all | " + " | ".join(steps) + " |", "|---|---:|---:|" + "---:|" * len(steps)]
+    for prefix, label, lengths in (("mape", "inside the fitted range", s["lengths"]),
+                                   ("mape_outside", "outside (above) it", s.get("outside_lengths"))):
+        if v(rec, prefix) is None:
+            continue
+        n = sum(1 for c in rec["details"]["calls"] if c.get("range", "inside") == ("inside" if prefix == "mape" else "outside"))
+        rows.append(f"| {label}: {lengths} | {n} | **{v(rec, prefix):.1f}%** | "
+                    + " | ".join(f"{v(rec, prefix + '.' + x):.1f}%" for x in steps) + " |")
+    return "\n".join(rows + [
+        "", f"Predicted step times are **modelled** (device model `{s['device_model']}`, op classes fitted {s['fit']} "
+        f"at lengths {s.get('fit_lengths', 'up to 40960')}); the times they are compared with are **measured** on this host, "
+        f"with the same kernels the fit timed, budgets {s['budgets']}. Inside the fitted range this checks the fit; "
+        "outside it, whether the model extrapolates. " + provenance(rec)])
 
 
 def block_methods(rec: dict) -> str:

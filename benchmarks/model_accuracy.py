@@ -103,14 +103,14 @@ class Layer:
 # fit: op micro-benchmarks at sizes the evaluation does not use
 
 
-def fit_op_classes(dev: str, device, repeats: int) -> dict:
+def fit_op_classes(dev: str, device, repeats: int, lengths=(3072, 8192, 16384)) -> dict:
     samples: dict[str, list[tuple[C.OpCount, float]]] = {}
     retrieval: list[tuple[list, float]] = []
 
     def add(oc: C.OpCount, t: float):
         samples.setdefault(oc.cls, []).append((oc, t))
 
-    for L in (3072, 12288, 40960):
+    for L in lengths:
         lay = Layer(L, dev, seed=1)
         n = L // P
         kmin = torch.empty(B, HKV, lay.capacity // P, D, device=dev)
@@ -162,6 +162,7 @@ def fit_op_classes(dev: str, device, repeats: int) -> dict:
         device.op_classes["copy"] = saved
     out["topk"] = _fit_class(rows + samples.get("topk", []), device)
     return {"op_classes": out, "fitted_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "fit_lengths": list(lengths),
             "device": dev, "threads": torch.get_num_threads(), "samples": {k: len(v) for k, v in samples.items()}, "source": "measured fit"}
 
 
@@ -240,7 +241,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cached-fit", action="store_true",
                     help="reuse the cached calibration and op-class fit (default: re-measure both in this process)")
     ap.add_argument("--refit", action="store_true", help="(default) re-measure the calibration and the op-class fit")
-    ap.add_argument("--lengths", default="4096,16384,32768")
+    ap.add_argument("--fit-lengths", default="3072,8192,16384",
+                    help="context lengths the op classes are fitted at (micro-benchmarks)")
+    ap.add_argument("--lengths", default="4096,12288",
+                    help="evaluation lengths inside the fitted range")
+    ap.add_argument("--outside-lengths", default="65536,131072,262144",
+                    help="evaluation lengths outside (above) the fitted range: does the model extrapolate?")
     ap.add_argument("--budgets", default="1024,2048")
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1,
@@ -264,9 +270,10 @@ def main(argv=None) -> int:
         if device.note:
             print(f"note: {device.note}", file=sys.stderr)
         fit = load_op_fit() if a.cached_fit else None
-        if fit is None or fit.get("device") != "cpu" or fit.get("threads") != torch.get_num_threads():
+        if (fit is None or fit.get("device") != "cpu" or fit.get("threads") != torch.get_num_threads()
+                or fit.get("fit_lengths") != [int(x) for x in a.fit_lengths.split(",")]):
             print("fitting op classes on this host (micro-benchmarks at other sizes than the evaluation) ...", file=sys.stderr)
-            fit = fit_op_classes("cpu", device, a.repeats)
+            fit = fit_op_classes("cpu", device, a.repeats, [int(x) for x in a.fit_lengths.split(",")])
             print(f"cached the fit in {save_op_fit(fit)}", file=sys.stderr)
     else:
         if not torch.cuda.is_available():
@@ -285,25 +292,36 @@ def main(argv=None) -> int:
         for cls, oc in sorted(fit["op_classes"].items()):
             print(f"  op class {cls:<10} latency {oc['latency_us']:8.2f} us  bw_eff {oc['bw_eff']:.3f}  "
                   f"compute_eff {oc['compute_eff']:.3f}  ({oc['bound']}-bound, fit error {oc['fit_mape']:.1f}%)")
-    rows = eval_runs(a.device, device, a.repeats, [int(x) for x in a.lengths.split(",")], [int(x) for x in a.budgets.split(",")])
-    print(f"\n{'length':>7} {'budget':>6} {'step':<20} {'predicted us':>13} {'measured us':>12} {'error':>7}")
-    print(f"{'':>7} {'':>6} {'':<20} {'(modelled)':>13} {'(measured)':>12}")
-    errs = []
-    for r in rows:
-        e = abs(r["predicted_us"] - r["measured_us"]) / r["measured_us"]
-        errs.append(e)
-        print(f"{r['length']:>7} {r['budget']:>6} {r['step']:<20} {r['predicted_us']:>13.1f} {r['measured_us']:>12.1f} {100 * e:>6.1f}%")
-    by_step = {}
-    for r, e in zip(rows, errs):
-        by_step.setdefault(r["step"], []).append(e)
-    print("\nper step: " + ", ".join(f"{s} {100 * np.mean(v):.1f}%" for s, v in by_step.items()))
-    print(f"{len(rows)} step calls on {a.device} ({torch.get_num_threads()} threads); target MAPE <= 20%")
-    print(f"MAPE={100 * float(np.mean(errs)):.1f}%")
+    budgets = [int(x) for x in a.budgets.split(",")]
+    ranges = {"inside": [int(x) for x in a.lengths.split(",")], "outside": [int(x) for x in a.outside_lengths.split(",") if x]}
+    all_rows = []
     record.setting(device_model=device.name, fit=("cached" if a.cached_fit else "measured in this run"))
-    record.figure("mape", round(100 * float(np.mean(errs)), 2), "%",
-                  note="mean |modelled - measured| / measured over all step calls")
-    for s_, v in by_step.items():
-        record.figure(f"mape.{s_}", round(100 * float(np.mean(v)), 2), "%")
+    for where, lengths in ranges.items():
+        if not lengths:
+            continue
+        rows = eval_runs(a.device, device, a.repeats, lengths, budgets)
+        print(f"\n{where} the fitted range ({a.fit_lengths} tokens): lengths {lengths}")
+        print(f"{'length':>7} {'budget':>6} {'step':<20} {'predicted us':>13} {'measured us':>12} {'error':>7}")
+        print(f"{'':>7} {'':>6} {'':<20} {'(modelled)':>13} {'(measured)':>12}")
+        errs = []
+        for r in rows:
+            e = abs(r["predicted_us"] - r["measured_us"]) / r["measured_us"]
+            errs.append(e)
+            r["range"] = where
+            print(f"{r['length']:>7} {r['budget']:>6} {r['step']:<20} {r['predicted_us']:>13.1f} {r['measured_us']:>12.1f} {100 * e:>6.1f}%")
+        by_step = {}
+        for r, e in zip(rows, errs):
+            by_step.setdefault(r["step"], []).append(e)
+        print("per step: " + ", ".join(f"{s_} {100 * np.mean(v):.1f}%" for s_, v in by_step.items()))
+        print(f"MAPE {where} the fitted range = {100 * float(np.mean(errs)):.1f}% ({len(rows)} step calls)")
+        prefix = "mape" if where == "inside" else "mape_outside"
+        record.figure(prefix, round(100 * float(np.mean(errs)), 2), "%", source="modelled",
+                      note=f"mean |modelled - measured| / measured, {where} the fitted range")
+        for s_, v in by_step.items():
+            record.figure(f"{prefix}.{s_}", round(100 * float(np.mean(v)), 2), "%", source="modelled")
+        all_rows += rows
+    rows = all_rows
+    print(f"{a.device}, {torch.get_num_threads()} threads; target MAPE <= 20% inside the fitted range")
     record.figure("copy_gbps", round(device.mem_bw_gbs, 3), "GB/s", note="host calibration")
     record.figure("fp32_peak_gflops", round(device.peak("float32") / 1e9, 2), "GFLOP/s", note="host calibration")
     record.detail("calls", [{**r, "predicted_us": round(r["predicted_us"], 2), "measured_us": round(r["measured_us"], 2),

@@ -1,4 +1,4 @@
-"""Planner: enumeration (with fusion), ranking, the DESIGN.md example, and schedules."""
+"""Planner: enumeration (with fusion), ranking, the paper prototype example (arXiv 2603.29002), and schedules."""
 
 import pytest
 
@@ -38,7 +38,7 @@ def test_ranking_orders_by_objective(cat):
 
 
 def test_design_example_reproduced(cat):
-    """DESIGN.md: all-GPU 376.3 us; best (GPU, FPGA, FPGA, GPU) 279.5 us."""
+    """the paper (arXiv 2603.29002): all-GPU 376.3 us; best (GPU, FPGA, FPGA, GPU) 279.5 us."""
     s = cat.system("mi210+u55c")
     wl = design_example()
     allg = evaluate(wl, s, {k: "mi210" for k in wl.steps})

@@ -3,7 +3,7 @@
 A workload is the per-call work of each step (op class, flops, bytes), what each step hands to the
 next (Memory delta, scores, selection), and how many calls make one unit (one decode token). Counts
 from a profile are the profiler's *analytic* counts; the paper-shaped ones are computed here from
-the prototype's sizes (DESIGN.md) at a Llama-3-8B-like layer (8 KV heads, head dim 128, fp16).
+the prototype's sizes (He, Ma, Sun, Cong, arXiv 2603.29002) at a Llama-3-8B-like layer (8 KV heads, head dim 128, fp16).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _topk_shape(op: OpWork, batch: int, kv_rows: int) -> tuple[int, int, int]:
 
 
 def design_example() -> Workload:
-    """DESIGN.md's decode-sized SeerAttention-R example (MI210 measured 250 / 82.5 / 36.2 / 7.6 us).
+    """the paper's (arXiv 2603.29002) decode-sized SeerAttention-R example (MI210 measured 250 / 82.5 / 36.2 / 7.6 us).
 
     Sizes: 8,192 blocks of 64 tokens, one fp16 256-wide pooled key per block (the 4 MB index), top-64
     blocks, a 128-wide head for the block-sparse attention. The widths are our reading of the figures.
@@ -137,8 +137,8 @@ def design_example() -> Workload:
     kv = 64 * blk * 128 * 2 * 2
     app = StepWork("apply", [OpWork("attention", flops=4 * 64 * blk * 128, bytes_read=kv, bytes_written=128 * 2)],
                    "float16", out_bytes=128 * 2, raw_bytes=0)
-    return Workload("seer-attention-r (DESIGN.md example)", nb * blk, {"prepare": prep, "relevancy": rel, "retrieval": ret, "apply": app},
-                    query_bytes=w * 2, unit="per query", source="DESIGN.md example (the prototype's MI210 kernels)")
+    return Workload("seer-attention-r (paper prototype example (arXiv 2603.29002))", nb * blk, {"prepare": prep, "relevancy": rel, "retrieval": ret, "apply": app},
+                    query_bytes=w * 2, unit="per query", source="paper prototype example (arXiv 2603.29002) (the prototype's MI210 kernels)")
 
 
 KV_HEADS, HEADS, HEAD_DIM, E = 8, 32, 128, 2  # Llama-3-8B-like layer, fp16 KV
@@ -166,7 +166,7 @@ def seer_attention_r(L: int, block: int = 64, k: int = 64) -> Workload:
                    "float16", out_bytes=KV_HEADS * k * 4)
     return Workload("seer-attention-r", L, {"prepare": prep, "relevancy": rel, "retrieval": ret,
                                             "apply": _apply_sparse(min(L, k * block))},
-                    query_bytes=HEADS * HEAD_DIM * E, unit="per decode step, one layer", source="paper-shaped (DESIGN.md sizes)")
+                    query_bytes=HEADS * HEAD_DIM * E, unit="per decode step, one layer", source="paper-shaped (the paper's prototype sizes, arXiv 2603.29002)")
 
 
 def dsa(L: int, index_heads: int = 16, index_dim: int = 128, k: int = 2048) -> Workload:
@@ -180,7 +180,7 @@ def dsa(L: int, index_heads: int = 16, index_dim: int = 128, k: int = 2048) -> W
     ret = StepWork("retrieval", [OpWork("topk", flops=L, bytes_read=L * 4, bytes_written=kk * 4, n=L, k=kk)],
                    "float8", out_bytes=kk * 4)
     return Workload("dsa", L, {"prepare": prep, "relevancy": rel, "retrieval": ret, "apply": _apply_sparse(kk)},
-                    query_bytes=index_heads * (index_dim + 2), unit="per decode step, one layer", source="paper-shaped (DESIGN.md sizes)")
+                    query_bytes=index_heads * (index_dim + 2), unit="per decode step, one layer", source="paper-shaped (the paper's prototype sizes, arXiv 2603.29002)")
 
 
 def lserve(L: int, page: int = 16, k: int = 64) -> Workload:
@@ -196,7 +196,7 @@ def lserve(L: int, page: int = 16, k: int = 64) -> Workload:
                                         bytes_written=KV_HEADS * k * 4, n=npg, k=min(k, npg), rows=KV_HEADS)],
                    "float16", out_bytes=KV_HEADS * k * 4)
     return Workload("lserve", L, {"prepare": prep, "relevancy": rel, "retrieval": ret, "apply": _apply_sparse(min(L, k * page))},
-                    query_bytes=HEADS * HEAD_DIM * E, unit="per decode step, one layer", source="paper-shaped (DESIGN.md sizes)")
+                    query_bytes=HEADS * HEAD_DIM * E, unit="per decode step, one layer", source="paper-shaped (the paper's prototype sizes, arXiv 2603.29002)")
 
 
 def bm25(n_docs: int, query_terms: int = 8, df_frac: float = 0.01, k: int = 64, doc_tokens: int = 100,
@@ -212,7 +212,7 @@ def bm25(n_docs: int, query_terms: int = 8, df_frac: float = 0.01, k: int = 64, 
                              OpWork("matmul", flops=2 * model_params * toks, bytes_read=model_params * E)],
                    "float16", out_bytes=4096 * E, raw_bytes=toks * 4)
     return Workload("bm25-rag", n_docs, {"relevancy": rel, "retrieval": ret, "apply": app},
-                    query_bytes=query_terms * 4, unit="per query (retrieve + prefill 64 passages)", source="paper-shaped (DESIGN.md sizes)")
+                    query_bytes=query_terms * 4, unit="per query (retrieve + prefill 64 passages)", source="paper-shaped (the paper's prototype sizes, arXiv 2603.29002)")
 
 
 def paper_workloads() -> list[Workload]:
