@@ -107,11 +107,11 @@ def test_mismatches_are_clear_errors(corpus_dir, tmp_path, capsys):
         check_compatible(out, meta, get_method("rag-bm25", passage_tokens=64), explicit={"passage_tokens"})
     bad = dict(meta, format_version=99)
     (out / "memory.json").write_text(json.dumps(bad))
-    with pytest.raises(HetmemError, match="format version 99, this hetmem reads version 1"):
+    with pytest.raises(HetmemError, match="format version 99, this hetmem reads versions 1 and 2"):
         read_meta(out)
     (out / "memory.json").write_text(json.dumps(meta))
-    (out / "dense.faiss").write_text("")  # not listed: ignored
-    (out / "bm25_tf.npz").unlink()
+    (out / meta["data_dir"] / "dense.faiss").write_text("")  # not listed: ignored
+    (out / meta["data_dir"] / "bm25_tf.npz").unlink()
     with pytest.raises(HetmemError, match="incomplete: bm25_tf.npz missing"):
         load_memory(out, read_meta(out))
     with pytest.raises(HetmemError, match="not a hetmem memory"):
