@@ -244,14 +244,17 @@ def _sweep_old_siblings(d: Path) -> None:
     """The previous release wrote ``.NAME.tmp*`` beside the memory and parked the old one in
     ``.NAME.old<pid>``; an interrupted save left them there."""
     prefix = f".{d.name}."
-    for e in list(os.scandir(d.parent)):
-        if not e.name.startswith(prefix) or not e.is_dir(follow_symlinks=False):
-            continue
-        rest = e.name[len(prefix):]
-        m = re.fullmatch(r"old([0-9]+)", rest)
-        if (m and not pid_alive(int(m.group(1)))) or (
-                re.fullmatch(r"tmp[a-z0-9_]{8}", rest) and time.time() - _newest_mtime(Path(e.path)) > STALE_S):
-            _remove(Path(e.path))
+    try:
+        for e in list(os.scandir(d.parent)):
+            if not e.name.startswith(prefix) or not e.is_dir(follow_symlinks=False):
+                continue
+            rest = e.name[len(prefix):]
+            m = re.fullmatch(r"old([0-9]+)", rest)
+            if (m and not pid_alive(int(m.group(1)))) or (
+                    re.fullmatch(r"tmp[a-z0-9_]{8}", rest) and time.time() - _newest_mtime(Path(e.path)) > STALE_S):
+                _remove(Path(e.path))
+    except OSError:  # housekeeping: an unreadable parent is no reason to fail
+        pass
 
 
 def _recover_old_sibling(d: Path) -> None:
