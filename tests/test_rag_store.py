@@ -1,5 +1,6 @@
-"""Persisted RAG memory: round trips, atomic replacement, and clear errors on mismatch."""
+"""Persisted RAG memory: round trips, layout and atomic replacement, checksums, and clear errors on mismatch."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -107,11 +108,11 @@ def test_mismatches_are_clear_errors(corpus_dir, tmp_path, capsys):
         check_compatible(out, meta, get_method("rag-bm25", passage_tokens=64), explicit={"passage_tokens"})
     bad = dict(meta, format_version=99)
     (out / "memory.json").write_text(json.dumps(bad))
-    with pytest.raises(HetmemError, match="format version 99, this hetmem reads version 1"):
+    with pytest.raises(HetmemError, match="format version 99, this hetmem reads versions 1 and 2"):
         read_meta(out)
     (out / "memory.json").write_text(json.dumps(meta))
-    (out / "dense.faiss").write_text("")  # not listed: ignored
-    (out / "bm25_tf.npz").unlink()
+    (out / meta["data_dir"] / "dense.faiss").write_text("")  # not listed: ignored
+    (out / meta["data_dir"] / "bm25_tf.npz").unlink()
     with pytest.raises(HetmemError, match="incomplete: bm25_tf.npz missing"):
         load_memory(out, read_meta(out))
     with pytest.raises(HetmemError, match="not a hetmem memory"):
@@ -138,3 +139,64 @@ def test_index_writes_atomically_and_never_clobbers(corpus_dir, tmp_path, capsys
     # a failed build (bad corpus) leaves the existing memory as it was
     assert main(["index", "--corpus", str(tmp_path / "missing"), "--method", "rag-bm25", "--out", str(out)]) == 2
     assert read_meta(out)["params"]["b"] == 0.0
+
+
+def test_layout_and_replacement_keep_the_path(corpus_dir, tmp_path):
+    """--out DIR stays the path users pass to --memory; memory.json names the current data folder and
+    the sha256 of each of its files; a replacement adds the next folder and removes the old one."""
+    out = tmp_path / "mem"
+    _index(corpus_dir, out, "rag-bm25")
+    meta = read_meta(out)
+    assert (meta["format_version"], meta["data_dir"]) == (2, "v1")
+    assert sorted(p.name for p in out.iterdir()) == [".hetmem.lock", "memory.json", "v1"]
+    assert meta["sha256"] == {f: hashlib.sha256((out / "v1" / f).read_bytes()).hexdigest() for f in meta["files"]}
+    _index(corpus_dir, out, "rag-bm25", "--b", "0")
+    assert read_meta(out)["data_dir"] == "v2" and sorted(p.name for p in out.iterdir()) == [".hetmem.lock", "memory.json", "v2"]
+
+
+def test_flipped_bytes_are_an_error_naming_the_file(corpus_dir, tmp_path, tiny_encoder, capsys):
+    import faiss
+
+    out = tmp_path / "dense"
+    _index(corpus_dir, out, "rag-dense", "--embed-model", str(tiny_encoder))
+    data = out / read_meta(out)["data_dir"]
+    good = (data / "dense.faiss").read_bytes()
+    bad = bytearray(good)
+    bad[-5] ^= 0xFF  # inside the last vector: FAISS itself loads this without complaint
+    (data / "dense.faiss").write_bytes(bytes(bad))
+    assert faiss.read_index(str(data / "dense.faiss")).ntotal == read_meta(out)["n_passages"]
+    with pytest.raises(HetmemError, match=r"is damaged: dense.faiss does not match its sha256 in memory.json"):
+        load_memory(out, read_meta(out))
+    capsys.readouterr()
+    assert main(["run", "--method", "rag-dense", "--memory", str(out), "--question", "q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hetmem: error: ") and "dense.faiss" in err and err.count("\n") == 1
+    (data / "dense.faiss").write_bytes(good)
+    text = (data / "passages.jsonl").read_text()
+    (data / "passages.jsonl").write_text(text.replace("copper", "cooper", 1))  # still valid JSON
+    with pytest.raises(HetmemError, match="passages.jsonl does not match its sha256"):
+        load_memory(out, read_meta(out))
+    meta = json.loads((out / "memory.json").read_text())
+    del meta["sha256"]["passages.jsonl"]
+    (out / "memory.json").write_text(json.dumps(meta))
+    with pytest.raises(HetmemError, match="damaged memory.json"):
+        read_meta(out)
+
+
+def test_format_1_memory_still_loads_and_is_replaced(corpus_dir, tmp_path):
+    """What the previous release wrote (the files next to memory.json, no hashes) loads; the next save
+    turns it into format 2 and removes the flat files."""
+    out = tmp_path / "mem"
+    _index(corpus_dir, out, "rag-bm25")
+    meta = read_meta(out)
+    for f in meta["files"]:
+        shutil.move(out / "v1" / f, out / f)
+    (out / "v1").rmdir()
+    (out / ".hetmem.lock").unlink()
+    flat = {k: v for k, v in meta.items() if k not in ("data_dir", "sha256")}
+    (out / "memory.json").write_text(json.dumps(dict(flat, format_version=1)))
+    corpus, memory = load_memory(out, read_meta(out))
+    assert len(corpus) == meta["n_passages"] and memory.meta["bm25"].tf.shape[1] == len(corpus)
+    _index(corpus_dir, out, "rag-bm25")
+    assert read_meta(out)["format_version"] == 2
+    assert sorted(p.name for p in out.iterdir()) == [".hetmem.lock", "memory.json", "v1"]

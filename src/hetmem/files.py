@@ -41,13 +41,20 @@ def read_json_file(path, what: str, missing_hint: str = "") -> object:
         raise HetmemError(f"{what} {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
 
 
-def write_atomic(path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling and one ``os.replace``."""
+def write_atomic(path, data: str | bytes, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and one ``os.replace``.
+
+    ``fsync``: flush the data to disk before the rename, so that a power cut, too, leaves the old or
+    the new file (the caller fsyncs the directory if the rename itself must be durable).
+    """
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
@@ -56,8 +63,33 @@ def write_atomic(path, data: str | bytes) -> Path:
     return p
 
 
-def write_json_atomic(path, obj, indent: int | None = 1) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=indent))
+def write_json_atomic(path, obj, indent: int | None = 1, fsync: bool = False) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=indent), fsync=fsync)
+
+
+def make_temp_dir(parent, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``parent``, but with the mode a plain ``mkdir`` would give (0o777 less the
+    umask) rather than mkdtemp's 0o700: the folder is renamed into place and must be as readable as any."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        os.chmod(d, 0o777 & ~_umask())
+    except BaseException:
+        os.rmdir(d)
+        raise
+    return d
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one that belongs to another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _umask() -> int:

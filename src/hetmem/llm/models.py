@@ -11,7 +11,9 @@ import hashlib
 import importlib.metadata as md
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ import torch
 
 from hetmem.core.device import parse_dtype  # noqa: F401  (re-exported for callers)
 from hetmem.errors import HetmemError
+from hetmem.files import make_temp_dir, pid_alive
 from hetmem.settings import cache_dir
 
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -135,21 +138,66 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 
 def _save_cache(model, tok, target: Path, meta: dict) -> None:
+    """Write the converted model into ``target`` through a temporary sibling and one rename. The sibling's
+    name carries this process's pid and host, so ``_sweep_cache_tmp`` can tell an abandoned one from
+    another process's work in progress; it is removed on any exit from here, Ctrl-C included."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    _sweep_cache_tmp(target.parent)
+    tmp = make_temp_dir(target.parent, f"{target.name}.tmp-{os.getpid()}-{_host_tag()}-")
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "hetmem.json").write_text(json.dumps(meta))
         if (target / "hetmem.json").exists():  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
             return
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a half-written cache is never seen
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            os.replace(tmp, target)  # atomic: a half-written cache is never seen
+        except OSError:
+            if not (target / "hetmem.json").exists():  # not another process finishing just now
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
+
+
+CACHE_TMP_STALE_S = 3600
+_CACHE_TMP = re.compile(r".+\.tmp-(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]{8}")
+_CACHE_TMP_OLD = re.compile(r".+\.tmp[a-z0-9_]{8}")  # the previous release's name: no pid
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _sweep_cache_tmp(models_dir: Path) -> None:
+    """Remove temporary folders that interrupted conversions left in ``models_dir`` (hundreds of MB each):
+    those whose writer ran on this host and is gone, and any not written to for an hour (another host's,
+    or the previous release's, which carry no pid). A live writer's folder is left alone."""
+    try:
+        entries = [e for e in os.scandir(models_dir) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    now = time.time()
+    for e in entries:
+        m = _CACHE_TMP.fullmatch(e.name)
+        if not m and not _CACHE_TMP_OLD.fullmatch(e.name):
+            continue
+        dead = m is not None and m["host"] == _host_tag() and not pid_alive(int(m["pid"]))
+        if dead or now - _newest_mtime(Path(e.path)) > CACHE_TMP_STALE_S:
+            shutil.rmtree(e.path, ignore_errors=True)
+            log(f"removed {e.path}: a temporary folder left by an interrupted model conversion")
+
+
+def _newest_mtime(d: Path) -> float:
+    newest = 0.0
+    for root, _, files in os.walk(d):
+        for f in [root, *(os.path.join(root, x) for x in files)]:
+            try:
+                newest = max(newest, os.stat(f, follow_symlinks=False).st_mtime)
+            except OSError:
+                pass
+    return newest
 
 
 def resolve_model_name(name: str | None) -> str:
@@ -161,6 +209,7 @@ def ensure_embedded(name: str) -> Path:
     """Make sure the embedded model ``name`` is converted into the cache; return the cache directory."""
     spec = EMBEDDED[name]
     target = cache_dir() / "models" / f"{spec.name}-v{CACHE_FORMAT}"
+    _sweep_cache_tmp(target.parent)
     if (target / "hetmem.json").exists():
         return target
     with tempfile.TemporaryDirectory(prefix="hetmem-gguf-") as td:
@@ -176,6 +225,7 @@ def ensure_gguf_file(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"gguf-{path.stem}-{key}-v{CACHE_FORMAT}"
+    _sweep_cache_tmp(target.parent)
     if not (target / "hetmem.json").exists():
         model, tok = _load_gguf(path, torch.float32)
         log(f"caching as safetensors in {target}")
