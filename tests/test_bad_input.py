@@ -78,6 +78,15 @@ CASES = [
     ("index-corpus-missing", ["index", "--corpus", "/nonexistent", "--method", "rag-bm25", "--out", "OUT"], "does not exist"),
     ("index-option-for-other-method", ["index", "--corpus", "CTX", "--method", "rag-bm25", "--out", "OUT", "--embed-model", "x"],
      "--embed-model is not a parameter of method 'rag-bm25'"),
+    ("model-config-wrong-type", RUN + ["--method", "dense", "--model", "BADCFG"], "cannot read the model config"),
+    ("memory-json-a-list", ["run", "--method", "rag-bm25", "--memory", "MEMLIST", "--question", "q"], "is not a hetmem RAG memory"),
+    ("memory-json-no-method", ["run", "--method", "rag-bm25", "--memory", "MEMNOMETH", "--question", "q"], "is not a hetmem RAG memory"),
+    ("plan-profile-records-not-objects", ["plan", "--profile", "PROFBAD", "--out", "OUT"], "record 0 is a int, not an object"),
+    ("index-out-in-proc", ["index", "--corpus", "CTX", "--method", "rag-bm25", "--out", "/proc/hetmem-out"], "cannot write the memory to /proc/hetmem-out"),
+    ("profile-out-in-proc", ["profile", "--methods", "dense", "--lengths", "1k", "--shape", "llama3-8b", "--out", "/proc/hetmem-out"],
+     "cannot write to --out /proc/hetmem-out"),
+    ("profile-out-unrelated", ["profile", "--methods", "dense", "--lengths", "1k", "--shape", "llama3-8b", "--out", "UNREL"],
+     "non-empty directory that hetmem did not write"),
     ("profile-bad-length", ["profile", "--methods", "dense", "--lengths", "abc", "--shape", "llama3-8b", "--out", "OUT"], "bad length 'abc'"),
     ("profile-unknown-method", ["profile", "--methods", "nope", "--lengths", "1k", "--shape", "llama3-8b", "--out", "OUT"], "unknown method 'nope'"),
 ]
@@ -95,6 +104,12 @@ def files(tmp_path_factory):
     (d / "unrelated").mkdir()
     (d / "unrelated" / "thesis.tex").write_text("do not overwrite")
     (d / "qbad.jsonl").write_text("{not json\n")
+    (d / "badcfg").mkdir()
+    (d / "badcfg" / "config.json").write_text('{"model_type": "llama", "hidden_size": "big", "num_hidden_layers": 2}')
+    for name, text in (("memlist", "[1, 2]"), ("memnometh", '{"format": 2}')):
+        (d / name).mkdir()
+        (d / name / "memory.json").write_text(text)
+    (d / "prof_bad.json").write_text('{"schema": "hetmem.profile/1", "records": [1, 2]}')
     return d
 
 
@@ -102,7 +117,8 @@ def files(tmp_path_factory):
 def test_bad_input_is_one_clear_line(files, tmp_path, capsys, argv, fragment):
     subst = {"CTX": files / "ctx.txt", "EMPTY": files / "empty.txt", "BIN": files / "bin.txt", "DIR": files / "dir",
              "BADJSON": files / "bad.json", "LISTJSON": files / "list.json", "UNREL": files / "unrelated",
-             "QBAD": files / "qbad.jsonl", "OUT": tmp_path / "out"}
+             "QBAD": files / "qbad.jsonl", "OUT": tmp_path / "out", "BADCFG": files / "badcfg",
+             "MEMLIST": files / "memlist", "MEMNOMETH": files / "memnometh", "PROFBAD": files / "prof_bad.json"}
     t0 = time.perf_counter()
     code = main([str(subst.get(a, a)) for a in argv])
     seconds = time.perf_counter() - t0
@@ -118,3 +134,32 @@ def test_bad_input_is_one_clear_line(files, tmp_path, capsys, argv, fragment):
 
 def test_the_table_covers_at_least_forty_kinds():
     assert len({i for i, _, _ in CASES}) >= 40
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe binary", b"[1, 2]", b"{\"schema\": 3}", "ENTRY:{}", "ENTRY:zeros",
+                                     "ENTRY:absurd", "ENTRY:strings"])
+def test_a_damaged_calibration_cache_is_measured_again_and_named(tmp_path, monkeypatch, capsys, content):
+    """A calibration cache is ours: a binary, wrongly shaped, empty, zero, absurd or string entry is never used
+    as is; it is measured again, with one line naming the file."""
+    import json
+
+    from hetmem.hw import calibrate as cal
+
+    monkeypatch.setenv("HETMEM_CACHE", str(tmp_path))
+    monkeypatch.setattr(cal, "measure", lambda device, dtype, quick=False: {"copy_gbps": 10.0, "matmul_gflops": 50.0,
+                                                                            "measured_at": "now", "source": "measured"})
+    path = cal.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, str):
+        key = cal.calibration_key("cpu", "float32")
+        bad = {"ENTRY:{}": {}, "ENTRY:zeros": {"copy_gbps": 0, "matmul_gflops": 0},
+               "ENTRY:absurd": {"copy_gbps": 1e12, "matmul_gflops": 50.0},
+               "ENTRY:strings": {"copy_gbps": "fast", "matmul_gflops": "x"}}[content]
+        content = json.dumps({"schema": cal.CACHE_SCHEMA, "entries": {cal.key_id(key): {**bad, "key": key}}}).encode()
+    path.write_bytes(content)
+    got = cal.calibrate("cpu", "float32")
+    assert got["copy_gbps"] == 10.0 and got["cached"] is False
+    err = capsys.readouterr().err
+    if content.startswith(b"{\"schema\": \"hetmem"):
+        assert str(path) in err and "measuring again" in err
+    assert cal.calibrate("cpu", "float32")["cached"] is True  # the fresh entry is used next time

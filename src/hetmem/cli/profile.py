@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hetmem
 from hetmem.errors import HetmemError
+from hetmem.files import check_out_dir
 from hetmem.files import write_json_atomic
 from hetmem.cli.common import RUNNERS
 from hetmem.core.steps import STEP_NAMES
@@ -142,9 +143,7 @@ def cmd_profile(args) -> int:
 
     td = parse_dtype(args.dtype, device)
     dtype_name = str(td).replace("torch.", "")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise HetmemError(f"--out {out} exists and is not a directory")
+    out = check_out_dir(args.out, "--out", ("profile.json",))
 
     roof_devs = _roofline_devices(args.roofline_devices, dtype_name)
     show = not args.no_progress

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import math
 import os
 import platform
 import socket
@@ -133,6 +135,25 @@ def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False) ->
     }
 
 
+# What a measured calibration can plausibly be (anything outside is a damaged or hand-edited cache entry).
+PLAUSIBLE = {"copy_gbps": (0.05, 1e5), "matmul_gflops": (0.1, 1e7)}
+
+
+def entry_problem(entry: dict) -> str | None:
+    """Why a cached calibration entry cannot be used, or None."""
+    for name, (lo, hi) in PLAUSIBLE.items():
+        x = entry.get(name)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return f"{name} is {x!r}, not a number"
+        if not lo <= x <= hi:
+            return f"{name} {x} is outside the plausible {lo}..{hi}"
+    return None
+
+
+def _note(msg: str) -> None:
+    print(f"[hetmem] {msg}", file=sys.stderr, flush=True)
+
+
 def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False, quick: bool = False) -> dict:
     """Calibration for this machine at ``device:dtype``: the cached entry whose key equals the current
     ``calibration_key``, else (or with ``force``) measured now and cached. The result carries ``key``,
@@ -143,16 +164,21 @@ def calibrate(device: str = "cpu", dtype: str = "float32", force: bool = False, 
     data: dict = {}
     if path.exists():
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            data = {}  # a corrupt cache is re-measured, not fatal
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:  # binary, truncated or not JSON: re-measured, not fatal
+            _note(f"calibration cache {path} is unreadable ({type(exc).__name__}); measuring again")
+            data = {}
     if not isinstance(data, dict):
+        _note(f"calibration cache {path} is not a JSON object; measuring again")
         data = {}
     entries = data.get("entries") if data.get("schema") == CACHE_SCHEMA else None
     entries = entries if isinstance(entries, dict) else {}
     entry = entries.get(kid)
-    if entry is not None and not force and entry.get("key") == key:
-        return dict(entry, cached=True)
+    if entry is not None and not force and isinstance(entry, dict) and entry.get("key") == key:
+        problem = entry_problem(entry)
+        if problem is None:
+            return dict(entry, cached=True)
+        _note(f"calibration cache {path}: the entry for this machine is unusable ({problem}); measuring again")
     entry = dict(measure(device, dtype, quick=quick), key=key, key_id=kid)
     entries[kid] = entry
     data.update(schema=CACHE_SCHEMA, entries=entries)  # other top-level keys (older layouts) are kept

@@ -29,6 +29,9 @@ def read_profile(path: str | Path) -> dict:
         raise HetmemError(f"{path} is not a hetmem profile (no 'schema: hetmem.profile/1')")
     if not isinstance(data.get("records"), list):
         raise HetmemError(f"profile {path} has no 'records' list")
+    for i, r in enumerate(data["records"]):
+        if not isinstance(r, dict):
+            raise HetmemError(f"profile {path}: record {i} is a {type(r).__name__}, not an object")
     return data
 
 
