@@ -41,6 +41,27 @@ def read_json_file(path, what: str, missing_hint: str = "") -> object:
         raise HetmemError(f"{what} {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
 
 
+def read_jsonl_objects(path, what: str, field: str, shown: str | None = None,
+                       nonempty: bool = False) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a user's JSONL file; each must be an object with a
+    string ``field`` (not blank, with ``nonempty``). A bad line is one HetmemError naming the file and line."""
+    name = shown or str(path)
+    out = []
+    for n, line in enumerate(read_user_text(path, what, shown=shown).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HetmemError(f"{name} line {n}: not valid JSON ({exc.msg})") from None
+        value = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(value, str) or (nonempty and not value.strip()):
+            kind = "a non-empty string" if nonempty else "a string"
+            raise HetmemError(f"{name} line {n}: expected an object with {kind} '{field}' field")
+        out.append((n, obj))
+    return out
+
+
 def write_atomic(path, data: str | bytes, fsync: bool = False) -> Path:
     """Write ``data`` to ``path`` through a temporary sibling and one ``os.replace``.
 

@@ -12,7 +12,7 @@ import sys
 
 from hetmem.cli.common import RUNNERS, add_method_options, method_from_args
 from hetmem.errors import HetmemError
-from hetmem.files import read_user_text
+from hetmem.files import read_jsonl_objects
 from hetmem.llm.models import load_model
 from hetmem.rag.corpus import load_corpus
 from hetmem.rag.store import check_compatible, load_memory, read_meta, save_memory
@@ -59,18 +59,7 @@ def cmd_index(args) -> int:
 
 
 def _read_questions(path: str) -> list[dict]:
-    lines = read_user_text(path, "questions file").splitlines()
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HetmemError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
-            raise HetmemError(f"{path} line {n}: expected an object with a non-empty string 'question' field")
-        out.append(obj)
+    out = [obj for _, obj in read_jsonl_objects(path, "questions file", "question", nonempty=True)]
     if not out:
         raise HetmemError(f"questions file {path} has no questions")
     return out

@@ -13,14 +13,13 @@ passage text is the original text between its first and last token, so formattin
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hetmem.errors import HetmemError
-from hetmem.files import read_user_text
+from hetmem.files import read_jsonl_objects, read_user_text
 
 TEXT_SUFFIXES = (".txt", ".md")
 _TOKEN = re.compile(r"\S+")
@@ -67,15 +66,7 @@ def _read_text(path: Path, shown: str) -> str:
 
 def _read_jsonl(path: Path, shown: str) -> list[Document]:
     docs = []
-    for n, line in enumerate(_read_text(path, shown).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HetmemError(f"{shown} line {n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise HetmemError(f"{shown} line {n}: expected an object with a string 'text' field")
+    for n, obj in read_jsonl_objects(path, "corpus file", "text", shown=shown):
         title = obj.get("title")
         source = str(obj["id"]) if obj.get("id") is not None else f"{shown}:{n}"
         docs.append(Document(source, obj["text"], str(title) if title else None))
