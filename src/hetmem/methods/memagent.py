@@ -40,8 +40,9 @@ READ_INTRO = ("You are reading a long document one section at a time. You keep n
 READ_MEMORY = "Your notes so far:\n"
 NO_MEMORY = "(no notes yet)"
 READ_SECTION = "\n\nThe next section of the document:\n"
-READ_CLOSE = ("\n\nWrite your updated notes: keep what still matters, add what this section says that helps answer "
-              "the question, and drop the rest. Reply with the notes only.")
+READ_CLOSE = ("\n\nNow write your updated notes for the question: {question}\nCopy word for word every sentence of "
+              "this section that helps answer it, keep the notes that still matter, and leave out everything else. "
+              "Reply with the notes only.")
 ANSWER_INTRO = "Answer the question using only these notes, taken while reading a long document.\n\nNotes:\n"
 ANSWER_CLOSE = "\n\nAnswer briefly."
 SENTINEL = "\u2063HETMEM_SLOT\u2063"
@@ -87,7 +88,7 @@ class PromptParts:
 def prompt_parts(tok, question: str) -> PromptParts:
     head, tail = _template(tok)
     return PromptParts(head + _enc(tok, f"{READ_INTRO}Question: {question.strip()}\n\n"), _enc(tok, READ_MEMORY),
-                       _enc(tok, NO_MEMORY), _enc(tok, READ_SECTION), _enc(tok, READ_CLOSE) + tail)
+                       _enc(tok, NO_MEMORY), _enc(tok, READ_SECTION), _enc(tok, READ_CLOSE.format(question=question.strip())) + tail)
 
 
 def chunk_room(chunk_tokens: int, memory_tokens: int, parts: PromptParts) -> int:
