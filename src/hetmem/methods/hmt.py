@@ -28,6 +28,7 @@ import torch
 
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.registry import register_impl
+from hetmem.core.timer import StepTimer
 from hetmem.core.types import Memory, Query, Scores
 from hetmem.errors import HetmemError
 from hetmem.llm.prompt import build_prompt_ids, eos_ids
@@ -198,8 +199,6 @@ class PrependSegmentApply:
 
 
 def hmt_pipeline(params: dict, segment_tokens: int, memory_entries: int, device: str = "cpu", timer=None):
-    from hetmem.core.timer import StepTimer
-
     return MemoryPipeline(SegmentSummaryPrepare(max(1, segment_tokens // 2), device),
                           CrossAttentionRelevancy(memory_entries, params, device), SoftmaxRecallRetrieval(params, device),
                           PrependSegmentApply(device), timer or StepTimer(enabled=False))
