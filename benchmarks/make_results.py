@@ -32,6 +32,10 @@ BEGIN = re.compile(r"<!-- results:([a-z0-9_-]+):(begin|end) -->")
 
 # RESULTS.md order: (bench, what it measures, how to run it)
 BENCHES = [
+    ("record_contextual", "memagent answers a passkey through its bounded text memory (context 4x the memory)",
+     "python benchmarks/record_contextual.py"),
+    ("bench_hmt_perplexity", "HMT held-out perplexity: segment alone vs trained HMT vs full context (SmolLM2)",
+     "python benchmarks/bench_hmt_perplexity.py"),
     ("record_demo", "`hetmem demo --json`: passkey in essays, dense vs quest at a quarter-context budget",
      "python benchmarks/record_demo.py"),
     ("record_profile", "`hetmem profile` kernel sweep at the llama3-8b shape, then `hetmem plan` on it",
@@ -295,7 +299,35 @@ def block_methods(rec: dict) -> str:
                       "(all measured):", "", *rows, "", provenance(rec)])
 
 
+def block_contextual(rec: dict) -> str:
+    s, r = rec["settings"], rec["details"]["run"]
+    rows = ["| step | ms | calls |", "|---|---:|---:|"]
+    rows += [f"| {st} | {fmt(v(rec, st + '.ms'), 1)} | {v(rec, st + '.calls')} |" for st in ("prepare", "relevancy", "retrieval", "apply")]
+    mem = "; ".join(f"chunk {h['chunk']}: {h['memory_tokens']} tok" for h in r["memory_after_chunk"])
+    return "\n".join([
+        f"Passkey {s['passkey']} in {v(rec, 'context_tokens')} context tokens, memory bound {s['memory_tokens']} tokens "
+        f"({v(rec, 'context_over_memory')}x), {r['model']}: answer {cell(repr(r['answer']))}, "
+        f"{'correct' if v(rec, 'correct') else 'WRONG'}; passkey in the final memory: {bool(v(rec, 'passkey_in_final_memory'))}.",
+        f"{v(rec, 'chunks')} chunks, {v(rec, 'llm_calls')} LLM calls, {fmt(v(rec, 'tokens_read'))} tokens read "
+        f"({fmt(v(rec, 'tokens_prefilled'))} prefilled: the prompt prefix's KV is reused), {fmt(v(rec, 'tokens_written'))} "
+        f"written; memory after each chunk: {mem} (all measured).", "", *rows, "", provenance(rec)])
+
+
+def block_hmt(rec: dict) -> str:
+    s = rec["settings"]
+    return "\n".join([
+        f"Held-out essay perplexity, {s.get('model_name', s['model'])}, segments of {s['segment_tokens']} tokens, "
+        f"{s['held_out_chunks']} chunks of {s['seq_len']} tokens never trained on; HMT trained {s['steps']} steps "
+        f"({fmt(v(rec, 'train_ms') / 1e3, 0)} s, measured):", "",
+        "| segment alone (floor) | HMT untrained | HMT trained | full context (ceiling) | gap closed |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {fmt(v(rec, 'ppl.segment_alone'), 3)} | {fmt(v(rec, 'ppl.hmt_untrained'), 3)} | {fmt(v(rec, 'ppl.hmt_trained'), 3)} "
+        f"| {fmt(v(rec, 'ppl.full_context'), 3)} | {fmt(v(rec, 'gap_closed'), 1, pct=True)} |", "", provenance(rec)])
+
+
 BLOCKS = {
+    "contextual": ("record_contextual", block_contextual),
+    "hmt-perplexity": ("bench_hmt_perplexity", block_hmt),
     "demo": ("record_demo", block_demo),
     "profile": ("record_profile", block_profile),
     "plan": ("record_profile", block_plan),

@@ -8,13 +8,13 @@ import sys
 
 import torch
 
-from hetmem.cli import demo, index, methods, plan, profile, run, train
+from hetmem.cli import contextual, demo, index, methods, plan, profile, run, train
 from hetmem.cli.common import Parser
 from hetmem.errors import HetmemError
 from hetmem.settings import default_threads
 
 # Subcommands in help order. ``run`` comes first: the others may add options to its parser.
-SUBCOMMANDS = (demo, methods, index, profile, plan, train)
+SUBCOMMANDS = (demo, methods, index, contextual, profile, plan, train)
 
 
 def build_parser() -> Parser:
@@ -22,7 +22,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="cmd", parser_class=Parser)
     run_parser = run.register(sub)
     for mod in SUBCOMMANDS:
-        if mod in (index, profile, plan, train):
+        if mod in (index, contextual, profile, plan, train):
             mod.register(sub, run_parser)
         else:
             mod.register(sub)

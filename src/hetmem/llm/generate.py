@@ -148,3 +148,51 @@ def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, ma
         bar.close()
         decode_ms = (time.perf_counter() - t1) * 1e3
     return prefill_ms, decode_ms
+
+
+# -- building blocks for methods that make several LLM calls of their own (contextual memory) ------------------
+def new_cache(model, reserve_tokens: int = 0) -> PagedKVCache:
+    """An empty dense paged cache for ``model`` (no method pipelines)."""
+    arch = describe(model)
+    return PagedKVCache(arch.n_layers, reserve_tokens=reserve_tokens, windows=arch.windows, mla_rank=arch.mla_rank)
+
+
+def fork_cache(model, prefix: PagedKVCache, reserve_tokens: int = 0) -> PagedKVCache:
+    """A new cache holding a copy of ``prefix``'s tokens (a prompt prefix prefilled once, reused per call)."""
+    cache = new_cache(model, reserve_tokens)
+    for dst, src in zip(cache.layers, prefix.layers):
+        dst.copy_prefix(src)
+    return cache
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, cache: PagedKVCache | None = None, chunk: int = 1024):
+    """Dense prefill of ``input_ids`` into ``cache`` (a new one when None), continuing after what it holds.
+    Returns ``(cache, logits of the last position [B, vocab] float32)``."""
+    device = _device_name(model)
+    cache = cache if cache is not None else new_cache(model, input_ids.shape[1])
+    input_ids = input_ids.to(device)
+    logits = None
+    for s in range(0, input_ids.shape[1], chunk):
+        logits = model(input_ids=input_ids[:, s : s + chunk], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
+    return cache, logits[:, -1].float()
+
+
+@torch.inference_mode()
+def greedy_continue(model, cache: PagedKVCache, last_logits: torch.Tensor, max_new_tokens: int,
+                    eos_token_ids: set[int] | None = None) -> list[int]:
+    """Greedy decode from a prefilled ``cache`` (whose last logits are ``last_logits``): at most
+    ``max_new_tokens`` tokens, stopping after an end-of-sequence token (which is kept in the output)."""
+    device = _device_name(model)
+    eos = eos_token_ids or set()
+    out: list[int] = []
+    logits = last_logits
+    for i in range(max_new_tokens):
+        nxt = int(logits.argmax(-1)[0])
+        out.append(nxt)
+        if nxt in eos or i == max_new_tokens - 1:
+            break
+        logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache,
+                       use_cache=True).logits[:, -1].float()
+    return out

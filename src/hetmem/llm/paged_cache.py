@@ -202,6 +202,26 @@ class PagedKVLayer(CacheLayerMixin):
                 self.memory.tensors[name] = new
 
 
+    # -- a prompt prefix prefilled once, reused by several calls ---------------------------------
+    def copy_prefix(self, src: "PagedKVLayer") -> None:
+        """Start this empty layer with ``src``'s stored tokens (a shared prompt prefix, prefilled once), so a
+        call continues after the prefix without recomputing it. The Prepare step (if any) runs on them."""
+        if self.length or not src.is_initialized:
+            if self.length:
+                raise ValueError("copy_prefix needs an empty layer")
+            return
+        n = src.length
+        self.dtype, self.device = src.dtype, src.device
+        B, H, _, Dk = src.buf_k.shape
+        self._alloc(B, H, Dk, src.buf_v.shape[-1], max(self.reserve_tokens, n))
+        self.is_initialized = True
+        self.buf_k[:, :, :n] = src.buf_k[:, :, :n]
+        if self.mla_rank is None:
+            self.buf_v[:, :, :n] = src.buf_v[:, :, :n]
+        self.length, self.seen = n, src.seen
+        if self.pipeline is not None and n:
+            self.memory = self.pipeline.build((self, 0, n), None)
+
     # -- compressed memory: eviction -----------------------------------------------------------
     def compact(self, keep: torch.Tensor) -> None:
         """Keep only tokens ``keep [B, H_kv, k]`` (sorted ids, per KV head), evicting the rest.

@@ -224,3 +224,28 @@ def lightning_indexer(B: int, Hi: int, N: int, D: int, hidden: int) -> list[OpCo
     sc = OpCount("index_scores", "gemv", 2.0 * B * Hi * N * D + 3.0 * B * Hi * N,
                  float(4 * (B * N * D + B * Hi * D + B * Hi)), float(4 * B * N))
     return [q, sc]
+
+
+def _mm(name: str, H: int, M: int, K: int, N: int, e: int) -> OpCount:
+    """H batched [M, K] x [K, N] matmuls."""
+    return OpCount(name, "dense", 2.0 * H * M * K * N, float(e * H * (M * K + K * N)), float(e * H * M * N))
+
+
+def fast_weight_forward(H: int, T: int, d: int, m: int, r: int, e: int) -> list[OpCount]:
+    """LaCT f_W(x) for T tokens per head (ops.fast_weight.fw_forward): the low-rank W1/W3 paths, SwiGLU, W2."""
+    return [_mm("fw_x_v1", H, T, d, r, e), _mm("fw_h1_u1", H, T, r, m, e), _mm("fw_x_v3", H, T, d, r, e),
+            _mm("fw_h3_u3", H, T, r, m, e), elementwise("fw_swiglu", H * T * m, 5, 2, 1, e),
+            _mm("fw_g_w2", H, T, m, d, e)]
+
+
+def fast_weight_loss(H: int, T: int, d: int, e: int) -> OpCount:
+    return OpCount("fw_loss", "reduce", 2.0 * H * T * d, float(e * 2 * H * T * d), float(4 * H))
+
+
+def fast_weight_update(H: int, T: int, d: int, m: int, r: int, e: int) -> list[OpCount]:
+    """The hand-written gradient of -f_W(k)^T v and the SGD step (ops.fast_weight.fw_grads, fw_step)."""
+    n_w = H * (2 * m * r + 2 * r * d + d * m)
+    return [_mm("fw_dW2", H, d, T, m, e), _mm("fw_dg", H, T, d, m, e), elementwise("fw_dswiglu", H * T * m, 10, 4, 2, e),
+            _mm("fw_dU1", H, m, T, r, e), _mm("fw_da_u1", H, T, m, r, e), _mm("fw_dV1", H, r, T, d, e),
+            _mm("fw_dU3", H, m, T, r, e), _mm("fw_db_u3", H, T, m, r, e), _mm("fw_dV3", H, r, T, d, e),
+            elementwise("fw_sgd", n_w, 2, 2, 1, e)]

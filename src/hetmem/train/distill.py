@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from hetmem.errors import HetmemError
 from hetmem.llm import attention
 from hetmem.methods.dsa import INDEXER_KEYS, indexer_key, indexer_query, init_indexer
+from hetmem.methods.hmt import hmt_pipeline, init_params, process_segments
 from hetmem.methods.seer import identity_gates
 from hetmem.methods.shared import model_dims
 from hetmem.ops.index_score import index_scores_all
@@ -256,7 +257,92 @@ def _recall(mass: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     return (covered / best.clamp(min=1e-12)).mean()
 
 
-OBJECTIVES = {"seer": SeerObjective, "dsa": DSAObjective}
+# -- hmt --------------------------------------------------------------------------------------------------------
+class HMTObjective:
+    """HMT's new parameters (memory token, summary prompt, cross-attention projections) trained by next-token
+    loss over a chunk read in segments, backpropagating through the segments (the backbone frozen).
+    ``chunk_loss`` replaces the capture/targets path of the distillation objectives in ``train``."""
+
+    method = "hmt"
+
+    def __init__(self, model, segment_tokens: int = 128, memory_entries: int = 32, attn_dim: int = 64):
+        self.L, self.N = segment_tokens, memory_entries
+        init = init_params(model.config.hidden_size, attn_dim, embed=model.get_input_embeddings().weight)
+        self.params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+        self.model = model
+
+    def segment_nll(self, chunk: torch.Tensor, params: dict | None) -> tuple[torch.Tensor, int]:
+        """Summed next-token NLL inside each segment (targets 2..L of every segment) and the target count;
+        ``params=None`` runs each segment alone (the floor)."""
+        model, L = self.model, self.L
+        if params is None:
+            segs = [model(input_ids=chunk[:, a : a + L]).logits for a in range(0, chunk.shape[1], L)]
+        else:
+            segs, _ = process_segments(hmt_pipeline(params, L, self.N), model, params, chunk, L)
+        nll, n = 0.0, 0
+        for i, lg in enumerate(segs):
+            tgt = chunk[:, i * L : i * L + lg.shape[1]]
+            nll = nll + F.cross_entropy(lg[:, :-1].flatten(0, 1).float(), tgt[:, 1:].flatten(), reduction="sum")
+            n += tgt[:, 1:].numel()
+        return nll, n
+
+    def chunk_loss(self, chunk: torch.Tensor) -> torch.Tensor:
+        nll, n = self.segment_nll(chunk, self.params)
+        return nll / n
+
+    @torch.no_grad()
+    def perplexity(self, chunks: list[torch.Tensor], mode: str) -> float:
+        """Held-out perplexity over the same targets: ``segment`` (alone), ``hmt`` or ``full`` (whole chunk)."""
+        nll, n = 0.0, 0
+        for c in chunks:
+            if mode == "full":
+                lg = self.model(input_ids=c).logits
+                keep = torch.ones(c.shape[1], dtype=torch.bool)
+                keep[:: self.L] = False  # the same targets as the segment runs: not a segment's first token
+                tgt_pos = torch.arange(1, c.shape[1])[keep[1:]]
+                nll += float(F.cross_entropy(lg[0, tgt_pos - 1].float(), c[0, tgt_pos], reduction="sum"))
+                n += len(tgt_pos)
+            else:
+                a, b = self.segment_nll(c, None if mode == "segment" else self.params)
+                nll += float(a)
+                n += b
+        return math.exp(nll / n)
+
+    def evaluate(self, chunks: list[torch.Tensor]) -> dict:
+        return {"perplexity": round(self.perplexity(chunks, "hmt"), 4)}
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+    def meta(self) -> dict:
+        return {"segment_tokens": self.L, "memory_entries": self.N}
+
+
+OBJECTIVES = {"seer": SeerObjective, "dsa": DSAObjective, "hmt": HMTObjective}
+
+
+def _train_direct(objective, opt, train_chunks, eval_chunks, steps, lr, seq, progress) -> dict:
+    from tqdm.auto import tqdm
+
+    ev = eval_chunks[:2]
+    before = objective.evaluate(ev)
+    t0 = time.perf_counter()
+    history = []
+    bar = tqdm(range(steps), desc=f"train {objective.method}", unit="step", file=sys.stderr, disable=not progress)
+    for s in bar:
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = objective.chunk_loss(train_chunks[s % len(train_chunks)])
+            loss.backward()
+        opt.step()
+        history.append(round(float(loss.detach()), 5))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if not math.isfinite(history[-1]):
+            raise HetmemError(f"training diverged at step {s} (loss {history[-1]}): lower --lr")
+    bar.close()
+    return {"steps": steps, "lr": lr, "seq_len": seq, "train_ms": round((time.perf_counter() - t0) * 1e3, 1),
+            "train_loss": history, "eval": {"untrained": before, "trained": objective.evaluate(ev), "chunks": len(ev),
+                                            "source": "measured"}}
 
 
 def token_chunks(tokenizer, text: str, seq_len: int, holdout: float = 0.2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -280,6 +366,8 @@ def train(model, objective, train_chunks, eval_chunks, steps: int, lr: float = 5
         p.requires_grad_(False)
     opt = torch.optim.Adam(objective.params.values(), lr=lr)
     seq = train_chunks[0].shape[1]
+    if hasattr(objective, "chunk_loss"):  # a loss computed from the chunk directly (hmt), no attention capture
+        return _train_direct(objective, opt, train_chunks, eval_chunks, steps, lr, seq, progress)
     eval_budget = eval_budget or seq // 8
     eval_data = [objective.targets(capture(model, c)) for c in eval_chunks[:2]]
 
