@@ -325,12 +325,12 @@ block_limits.wants_records = True
 
 
 def block_decode_flame(rec: dict, records: "Records") -> str:
-    """py-spy flame summaries of a quest decode, before and after (benchmarks/results/profiles)."""
+    """py-spy flame summaries of a quest decode, before and after (benchmarks/profiles)."""
     out = []
     for w in ("before", "after"):
-        p = records.dir / "profiles" / f"quest_decode_{w}.txt"
+        p = records.root / "benchmarks" / "profiles" / f"quest_decode_{w}.txt"
         if p.exists():
-            out += [f"**{w}** (`{RESULTS}/profiles/{p.name}`):", "", "```", p.read_text().rstrip(), "```", ""]
+            out += [f"**{w}** (`benchmarks/profiles/{p.name}`):", "", "```", p.read_text().rstrip(), "```", ""]
     return "\n".join(out) or "*No profile summaries recorded.*"
 
 

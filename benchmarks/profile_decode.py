@@ -1,7 +1,7 @@
 """The decode loop to profile with py-spy (issue 12): SmolLM2, random prompt, METHOD at 1/8 budget.
 
     py-spy record -r 200 --format raw -o quest.txt -- python benchmarks/profile_decode.py quest 4096 40 1
-    python benchmarks/flame_summary.py quest.txt 22 > benchmarks/results/profiles/quest_decode_after.txt
+    python benchmarks/flame_summary.py quest.txt 22 > benchmarks/profiles/quest_decode_after.txt
 
 Arguments: method (dense|quest), prompt tokens, new tokens, step timer on (1) or off (0). One torch thread.
 """
