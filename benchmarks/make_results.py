@@ -46,6 +46,8 @@ BENCHES = [
      "python benchmarks/bench_quest_budget.py"),
     ("record_methods", "every in-model method on one passkey task: answer, decode time, KV bytes",
      "python benchmarks/record_methods.py"),
+    ("bench_limits", "decode against the machine's measured limits (issue 12): relevancy+top-k, sparse step, "
+     "end to end, prefill RSS", "python benchmarks/bench_limits.py"),
     ("bench_bm25", "hetmem's BM25 scoring + top-k vs the `bm25s` library", "python benchmarks/bench_bm25.py"),
     ("bench_dense_search", "hetmem's dense search vs a plain `faiss.IndexFlatIP`",
      "python benchmarks/bench_dense_search.py"),
@@ -325,9 +327,58 @@ def block_hmt(rec: dict) -> str:
         f"| {fmt(v(rec, 'ppl.full_context'), 3)} | {fmt(v(rec, 'gap_closed'), 1, pct=True)} |", "", provenance(rec)])
 
 
+def block_limits(rec: dict, records: "Records") -> str:
+    """bench_limits: the latest run labelled ``before`` beside the latest labelled ``after`` (or the latest)."""
+    runs = [records.latest("bench_limits", lambda r, lb=lb: r["settings"].get("label") == lb) for lb in ("before", "after")]
+    runs = [r for r in runs if r is not None] or [rec]
+    rows = [("read bandwidth (GB/s, 2 GiB sum)", "read_bandwidth", "limit"),
+            ("copy bandwidth (GB/s, read+write)", "copy_bandwidth", "limit"),
+            ("fp32 matmul (GFLOP/s)", "fp32_matmul", "limit")]
+    res = runs[-1]["details"]["result"]
+    for L in res.get("p1", {}).get("lengths", []):
+        rows.append((f"P1 relevancy+top-k at {L // 1024}k, fraction of read bandwidth", f"p1_{L}", ">= 0.8"))
+    for L in res.get("p2", {}).get("lengths", []):
+        rows.append((f"P2 sparse step at {L // 1024}k, x byte-limit time", f"p2_{L}", "<= 1.3"))
+        rows.append((f"P2 speedup over dense SDPA at {L // 1024}k", f"p2_speedup_{L}", ""))
+    rows += [("P3 dense, x bandwidth-limit ms/token", "p3_dense", "<= 1.6"),
+             ("P3 quest 1/8 budget, x bandwidth-limit ms/token", "p3_quest", "<= 1.6"),
+             ("P3 dense ms/token", "p3_dense_ms_per_token", ""), ("P3 quest ms/token", "p3_quest_ms_per_token", ""),
+             ("P3 quest / dense decode speed (median of 5)", "quest_over_dense", ">= 1.5"),
+             ("prefill peak RSS - RSS after load, x KV bytes (Qwen 16k)", "prefill_rss_ratio", "<= 1.3")]
+    head = "| figure (measured) | target | " + " | ".join(r["settings"].get("label") or "latest" for r in runs) + " |"
+    out = [head, "|---|---|" + "---|" * len(runs)]
+    for label, name, target in rows:
+        out.append(f"| {label} | {target} | " + " | ".join(fmt(v(r, name)) for r in runs) + " |")
+    out.append("")
+    for r in runs:
+        q = r["details"]["result"].get("quest_over_dense")
+        spread = f" quest/dense min {q['min']}, median {q['median']}, max {q['max']};" if q else ""
+        out.append(f"- **{r['settings'].get('label') or 'latest'}**: kernels {r['details'].get('kernels')};{spread} "
+                   + provenance(r))
+    return "\n".join(out)
+
+
+block_limits.wants_records = True
+
+
+def block_decode_flame(rec: dict, records: "Records") -> str:
+    """py-spy flame summaries of a quest decode, before and after (benchmarks/profiles)."""
+    out = []
+    for w in ("before", "after"):
+        p = records.root / "benchmarks" / "profiles" / f"quest_decode_{w}.txt"
+        if p.exists():
+            out += [f"**{w}** (`benchmarks/profiles/{p.name}`):", "", "```", p.read_text().rstrip(), "```", ""]
+    return "\n".join(out) or "*No profile summaries recorded.*"
+
+
+block_decode_flame.wants_records = True
+
+
 BLOCKS = {
     "contextual": ("record_contextual", block_contextual),
     "hmt-perplexity": ("bench_hmt_perplexity", block_hmt),
+    "limits": ("bench_limits", block_limits),
+    "decode-flame": ("bench_limits", block_decode_flame),
     "demo": ("record_demo", block_demo),
     "profile": ("record_profile", block_profile),
     "plan": ("record_profile", block_plan),
@@ -346,7 +397,10 @@ def render_block(name: str, records: Records) -> str:
         raise ValueError(f"unknown results block '{name}' (known: {', '.join(sorted(BLOCKS))})")
     bench, fn = BLOCKS[name]
     rec = records.latest(bench)
-    body = missing(bench) if rec is None else fn(rec)
+    if rec is None:
+        body = missing(bench)
+    else:
+        body = fn(rec, records) if getattr(fn, "wants_records", False) else fn(rec)
     body = "\n".join(line.rstrip() for line in body.splitlines())  # editors strip trailing blanks
     return f"{_header(bench)}\n{body}\n"
 

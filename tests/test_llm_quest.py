@@ -68,7 +68,7 @@ def test_quest_budget_covering_context_via_gather_path_matches_dense(model, monk
 
 
 def test_small_budget_attends_only_to_the_budget(model, monkeypatch):
-    """Apply receives K/V of at most `budget` tokens: it gathers, it does not mask."""
+    """Apply attends over at most `budget` tokens (gathered, or read in place): it does not mask."""
     from hetmem.methods import shared as quest_mod
 
     seen = []
@@ -78,7 +78,16 @@ def test_small_budget_attends_only_to_the_budget(model, monkeypatch):
         seen.append(k.shape[2])
         return real(q, k, v, scale, **kw)
 
+    real_paged = quest_mod.paged_decode_attention
+
+    def spy_paged(q, k, v, pages, P, start, length, scale, **kw):  # in place: count the selected pages' tokens
+        out = real_paged(q, k, v, pages, P, start, length, scale, **kw)
+        if out is not None:
+            seen.append(sum(min(p * P + P, length) - max(p * P, start) for p in pages[0, 0].tolist()))
+        return out
+
     monkeypatch.setattr(quest_mod, "grouped_decode_attention", spy)
+    monkeypatch.setattr(quest_mod, "paged_decode_attention", spy_paged)
     ids = _prompt(200, seed=3)
     res = generate(model, ids, get_method("quest", budget=48, page_size=8, dense_layers=0), 6, progress=False, keep_logits=True)
     # every layer, every decode step: exactly 6 pages, the last one (the recent page) partial

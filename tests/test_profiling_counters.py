@@ -1,5 +1,6 @@
 """Analytic op counts: each op against hand-computed values, and step counts against the real tensors."""
 
+import pytest
 import torch
 
 from hetmem.core.types import DecodeTarget, Query
@@ -62,8 +63,16 @@ def test_dense_layer_counts_weights_once():
     assert sum(o.bytes_read for o in mm) == e * (weights + hidden * 5 + H * D + inter)
 
 
-def test_quest_step_counts_match_real_tensors():
-    """Through a real quest pipeline: counted bytes equal the bytes of the tensors the ops touch."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_quest_step_counts_match_real_tensors(in_place, monkeypatch):
+    """Through a real quest pipeline: counted bytes equal the bytes of the tensors the ops touch (Apply
+    gathering the selected pages, or reading them in place with the compiled op: then no gather)."""
+    from hetmem.ops import fast
+
+    if in_place and not fast.available(torch.zeros(1)):
+        pytest.skip(f"compiled ops unavailable: {fast.backend()}")
+    if not in_place:
+        monkeypatch.setattr(fast, "available", lambda *t: False)
     torch.manual_seed(0)
     B, Hkv, G, D, L, P = 1, 2, 2, 8, 200, 16
     method = get_method("quest", budget=64, page_size=P, dense_layers=0)
@@ -84,8 +93,13 @@ def test_quest_step_counts_match_real_tensors():
     assert calls == 1
     assert br == q.nbytes + 2 * B * Hkv * n_cand * D * 4
     assert f == C.quest_upper_bound(B, Hkv, G, n_cand, D, 4).flops
-    # the gather: bytes written = the bytes of the K and V actually gathered
     sel = pipe.select(layer.memory, Query(vectors=q))
+    if in_place:  # no gather: Apply reads exactly the selected tokens' K and V
+        assert ("apply.gather", "decode") not in counter.totals
+        assert timer.phase_calls("apply.gather", "decode") == 0
+        assert counter.totals[("apply", "decode")][1] >= 2 * B * Hkv * sel.selected_tokens * D * 4
+        return
+    # the gather: bytes written = the bytes of the K and V actually gathered
     k, v = gather_selected_kv(layer.buf_k, layer.buf_v, sel.indices, P, L + 1)
     g = counter.totals[("apply.gather", "decode")]
     assert g[2] == k.nbytes + v.nbytes
@@ -116,7 +130,10 @@ def test_seer_and_dsa_ops_hand_computed():
     assert (sc.flops, sc.bytes_read, sc.bytes_written) == (220, 200, 40)
 
 
-def test_seer_step_counts_match_real_tensors():
+def test_seer_step_counts_match_real_tensors(monkeypatch):
+    from hetmem.ops import fast
+
+    monkeypatch.setattr(fast, "available", lambda *t: False)  # the gather path (the in-place one: quest's test)
     from hetmem.testing import tiny_model
 
     torch.manual_seed(0)
@@ -140,10 +157,13 @@ def test_seer_step_counts_match_real_tensors():
     assert timer.phase_calls("apply.gather", "decode") == 1
 
 
-def test_ops_cover_every_layer_not_the_last_call():
+def test_ops_cover_every_layer_not_the_last_call(monkeypatch):
     """Two layers (a dense one and a quest one, of different KV lengths) counted by one StepCounter: the
     apply step's per-op tally sums both calls, with each op's call count."""
+    from hetmem.ops import fast
     from hetmem.profiling.counters import OpTally
+
+    monkeypatch.setattr(fast, "available", lambda *t: False)  # the gather path, whose op shows in the tally
 
     torch.manual_seed(0)
     B, Hkv, G, D, P = 1, 2, 2, 8, 16

@@ -132,22 +132,34 @@ def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, ma
         prefill_ms = (time.perf_counter() - t0) * 1e3
 
         timer.phase = "decode"
-        t1 = time.perf_counter()
         bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", file=sys.stderr, disable=not show, leave=False)
-        for i in range(max_new_tokens):
-            last = logits[:, -1].float()
-            if keep_logits:
-                logits_kept.append(last.cpu())
-            nxt = int(last.argmax(-1)[0])
-            out_ids.append(nxt)
-            bar.update(1)
-            if nxt in eos or i == max_new_tokens - 1:
-                break
-            step = torch.tensor([[nxt]], device=device)
-            logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+        ids, decode_ms = decode_tokens(model, cache, logits, max_new_tokens, eos, keep_logits=logits_kept if keep_logits
+                                       else None, on_token=bar.update)
+        out_ids.extend(ids)
         bar.close()
-        decode_ms = (time.perf_counter() - t1) * 1e3
     return prefill_ms, decode_ms
+
+
+def decode_tokens(model, cache, logits, max_new_tokens: int, eos, keep_logits: list | None = None,
+                  on_token=None) -> tuple[list[int], float]:
+    """Greedy decode from the prefill's ``logits``: up to ``max_new_tokens`` ids (the first from ``logits``, then
+    one forward per further token, stopping at an id in ``eos``). Returns the ids and the measured wall ms."""
+    device = logits.device
+    out_ids: list[int] = []
+    t1 = time.perf_counter()
+    for i in range(max_new_tokens):
+        last = logits[:, -1].float()
+        if keep_logits is not None:
+            keep_logits.append(last.cpu())
+        nxt = int(last.argmax(-1)[0])
+        out_ids.append(nxt)
+        if on_token is not None:
+            on_token(1)
+        if nxt in eos or i == max_new_tokens - 1:
+            break
+        step = torch.tensor([[nxt]], device=device)
+        logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+    return out_ids, (time.perf_counter() - t1) * 1e3
 
 
 # -- building blocks for methods that make several LLM calls of their own (contextual memory) ------------------

@@ -17,7 +17,8 @@ from hetmem.core.timer import substep
 from hetmem.core.types import DecodeTarget, Selection
 from hetmem.llm.arch import describe
 from hetmem.ops import counts as C
-from hetmem.ops.sparse_attention import gather_selected_kv, grouped_decode_attention, window_valid
+from hetmem.ops.sparse_attention import (gather_selected_kv, grouped_decode_attention, paged_decode_attention,
+                                         paged_in_place, window_valid)
 
 
 def model_dims(model) -> tuple[int, int, int]:
@@ -54,8 +55,9 @@ def dense_pipeline(device: str, timer) -> MemoryPipeline:
 @register_impl("gather-attention", role="apply")
 @dataclass
 class GatherAttention:
-    """Apply: gather the selected units' K and V (pages of ``selection.unit_size`` tokens, or single tokens)
-    and attend over only those tokens. The gather is timed as ``apply.gather``."""
+    """Apply: attend over only the selected units' K and V (pages of ``selection.unit_size`` tokens, or single
+    tokens). With the compiled ops (``ops.fast``) they are read in place from the cache buffers; otherwise they
+    are gathered first (timed as ``apply.gather``) and attended with SDPA."""
 
     device: str = "cpu"
     name: str = "gather-attention"
@@ -66,6 +68,10 @@ class GatherAttention:
         if selection.indices.shape[-1] >= selection.n_units - ws // P:  # everything selected: no gather needed
             k, v = raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L]
         else:
+            out = paged_decode_attention(target.q, raw.buf_k, raw.buf_v, selection.indices, P, ws, L, target.scale,
+                                         softcap=target.softcap, sinks=target.sinks)
+            if out is not None:  # in place: the selected pages are read from the cache, never copied
+                return out
             with substep("gather", self.device):  # timed as apply.gather (inside apply)
                 k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
             valid = window_valid(selection.indices, P, ws, k.shape[2])  # a window's partial first page
@@ -78,6 +84,8 @@ class GatherAttention:
         k = selection.indices.shape[-1]
         if k >= selection.n_units - selection.start // selection.unit_size:
             return {"apply": [C.decode_attention(B, Hkv, G, selection.length - selection.start, D, e)]}
+        if paged_in_place(target.q, raw.buf_k, raw.buf_v):  # read in place: no gather
+            return {"apply": [C.decode_attention(B, Hkv, G, selection.selected_tokens, D, e)]}
         return gather_attention_counts(B, Hkv, G, D, e, selection.selected_tokens, k)
 
 

@@ -12,9 +12,22 @@ from __future__ import annotations
 
 import torch
 
+from hetmem.ops import fast
+
 
 def quest_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, group_reduce: str = "max") -> torch.Tensor:
-    """Page scores ``[B, H_kv, N]`` for queries ``q [B, H_kv, G, D]`` and page bounds ``[B, H_kv, N, D]``."""
+    """Page scores ``[B, H_kv, N]`` for queries ``q [B, H_kv, G, D]`` and page bounds ``[B, H_kv, N, D]``.
+
+    With the compiled ops (``ops.fast``) and ``group_reduce="max"``: one pass over the bounds, the group max
+    taken per page, no ``[G, N]`` intermediate; otherwise ``quest_upper_bound_torch``."""
+    if group_reduce == "max" and kmin.dim() == 4 and fast.available(q, kmin, kmax):
+        return fast.quest_scores(q, kmin, kmax)
+    return quest_upper_bound_torch(q, kmin, kmax, group_reduce)
+
+
+def quest_upper_bound_torch(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                            group_reduce: str = "max") -> torch.Tensor:
+    """The same bound with two batched matmuls (q+ . M + q- . m) and a reduction over the group."""
     qf = q.float()
     ub = torch.matmul(qf.clamp(min=0), kmax.float().transpose(-1, -2)) + torch.matmul(
         qf.clamp(max=0), kmin.float().transpose(-1, -2)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hetmem.ops import fast
+
 
 def gather_pages(buf: torch.Tensor, indices: torch.Tensor, page_size: int) -> torch.Tensor:
     """Gather whole pages: ``buf [B, H, cap, D]``, ``indices [B, H, k]`` -> ``[B, H, k * page_size, D]``.
@@ -45,6 +47,25 @@ def gather_selected_kv(
     if pad:
         k_sel, v_sel = k_sel[:, :, :-pad], v_sel[:, :, :-pad]
     return k_sel, v_sel
+
+
+def paged_in_place(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether ``paged_decode_attention`` reads these buffers in place (the compiled op takes them)."""
+    return keys.dim() == 4 and keys.stride(3) == 1 and values.stride(3) == 1 and fast.available(q, keys, values)
+
+
+def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                           page_size: int, start: int, length: int, scale: float, *, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Decode attention over the selected pages ``indices [B, H_kv, k]`` (sorted) of the cache buffers
+    ``keys [B, H_kv, cap, Dk]`` / ``values [B, H_kv, cap, Dv]``, read in place: no copy of the selected K/V.
+    Tokens before ``start`` (a sliding window's) and from ``length`` on are left out. Returns
+    ``[B, H_kv, G, Dv]``, or None when the compiled op cannot take these tensors (then gather and attend)."""
+    if not paged_in_place(q, keys, values):
+        return None
+    out = fast.page_attention(q, keys, values, indices, page_size, start, length, scale, softcap=softcap,
+                              sinks=sinks)
+    return out.to(q.dtype)
 
 
 def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,

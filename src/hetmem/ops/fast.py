@@ -1,0 +1,261 @@
+"""Compiled CPU kernels for the decode hot path, with plain-torch fallbacks (issue 12).
+
+Three small C++ ops, compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (gcc, OpenMP
+through ``at::parallel_for``, so they use torch's thread count) into ``<hetmem cache>/ops/<name>``:
+
+    quest_scores(q, kmin, kmax)        Quest upper bound per page, max over the GQA group, in one pass over
+                                       the page min/max: no ``[G, N]`` intermediate (Quest, Tang et al. 2024,
+                                       arXiv 2406.10774, eq. 1)
+    topk_ids(scores, k)                the ``k`` best ids per row under (score desc, id asc), NaN as -inf,
+                                       ascending: ``ops.topk.topk_indices``'s exact tie rule
+    page_attention(q, k, v, pages, ...) decode attention over the selected pages *in place*: the selected K/V
+                                       are read once from the cache buffers, never copied (online softmax,
+                                       Milakov & Gimelshein 2018, arXiv 1805.02867; as in FlashDecoding)
+
+Whether the compiled ops are used is decided once per process (``backend()``): they are when a C++ compiler
+and ninja are present and the build succeeds; otherwise, or with ``HETMEM_KERNELS=torch``, every caller takes
+its plain torch path. The ops are CPU only (CUDA tensors always take the torch path; CUDA is untested here).
+This module knows nothing of methods or devices: callers in ``ops`` ask ``available(tensor)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+
+import torch
+
+from hetmem.settings import cache_dir
+
+_CPP = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+template <typename T> static inline float f32(T x) { return static_cast<float>(x); }
+
+// q [R, G, D] float; kmin/kmax [R, N, D] (row stride rs, page stride ps, D contiguous); out [R, N] float
+template <typename T>
+static void scores_impl(const float* q, const T* kmin, const T* kmax, float* out, int64_t R, int64_t G, int64_t N,
+                        int64_t D, int64_t rs, int64_t ps) {
+  at::parallel_for(0, R * N, 256, [&](int64_t a, int64_t b) {
+    std::vector<float> qp(G * D), qn(G * D);
+    int64_t r_cur = -1;
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / N, n = i % N;
+      if (r != r_cur) {
+        r_cur = r;
+        for (int64_t j = 0; j < G * D; ++j) { float x = q[r * G * D + j]; qp[j] = x > 0 ? x : 0; qn[j] = x < 0 ? x : 0; }
+      }
+      const T* mx = kmax + r * rs + n * ps;
+      const T* mn = kmin + r * rs + n * ps;
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t g = 0; g < G; ++g) {
+        const float* a_ = qp.data() + g * D;
+        const float* b_ = qn.data() + g * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += a_[d] * f32(mx[d]) + b_[d] * f32(mn[d]);
+        best = (g == 0 || acc > best || std::isnan(acc)) ? acc : best;
+      }
+      out[r * N + n] = best;
+    }
+  });
+}
+
+torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax) {
+  // q [B, H, G, D]; kmin/kmax [B, H, N, D] (a slice of the memory buffers: any strides but D contiguous)
+  auto B = kmin.size(0), H = kmin.size(1), N = kmin.size(2), D = kmin.size(3), G = q.size(2);
+  TORCH_CHECK(kmin.stride(0) == H * kmin.stride(1) && kmax.strides() == kmin.strides() && kmin.stride(3) == 1,
+              "quest_scores: kmin/kmax must share strides, heads adjacent, D contiguous");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto out = torch::empty({B, H, N}, qf.options());
+  if (N == 0) return out;
+  if (kmin.scalar_type() == torch::kFloat)
+    scores_impl<float>(qf.data_ptr<float>(), kmin.data_ptr<float>(), kmax.data_ptr<float>(), out.data_ptr<float>(),
+                       B * H, G, N, D, kmin.stride(1), kmin.stride(2));
+  else if (kmin.scalar_type() == torch::kBFloat16)
+    scores_impl<at::BFloat16>(qf.data_ptr<float>(), kmin.data_ptr<at::BFloat16>(), kmax.data_ptr<at::BFloat16>(),
+                              out.data_ptr<float>(), B * H, G, N, D, kmin.stride(1), kmin.stride(2));
+  else
+    TORCH_CHECK(false, "quest_scores: float32 or bfloat16 page bounds");
+  return out;
+}
+
+torch::Tensor topk_ids(torch::Tensor scores, int64_t k) {
+  // scores [R, N] float -> [R, k] int64: the k best under (score desc, id asc), NaN as -inf; ascending ids
+  auto s = scores.to(torch::kFloat).contiguous();
+  int64_t R = s.size(0), N = s.size(1);
+  auto out = torch::empty({R, k}, s.options().dtype(torch::kLong));
+  const float* sp = s.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t a, int64_t b) {
+    std::vector<int64_t> ids(N);
+    for (int64_t r = a; r < b; ++r) {
+      const float* row = sp + r * N;
+      auto key = [&](int64_t i) { float x = row[i]; return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; };
+      for (int64_t i = 0; i < N; ++i) ids[i] = i;
+      auto better = [&](int64_t x, int64_t y) { float a_ = key(x), b_ = key(y); return a_ > b_ || (a_ == b_ && x < y); };
+      if (k < N) std::nth_element(ids.begin(), ids.begin() + k, ids.end(), better);
+      std::sort(ids.begin(), ids.begin() + k);
+      std::copy(ids.begin(), ids.begin() + k, op + r * k);
+    }
+  });
+  return out;
+}
+
+// Decode attention of q [R, G, Dk] over the tokens of the selected pages, read in place from k [R, cap, Dk]
+// and v [R, cap, Dv] (token stride ks / vs, row stride kr / vr). pages [R, n] sorted ids; tokens < start and
+// >= length are left out. Optional softcap (tanh(s / cap) * cap) and sinks [R, G] (an extra logit in the
+// softmax denominator). out [R, G, Dv] float.
+template <typename T>
+static void attn_impl(const float* q, const T* k, const T* v, const int64_t* pages, float* out, int64_t R, int64_t G,
+                      int64_t Dk, int64_t Dv, int64_t n, int64_t P, int64_t kr, int64_t ks, int64_t vr, int64_t vs,
+                      int64_t start, int64_t length, float scale, float softcap, const float* sinks) {
+  at::parallel_for(0, R, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> m(G), l(G), acc(G * Dv), s(G * P);
+    for (int64_t r = a; r < b; ++r) {
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const float* qr = q + r * G * Dk;
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t t0 = std::max<int64_t>(pages[r * n + j] * P, start), t1 = std::min<int64_t>(pages[r * n + j] * P + P, length);
+        int64_t T_ = t1 - t0;
+        if (T_ <= 0) continue;
+        for (int64_t t = 0; t < T_; ++t) {
+          const T* kt = k + r * kr + (t0 + t) * ks;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qr + g * Dk;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < Dk; ++d) dot += qg[d] * f32(kt[d]);
+            dot *= scale;
+            if (softcap > 0) dot = std::tanh(dot / softcap) * softcap;
+            s[g * P + t] = dot;
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          float mx = m[g];
+          for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, s[g * P + t]);
+          float corr = std::exp(m[g] - mx);
+          l[g] *= corr;
+          float* ag = acc.data() + g * Dv;
+          if (corr != 1.f)
+            for (int64_t d = 0; d < Dv; ++d) ag[d] *= corr;
+          for (int64_t t = 0; t < T_; ++t) {
+            float p = std::exp(s[g * P + t] - mx);
+            l[g] += p;
+            const T* vt = v + r * vr + (t0 + t) * vs;
+#pragma omp simd
+            for (int64_t d = 0; d < Dv; ++d) ag[d] += p * f32(vt[d]);
+          }
+          m[g] = mx;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float den = l[g];
+        if (sinks) {
+          float sk = sinks[r * G + g], mx = std::max(m[g], sk);
+          float c = std::exp(m[g] - mx);
+          den = l[g] * c + std::exp(sk - mx);
+          for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] *= c;
+        }
+        float inv = den > 0 ? 1.f / den : 0.f;
+        for (int64_t d = 0; d < Dv; ++d) out[(r * G + g) * Dv + d] = acc[g * Dv + d] * inv;
+      }
+    }
+  });
+}
+
+torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor pages, int64_t P,
+                             int64_t start, int64_t length, double scale, double softcap, c10::optional<torch::Tensor> sinks) {
+  // q [B, H, G, Dk]; k [B, H, cap, Dk], v [B, H, cap, Dv] (heads adjacent, last dim contiguous); pages [B, H, n]
+  auto B = k.size(0), H = k.size(1), Dk = k.size(3), Dv = v.size(3), G = q.size(2), n = pages.size(2);
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(0) == H * k.stride(1) && v.stride(0) == H * v.stride(1),
+              "page_attention: K/V heads adjacent, last dim contiguous");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "page_attention: K and V of one dtype");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto pg = pages.to(torch::kLong).contiguous();
+  auto out = torch::empty({B, H, G, Dv}, qf.options());
+  torch::Tensor sk;
+  const float* skp = nullptr;
+  if (sinks.has_value()) { sk = sinks->to(torch::kFloat).expand({B, H, G}).contiguous(); skp = sk.data_ptr<float>(); }
+  if (k.scalar_type() == torch::kFloat)
+    attn_impl<float>(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), pg.data_ptr<int64_t>(),
+                     out.data_ptr<float>(), B * H, G, Dk, Dv, n, P, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+                     start, length, (float)scale, (float)softcap, skp);
+  else if (k.scalar_type() == torch::kBFloat16)
+    attn_impl<at::BFloat16>(qf.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
+                            pg.data_ptr<int64_t>(), out.data_ptr<float>(), B * H, G, Dk, Dv, n, P, k.stride(1),
+                            k.stride(2), v.stride(1), v.stride(2), start, length, (float)scale, (float)softcap, skp);
+  else
+    TORCH_CHECK(false, "page_attention: float32 or bfloat16 K/V");
+  return out;
+}
+"""
+
+_FUNCTIONS = ["quest_scores", "topk_ids", "page_attention"]
+_DTYPES = (torch.float32, torch.bfloat16)
+_why: str = ""
+
+
+def _build_dir() -> str:
+    tag = hashlib.sha1((_CPP + torch.__version__).encode()).hexdigest()[:12]
+    d = cache_dir() / "ops" / f"hetmem_fast_{tag}"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
+@functools.lru_cache(maxsize=1)
+def _lib():
+    """The compiled module, or None (decided once per process; the reason is kept for ``backend()``)."""
+    global _why
+    if os.environ.get("HETMEM_KERNELS", "").lower() == "torch":
+        _why = "HETMEM_KERNELS=torch"
+        return None
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        _why = "no C++ compiler"
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        d = _build_dir()
+        return load_inline(name=os.path.basename(d), cpp_sources=_CPP, functions=_FUNCTIONS, build_directory=d,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    except Exception as exc:  # no ninja, a compiler error, a read-only cache: fall back to torch
+        _why = f"build failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return None
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled ops can take these tensors (CPU, float32/bfloat16) in this process."""
+    for t in tensors:
+        if t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in _DTYPES):
+            return False
+    return _lib() is not None
+
+
+def backend() -> dict:
+    """What the decode hot path runs on in this process (said in run records)."""
+    lib = _lib()
+    name = "c++ (load_inline, at::parallel_for)" if lib is not None else "torch"
+    return {"relevancy": name, "retrieval_topk": name, "sparse_attention": name + (" in place" if lib else " gather"),
+            **({"fallback_reason": _why} if lib is None else {})}
+
+
+def quest_scores(q, kmin, kmax):
+    return _lib().quest_scores(q, kmin, kmax)
+
+
+def topk_ids(scores, k: int):
+    return _lib().topk_ids(scores, k)
+
+
+def page_attention(q, k, v, pages, page_size: int, start: int, length: int, scale: float, softcap=None, sinks=None):
+    return _lib().page_attention(q, k, v, pages, page_size, start, length, scale, float(softcap or 0.0), sinks)

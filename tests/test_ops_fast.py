@@ -1,0 +1,106 @@
+"""The compiled decode kernels (ops.fast) against plain references, and the torch fallback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hetmem.ops import fast
+from hetmem.ops.page_score import quest_upper_bound_reference, quest_upper_bound_torch
+from hetmem.ops.sparse_attention import decode_probs, paged_decode_attention
+
+SETTINGS = settings(max_examples=25, deadline=None)
+needs_cpp = pytest.mark.skipif(not fast.available(torch.zeros(1)), reason=f"compiled ops unavailable: {fast.backend()}")
+
+
+@needs_cpp
+@SETTINGS
+@given(G=st.integers(1, 5), N=st.integers(0, 40), D=st.integers(1, 70), lo=st.integers(0, 3), seed=st.integers(0, 9999),
+       bf16=st.booleans())
+def test_quest_scores_match_the_definition(G, N, D, lo, seed, bf16):
+    g = torch.Generator().manual_seed(seed)
+    kmin = torch.randn(2, 3, N + lo + 2, D, generator=g)
+    kmax = kmin + torch.rand(2, 3, N + lo + 2, D, generator=g)
+    if bf16:
+        kmin, kmax = kmin.bfloat16(), kmax.bfloat16()
+    q = torch.randn(2, 3, G, D, generator=g)
+    a, b = kmin[:, :, lo : lo + N], kmax[:, :, lo : lo + N]  # a slice, as Relevancy passes the candidates
+    got = fast.quest_scores(q, a, b)
+    ref = quest_upper_bound_reference(q, a, b)
+    assert got.shape == (2, 3, N)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(quest_upper_bound_torch(q, a, b), ref, atol=1e-4, rtol=1e-4)
+
+
+def _topk_reference(row: list[float], k: int) -> list[int]:
+    key = [float("-inf") if x != x else x for x in row]
+    return sorted(sorted(range(len(row)), key=lambda i: (-key[i], i))[:k])
+
+
+@needs_cpp
+@SETTINGS
+@given(n=st.integers(1, 60), k=st.integers(0, 60), seed=st.integers(0, 9999), ties=st.booleans())
+def test_topk_ids_follow_the_tie_rule(n, k, seed, ties):
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, 4, (3, n), generator=g).float() if ties else torch.randn(3, n, generator=g)
+    s[0, ::7] = float("nan")
+    got = fast.topk_ids(s, k)
+    for r in range(3):
+        assert got[r].tolist() == _topk_reference(s[r].tolist(), k)
+
+
+@needs_cpp
+@SETTINGS
+@given(n_pages=st.integers(1, 12), P=st.integers(1, 9), G=st.integers(1, 4), seed=st.integers(0, 9999),
+       cut=st.integers(0, 8), start=st.integers(0, 20), softcap=st.sampled_from([None, 5.0]), sinks=st.booleans(),
+       bf16=st.booleans())
+def test_page_attention_equals_attention_over_the_selected_tokens(n_pages, P, G, seed, cut, start, softcap, sinks,
+                                                                   bf16):
+    g = torch.Generator().manual_seed(seed)
+    B, H, D, Dv = 1, 2, 8, 6
+    cap = n_pages * P
+    length = max(1, cap - min(cut, P - 1))
+    start = min(start, length - 1)
+    k = torch.randn(B, H, cap, D + 2, generator=g)[..., :D]  # a strided view, as MLA's latent value is
+    v = torch.randn(B, H, cap, Dv, generator=g)
+    if bf16:
+        k, v = k.bfloat16(), v.bfloat16()
+    q = torch.randn(B, H, G, D, generator=g)
+    sk = torch.randn(H, G, generator=g) if sinks else None
+    first, last = start // P, (length - 1) // P
+    pick = torch.cat([torch.tensor([first, last]), torch.randint(first, last + 1, (n_pages // 2,), generator=g)])
+    pages = pick.unique().expand(B, H, -1)  # sorted page ids, the same for both heads
+    out = paged_decode_attention(q, k, v, pages, P, start, length, 0.3, softcap=softcap, sinks=sk)
+    tok = (pages.unsqueeze(-1) * P + torch.arange(P)).flatten(-2)
+    tok = tok[..., (tok[0, 0] >= start) & (tok[0, 0] < length)].contiguous()
+    ks = torch.gather(k.float(), 2, tok.unsqueeze(-1).expand(*tok.shape, D))
+    vs = torch.gather(v.float(), 2, tok.unsqueeze(-1).expand(*tok.shape, Dv))
+    ref = decode_probs(q, ks, 0.3, softcap=softcap, sinks=sk).double() @ vs.double()
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+@needs_cpp
+def test_page_attention_reads_only_the_selected_pages():
+    k, v = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    pages = torch.tensor([[[0, 3]], [[1, 2]]]).reshape(1, 2, 2)
+    q = torch.randn(1, 2, 3, 8)
+    ref = paged_decode_attention(q, k, v, pages, 16, 0, 64, 0.5)
+    mask = torch.ones(1, 2, 4, 1, 1, dtype=torch.bool)
+    mask.scatter_(2, pages.reshape(1, 2, 2, 1, 1), False)
+    k.view(1, 2, 4, 16, 8).masked_fill_(mask, float("nan"))
+    v.view(1, 2, 4, 16, 8).masked_fill_(mask, float("nan"))
+    assert torch.equal(paged_decode_attention(q, k, v, pages, 16, 0, 64, 0.5), ref)
+
+
+def test_torch_fallback_is_decided_once_and_said():
+    env = dict(os.environ, HETMEM_KERNELS="torch")
+    code = ("import torch; from hetmem.ops import fast; from hetmem.ops.sparse_attention import paged_decode_attention;"
+            "print(fast.backend()['relevancy'], paged_decode_attention(torch.zeros(1,1,1,4), torch.zeros(1,1,4,4),"
+            " torch.zeros(1,1,4,4), torch.zeros(1,1,1, dtype=torch.long), 4, 0, 4, 1.0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["torch", "None"]
