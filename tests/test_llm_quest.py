@@ -132,3 +132,26 @@ def test_dense_layers_stay_dense(model):
     res = generate(model, _prompt(80), get_method("quest", budget=32, page_size=8, dense_layers=1), 4, progress=False)
     s = res.timer.summary()
     assert s["relevancy"]["calls"] == 3 * (model.config.num_hidden_layers - 1)
+
+
+@pytest.mark.parametrize("name,params", [("dense", {}), ("quest", {"budget": 16, "page_size": 8, "dense_layers": 0}),
+                                         ("h2o", {"budget": 24}), ("kvquant", {"group_size": 8})])
+def test_prefill_attention_goes_through_the_methods_apply_step(monkeypatch, name, params):
+    """Prefill's Apply is the method's Apply step too (its ``prefill``), timed as apply: one call per layer and
+    prefill chunk, and the output is what the model's own attention computes."""
+    from hetmem.core.pipeline import MemoryPipeline
+    from hetmem.methods.shared import DensePrefill
+
+    calls = []
+    real = MemoryPipeline.prefill_apply
+
+    def spy(self, raw, target):
+        calls.append(isinstance(self.apply, DensePrefill))
+        return real(self, raw, target)
+
+    monkeypatch.setattr(MemoryPipeline, "prefill_apply", spy)
+    model = tiny_model("llama")
+    res = generate(model, _prompt(50), get_method(name, **params), 2, progress=False, prefill_chunk=20)
+    assert len(calls) == model.config.num_hidden_layers * 3  # 50 tokens in chunks of 20
+    assert all(calls)  # every Apply step has the prefill entry point
+    assert res.timer.phase_calls("apply", "prefill") == len(calls)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hetmem.core.steps import ApplyStep, PrepareStep, RelevancyStep, RetrievalStep
-from hetmem.core.types import Memory, Query
+from hetmem.core.types import Memory, PrefillTarget, Query
 from hetmem.core.timer import StepTimer
 
 
@@ -55,6 +55,13 @@ class MemoryPipeline:
         self.last_selection = selection  # kept for measurements (attention-mass recall)
         with self.timer.step("apply", self.apply.device):
             return self.apply.apply(raw, selection, target)
+
+    def prefill_apply(self, raw: Any, target: PrefillTarget) -> Any:
+        """Apply in prefill: the method's Apply step's ``prefill`` (plain causal attention for every in-model
+        method so far, ``methods.shared.DensePrefill``), timed as ``apply``."""
+        with self.timer.step("apply", self.apply.device):
+            prefill = getattr(self.apply, "prefill", None)
+            return prefill(raw, target) if prefill is not None else target.dense()
 
     def build_and_apply(self, raw: Any, query: Query, target: Any) -> Any:
         memory = self.build(raw)

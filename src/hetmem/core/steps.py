@@ -72,6 +72,14 @@ class ApplyStep(Protocol):
 
 
 @runtime_checkable
+class PrefillApply(Protocol):
+    """An Apply step's prefill entry point: the hook calls ``prefill(layer, PrefillTarget)`` for every
+    multi-token step, timed as ``apply`` (``MemoryPipeline.prefill_apply``)."""
+
+    def prefill(self, raw: Any, target: Any) -> Any: ...
+
+
+@runtime_checkable
 class ObservingPrepare(Protocol):
     """A Prepare step that also learns from prefill queries (H2O's and SnapKV's attention votes).
 

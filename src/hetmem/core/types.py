@@ -111,6 +111,15 @@ class Selection:
 
 
 @dataclass
+class PrefillTarget:
+    """What Apply acts on in prefill (or any multi-token step): the chunk's causal attention. ``dense`` computes
+    it exactly as the model's own attention would (the model side provides it: soft-capping, sinks, sliding
+    windows included); a method's Apply step may compute it otherwise."""
+
+    dense: Any  # () -> the attention output of the chunk, as the model's attention function returns it
+
+
+@dataclass
 class DecodeTarget:
     """What sparse attention's Apply acts on in one decode step: grouped queries, the softmax scale and
     what else the model's own attention applies (logit soft-capping, per-head sink logits)."""

@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hetmem.core.types import DecodeTarget, Query
+from hetmem.core.types import DecodeTarget, PrefillTarget, Query
 from hetmem.errors import HetmemError
 from hetmem.llm.arch import attention_modules, mla_absorb, mla_latent_query, mla_output
 from hetmem.ops.sparse_attention import prefill_attention
@@ -126,8 +126,9 @@ class SparseRuntime:
             # Prefill (and any multi-token step): dense causal attention, timed as Apply.
             if pipe is None:
                 return dense_attention(module, query, key, value, attention_mask, scaling=scale, **kwargs)
-            with pipe.timer.step("apply", self.device):
-                out = dense_attention(module, query, key, value, attention_mask, scaling=scale, **kwargs)
+            target = PrefillTarget(lambda: dense_attention(module, query, key, value, attention_mask, scaling=scale,
+                                                           **kwargs))
+            out = pipe.prefill_apply(layer, target)  # the method's Apply step, timed as apply
             observe = getattr(pipe.prepare, "observe", None)
             if observe is not None:  # Prepare steps that learn from prefill queries (H2O, SnapKV)
                 with pipe.timer.step("prepare", self.device):

@@ -16,6 +16,7 @@ from hetmem.core.registry import register_impl
 from hetmem.core.types import DecodeTarget, Memory, Scores, Selection
 from hetmem.llm.arch import describe
 from hetmem.methods.base import Method
+from hetmem.methods.shared import DensePrefill
 from hetmem.ops.evict import keep_indices
 from hetmem.ops.sparse_attention import grouped_decode_attention
 
@@ -61,7 +62,7 @@ class KeepSetRetrieval:
 
 @register_impl("evict-attend", role="apply")
 @dataclass
-class EvictAttend:
+class EvictAttend(DensePrefill):
     """Apply: evict all but the keep-set from the KV cache (really freeing memory), then attend over the
     kept tokens. Per-token statistics the method keeps (``memory.tensors``) are compacted alongside."""
 

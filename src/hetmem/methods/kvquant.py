@@ -22,6 +22,7 @@ from hetmem.core.types import DecodeTarget, Memory
 from hetmem.errors import HetmemError
 from hetmem.llm.quant_cache import QuantKVLayer
 from hetmem.llm.arch import describe
+from hetmem.methods.shared import DensePrefill
 from hetmem.methods.base import Method, param, register
 from hetmem.ops.quant import dequantize_groups, quantize_groups
 from hetmem.ops.sparse_attention import grouped_decode_attention
@@ -68,7 +69,7 @@ class QuantizePrepare:
 
 @register_impl("dequant-attention", role="apply")
 @dataclass
-class DequantAttention:
+class DequantAttention(DensePrefill):
     device: str = "cpu"
     name: str = "dequant-attention"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.registry import register_impl
 from hetmem.core.timer import substep
-from hetmem.core.types import DecodeTarget, Selection
+from hetmem.core.types import DecodeTarget, PrefillTarget, Selection
 from hetmem.llm.arch import describe
 from hetmem.ops import counts as C
 from hetmem.ops.sparse_attention import (gather_selected_kv, grouped_decode_attention, paged_decode_attention,
@@ -28,9 +28,17 @@ def model_dims(model) -> tuple[int, int, int]:
     return a.n_layers, a.kv_heads, a.key_dim
 
 
+class DensePrefill:
+    """Prefill of an in-model Apply step: the chunk's causal attention over every key, exactly as the model's
+    own attention computes it (decode-time methods select only in decode; compressed-KV methods evict then)."""
+
+    def prefill(self, raw, target: PrefillTarget):
+        return target.dense()
+
+
 @register_impl("dense-attention", role="apply")
 @dataclass
-class DenseAttentionApply:
+class DenseAttentionApply(DensePrefill):
     """Apply: decode attention over the whole KV cache (the layer's buffer up to its length; on a
     sliding-window layer, the tokens inside the window)."""
 
@@ -54,7 +62,7 @@ def dense_pipeline(device: str, timer) -> MemoryPipeline:
 
 @register_impl("gather-attention", role="apply")
 @dataclass
-class GatherAttention:
+class GatherAttention(DensePrefill):
     """Apply: attend over only the selected units' K and V (pages of ``selection.unit_size`` tokens, or single
     tokens). With the compiled ops (``ops.fast``) they are read in place from the cache buffers; otherwise they
     are gathered first (timed as ``apply.gather``) and attended with SDPA."""
