@@ -2,6 +2,8 @@
 
     HETMEM_CACHE    converted models, calibration, fitted op classes (default: $XDG_CACHE_HOME/hetmem)
     HETMEM_HW_DIR   the user's own device/link/system files (default: ~/.config/hetmem/hw)
+    HETMEM_KERNEL_DIR  compiled kernels (default: $HETMEM_CACHE/ops)
+    HETMEM_KERNELS  set to torch to skip the compiled kernels
     HETMEM_DEBUG    set to 1 to see a traceback on an internal error
 
 Torch threads default to the cores this process may use (``default_threads``); every subcommand takes
@@ -20,6 +22,13 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "hetmem"
+
+
+def kernel_dir() -> Path:
+    """Where compiled kernels are built (``ops.fast``): ``$HETMEM_KERNEL_DIR``, else ``<cache dir>/ops``. Kept
+    apart so a process that points ``HETMEM_CACHE`` elsewhere (tests do) need not compile them again."""
+    env = os.environ.get("HETMEM_KERNEL_DIR")
+    return Path(env).expanduser() if env else cache_dir() / "ops"
 
 
 def hw_user_dir() -> Path:

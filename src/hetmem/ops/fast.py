@@ -27,7 +27,7 @@ import shutil
 
 import torch
 
-from hetmem.settings import cache_dir
+from hetmem.settings import kernel_dir
 
 _CPP = r"""
 #include <torch/extension.h>
@@ -207,7 +207,7 @@ _why: str = ""
 
 def _build_dir() -> str:
     tag = hashlib.sha1((_CPP + torch.__version__).encode()).hexdigest()[:12]
-    d = cache_dir() / "ops" / f"hetmem_fast_{tag}"
+    d = kernel_dir() / f"hetmem_fast_{tag}"
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
 
