@@ -18,7 +18,10 @@ Ray is an optional heavy dependency: it is imported when a cluster is made.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
 import time
 from collections import defaultdict
 
@@ -140,7 +143,42 @@ class NodeCluster:
         self.ledger = Ledger()
         self.rehydrate = None  # set by the client: node -> batch that rebuilds its shard
         self.restarts = 0
+        self.fallback = None
         self._dag = None
+        self._lock = threading.Lock()
+        self._inflight: float | None = None  # when the compiled-graph call now in flight began
+        self._died = False
+        # a torn-down graph over a dead actor logs its cancellation failure at ERROR: the head reports it itself
+        logging.getLogger("ray.dag.compiled_dag_node").setLevel(logging.CRITICAL)
+        self._host = socket.gethostname()
+        self._watch_stop = threading.Event()
+        threading.Thread(target=self._watch, name="hetmem-node-watch", daemon=True).start()
+
+    def _alive(self, i: int) -> bool:
+        """Is node ``i``'s process still the one we know? (A local process: /proc; a remote one: a ping.)"""
+        if self.info[i].get("host") == self._host:
+            try:
+                with open(f"/proc/{self.pids[i]}/stat") as f:
+                    return f.read().split(")")[-1].split()[0] not in ("Z", "X")
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                return False
+        ray = _ray()
+        try:
+            return ray.get(self.actors[i].info.remote(), timeout=5)["pid"] == self.pids[i]
+        except Exception:  # noqa: BLE001 - no answer within the ping timeout counts as dead
+            return False
+
+    def _watch(self) -> None:
+        """While a compiled-graph call is in flight, check the nodes: a compiled graph whose actor died waits on
+        its channel, so the watcher tears the graph down, which ends the head's wait with an error at once."""
+        while not self._watch_stop.wait(0.2):
+            t = self._inflight
+            if t is None or time.monotonic() - t < 0.2:
+                continue
+            dead = [i for i in range(len(self.actors)) if not self._alive(i)]
+            if dead and self._inflight is not None:
+                self._died = True
+                self._teardown()
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def _get(self, refs, what: str, timeout: float | None = None):
@@ -151,6 +189,10 @@ class NodeCluster:
             raise HetmemError(f"{what} did not answer within {timeout or self.timeout_s:.0f} s") from None
 
     def _compile(self):
+        with self._lock:
+            return self._compile_locked()
+
+    def _compile_locked(self):
         if self._dag is None and self.compiled:
             from ray.dag import InputNode, MultiOutputNode  # noqa: PLC0415  (optional heavy dependency)
 
@@ -160,51 +202,67 @@ class NodeCluster:
         return self._dag
 
     def _teardown(self):
-        if self._dag is not None:
-            try:
-                self._dag.teardown()
-            except Exception:  # noqa: BLE001 - a graph over a dead actor may fail to tear down cleanly
-                pass
-            self._dag = None
+        """Tear the compiled graph down. Under the lock: a graph is compiled again only once the old one is
+        gone (tearing down cancels the graph's loops on the actors, a new graph's too if it overlapped)."""
+        with self._lock:
+            dag, self._dag = self._dag, None
+            if dag is not None:
+                try:
+                    dag.teardown()
+                except Exception:  # noqa: BLE001 - a graph over a dead actor may fail to tear down cleanly
+                    pass
 
     def _send(self, batches: list[list[dict]]) -> list[dict]:
         ray = _ray()
         if self.compiled:
-            refs = self._compile().execute(*batches)
+            dag = self._compile()
+            self._inflight = time.monotonic()  # before execute: a write to a dead node's channel blocks too
             try:
-                return ray.get(refs, timeout=self.timeout_s)
+                return ray.get(dag.execute(*batches), timeout=self.timeout_s)
             except ray.exceptions.RayChannelTimeoutError:
                 raise ray.exceptions.GetTimeoutError("compiled graph read timed out") from None
+            finally:
+                self._inflight = None
         return ray.get([a.call.remote(b) for a, b in zip(self.actors, batches)], timeout=self.timeout_s)
 
     # -- the call ----------------------------------------------------------------------------------------------
     def call(self, batches: list[list[dict]], *, layer=None, phase: str = "", step: str = "") -> list[list]:
         ray = _ray()
         t0 = time.perf_counter()
+        self._died = False
         try:
             res = self._send(batches)
-        except ray.exceptions.GetTimeoutError:
-            self._teardown()
-            raise HetmemError(f"memory nodes did not answer a {step or 'call'} within {self.timeout_s:.0f} s") from None
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e, ray.exceptions.RayActorError):
+        except Exception as e:  # noqa: BLE001 - sorted below: a dead node, a timeout, an error raised on a node
+            if self._died or isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.RayChannelError)):
                 return self._recover_and_retry(batches, layer, phase, step)
-            self._teardown()
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            raise HetmemError(f"memory node error during {step or 'a call'}: {type(cause).__name__}: "
-                              f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
-        except (ray.exceptions.RayActorError, ray.exceptions.RayChannelError, ray.exceptions.ActorDiedError):
-            return self._recover_and_retry(batches, layer, phase, step)
+            return self._fail(e, step)
         rt = (time.perf_counter() - t0) * 1e3
         for i, (b, r) in enumerate(zip(batches, res)):
             self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), rt, r["node_ms"])
         return [r["results"] for r in res]
 
+    def _fail(self, e: Exception, step: str):
+        ray = _ray()
+        self._teardown()
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            self._teardown()
+            raise HetmemError(f"memory nodes did not answer a {step or 'call'} within {self.timeout_s:.0f} s") from None
+        cause = getattr(e, "cause", None) or e
+        msg = str(cause).strip().splitlines()
+        raise HetmemError(f"memory node error during {step or 'a call'}: {type(cause).__name__}"
+                          f"{': ' + msg[0] if msg else ''}") from None
+
     def _recover_and_retry(self, batches, layer, phase, step):
         """A node died: wait for Ray to restart it, re-hydrate it from the head's copy, retry once."""
+        ray = _ray()
         self._teardown()
         self.restarts += 1
         dead = self.wait_alive()
+        if self.compiled:
+            # A compiled graph built again over a restarted actor hangs on its second call (Ray 2.60: the old
+            # graph's teardown still reaches the actor's new loop); the rest of the run uses plain actor calls.
+            self.compiled = False
+            self.fallback = "plain actor calls after a node restart (a recompiled graph over a restarted actor hangs)"
         if self.rehydrate is not None:
             for i in dead:
                 self._get(self.actors[i].call.remote(self.rehydrate(i)), f"memory node {i} (re-hydrating)")
@@ -217,12 +275,14 @@ class NodeCluster:
             self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), 0.0, r["node_ms"])
         return [r["results"] for r in res]
 
-    def wait_alive(self) -> list[int]:
+    def wait_alive(self, only: set[int] | None = None) -> list[int]:
         """Block until every node answers; returns the nodes whose process changed (restarted: empty state)."""
         ray = _ray()
         deadline = time.monotonic() + self.restart_wait_s
         changed = []
         for i, a in enumerate(self.actors):
+            if only is not None and i not in only:
+                continue
             while True:
                 try:
                     pid = ray.get(a.info.remote(), timeout=max(1.0, deadline - time.monotonic()))["pid"]
@@ -235,6 +295,7 @@ class NodeCluster:
             if pid != self.pids[i]:
                 changed.append(i)
                 self.pids[i] = pid
+                self.info[i] = self._get(a.info.remote(), f"memory node {i}")
         return changed
 
     def kill(self, node: int) -> int:
@@ -244,6 +305,7 @@ class NodeCluster:
         return pid
 
     def close(self) -> None:
+        self._watch_stop.set()
         self._teardown()
         ray = _ray()
         for a in self.actors:
@@ -260,5 +322,5 @@ class NodeCluster:
         ray = _ray()
         return {"n": self.n, "ray": ray.__version__, "address": self.address or "local",
                 "calls": "compiled graph (ray.dag experimental_compile)" if self.compiled else "plain actor calls",
-                "threads": self.threads, "restarts": self.restarts, "timeout_s": self.timeout_s,
+                "threads": self.threads, "restarts": self.restarts, "fallback": self.fallback, "timeout_s": self.timeout_s,
                 "pids": self.pids}

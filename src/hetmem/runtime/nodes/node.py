@@ -20,11 +20,13 @@ numpy arrays and plain values (numpy crosses Ray's channels far faster than pick
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import numpy as np
 import torch
 
+import hetmem.methods  # noqa: F401  (the steps a head sends are the methods': import them when the node starts)
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Query
 from hetmem.llm.paged_cache import PagedKVLayer
@@ -61,7 +63,7 @@ class MemoryNode:
         self.fail_after: int | None = None  # tests: exit hard after this many more calls
 
     def info(self) -> dict:
-        return {"node": self.node, "pid": os.getpid(), "threads": torch.get_num_threads(),
+        return {"node": self.node, "pid": os.getpid(), "host": socket.gethostname(), "threads": torch.get_num_threads(),
                 "shards": len(self.shards)}
 
     def call(self, batch: list[dict]) -> dict:
