@@ -100,9 +100,10 @@ class Ledger:
             t = tot[phase]
             t["bytes_to_node"] += r["to_node"]
             t["bytes_to_head"] += r["to_head"]
-            t["calls"] += r["calls"]
-            t["round_trip_ms"] += r["rt_ms"]
             t["node_ms"] += r["node_ms"]
+            if node == 0:  # every call goes to every node at once: count its round trip once
+                t["calls"] += r["calls"]
+                t["round_trip_ms"] += r["rt_ms"]
         return {ph: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()} for ph, t in tot.items()}
 
 
@@ -110,7 +111,7 @@ class NodeCluster:
     """``n`` memory nodes; ``call(batches)`` sends ``batches[i]`` to node ``i`` and returns their results."""
 
     def __init__(self, n_nodes: int, address: str | None = None, threads_per_node: int | None = None,
-                 timeout_s: float = 120.0, compiled: bool = True, restart_wait_s: float = 60.0):
+                 timeout_s: float = 120.0, compiled: bool = True, restart_wait_s: float = 60.0, actors=None):
         if n_nodes < 1:
             raise HetmemError(f"--memory-nodes must be at least 1 (got {n_nodes})")
         ray = _ray()
@@ -133,11 +134,15 @@ class NodeCluster:
             except Exception as e:  # noqa: BLE001 - any failure to start or join is one line
                 raise HetmemError(f"could not {'join Ray at ' + address if address else 'start a local Ray'}: "
                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        actor_cls = ray.remote(MemoryNode)
-        opts = dict(max_restarts=-1, max_task_retries=0, num_cpus=1)
-        if address:
-            opts["scheduling_strategy"] = "SPREAD"
-        self.actors = [actor_cls.options(**opts).remote(i, self.threads["per_node"]) for i in range(n_nodes)]
+        if actors is not None:  # the first n nodes of another cluster (tests, the benchmark: one set of processes)
+            self.actors = list(actors[:n_nodes])
+        else:
+            actor_cls = ray.remote(MemoryNode)
+            opts = dict(max_restarts=-1, max_task_retries=0, num_cpus=1)
+            if address:
+                opts["scheduling_strategy"] = "SPREAD"
+            self.actors = [actor_cls.options(**opts).remote(i, self.threads["per_node"]) for i in range(n_nodes)]
+        self.owns_actors = actors is None
         self.info = [self._get(a.info.remote(), f"memory node {i}") for i, a in enumerate(self.actors)]
         self.pids = [x["pid"] for x in self.info]
         self.ledger = Ledger()
@@ -237,8 +242,9 @@ class NodeCluster:
                 return self._recover_and_retry(batches, layer, phase, step)
             return self._fail(e, step)
         rt = (time.perf_counter() - t0) * 1e3
-        for i, (b, r) in enumerate(zip(batches, res)):
-            self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), rt, r["node_ms"])
+        if phase:  # housekeeping calls (drop) are not transfers of a phase
+            for i, (b, r) in enumerate(zip(batches, res)):
+                self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), rt, r["node_ms"])
         return [r["results"] for r in res]
 
     def _fail(self, e: Exception, step: str):
@@ -308,7 +314,7 @@ class NodeCluster:
         self._watch_stop.set()
         self._teardown()
         ray = _ray()
-        for a in self.actors:
+        for a in self.actors if self.owns_actors else []:
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001
