@@ -57,3 +57,22 @@ def test_log_sum_exp_merge_is_attention():
         outs.append(p @ v[:, :, part])
         lses.append(lse)
     torch.testing.assert_close(merge_partials(outs, lses, sinks), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_refuses_bad_node_options_in_one_line(tmp_path, capsys):
+    from hetmem.cli import main
+
+    ctx = tmp_path / "c.txt"
+    ctx.write_text("some context")
+    base = ["run", "--method", "quest", "--model", "smollm2", "--context", str(ctx), "--question", "q?"]
+    for extra, want in ((["--memory-nodes", "0"], "--memory-nodes must be at least 1"),
+                        (["--layout", "kv"], "--layout needs --memory-nodes"),
+                        (["--memory-nodes", "2", "--method", "dense"], "runs sparse-attention methods")):
+        args = base + extra
+        if "--method" in extra:
+            args = [a for a in base if a not in ("quest",)]
+            args.remove("--method")
+            args += extra[:2] + ["--method", "dense"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hetmem: error:") and want in err and "\n" not in err, err

@@ -206,6 +206,11 @@ class NodeCluster:
             self._dag = dag.experimental_compile(_submit_timeout=self.timeout_s)
         return self._dag
 
+    def release_graph(self) -> None:
+        """Tear down this cluster's compiled graph, so that another one over the same nodes can be built (an
+        actor runs one compiled graph at a time)."""
+        self._teardown()
+
     def _teardown(self):
         """Tear the compiled graph down. Under the lock: a graph is compiled again only once the old one is
         gone (tearing down cancels the graph's loops on the actors, a new graph's too if it overlapped)."""
