@@ -312,7 +312,10 @@ def block_disaggregated(rec: dict) -> str:
         f"SmolLM2, quest at budget {s['budget']}, {s.get('prompt_tokens', s['tokens']):,}-token prompt, {s['new']} new "
         f"tokens; in-process with {s.get('in_process_threads', '?')} torch threads; with nodes the head and each node "
         "get the threads of `memory_nodes.threads` in the run record. All measured except the modelled column.", "",
-        *rows, "", provenance(rec)])
+        *rows, "", "In-process per torch thread count: " + ", ".join(
+            f"{k.rsplit('_', 1)[-1].replace('thread', '')} thread(s) {fmt(f['value'], 1)} ms/token"
+            for k, f in sorted(rec["figures"].items()) if k.startswith("decode_ms_per_token.in_process_"))
+        + " (the shared machine's other load makes more threads slower).", "", provenance(rec)])
 
 
 BLOCKS = {
