@@ -188,12 +188,9 @@ class RemotePrepare:
             reqs[i].append(sh.append_request(i, start, end))
         sh.sent_end = end
         phase = getattr(_timer_of(sh), "phase", "prefill")
-        if phase == "decode":  # rides on this layer's relevancy call
-            for i in range(n):
-                sh.pending[i].extend(reqs[i])
-        else:
-            for i in range(n):
-                sh.pending[i].extend(reqs[i])
+        for i in range(n):
+            sh.pending[i].extend(reqs[i])
+        if phase != "decode":  # in decode the append rides on this layer's relevancy call
             sh.cluster.call(sh.take_pending(), layer=sh.layer_idx, phase=phase, step="prepare")
         if sh.memory is None:
             sh.memory = Memory(kind=getattr(sh.prepare_step, "kind", "remote"), unit_size=sh.page_size)

@@ -22,10 +22,8 @@ def annotate(rec: dict, nm: NodeMethod, cluster: NodeCluster) -> dict:
             s["note"] = "the selected pages' K/V come from the nodes (timed inside apply); attention runs on the head"
         if step == "apply" and nm.layout == "attention":
             s["note"] = "partial attention on each node, merged on the head by log-sum-exp (timed inside apply)"
-        if step in ("prepare", "relevancy"):
-            s["note"] = ("the method's dense layers run on the head" if getattr(nm, "dense_layers", 0) else None)
-            if s["note"] is None:
-                del s["note"]
+        if step in ("prepare", "relevancy") and getattr(nm, "dense_layers", 0):
+            s["note"] = f"the first {nm.dense_layers} layers are dense (no memory): they run on the head"
     rec["memory_nodes"] = {**cluster.record(), "layout": nm.layout, "head_threads": torch.get_num_threads(),
                            "transfers_total": cluster.ledger.summary(),
                            "source": "measured: bytes of the arrays sent and returned; ms = call round trip minus "
