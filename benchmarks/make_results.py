@@ -56,6 +56,8 @@ BENCHES = [
      "python benchmarks/bench_gate_training.py"),
     ("model_accuracy", "hetmem's device model (modelled) vs measured step times on this host",
      "python benchmarks/model_accuracy.py"),
+    ("bench_disaggregated", "memory nodes as Ray actors: call overhead, link, decode per layout, bytes per step",
+     "python benchmarks/bench_disaggregated.py"),
 ]
 
 
@@ -372,6 +374,32 @@ def block_decode_flame(rec: dict, records: "Records") -> str:
 
 
 block_decode_flame.wants_records = True
+def block_disaggregated(rec: dict) -> str:
+    s = rec["settings"]
+    rows = ["| layout | nodes | decode ms/token | vs in-process | bytes per layer per step: measured / modelled "
+            "| tokens identical |", "|---|---:|---:|---:|---:|---|",
+            f"| in-process | – | {fmt(v(rec, 'decode_ms_per_token.in_process'), 1)} | 1.00x | – | – |"]
+    for layout in ("index", "kv", "attention"):
+        for n in (1, 2):
+            k = f"{layout}.{n}node"
+            if v(rec, f"decode_ms_per_token.{k}") is None:
+                continue
+            rows.append(f"| {layout} | {n} | {fmt(v(rec, f'decode_ms_per_token.{k}'), 1)} "
+                        f"| {fmt(v(rec, f'decode_ratio.{k}'))}x | {fmt(v(rec, f'bytes_per_layer_step.{k}'))} / "
+                        f"{fmt(v(rec, f'bytes_per_layer_step_model.{k}'))} | {v(rec, f'tokens_identical.{k}')} |")
+    return "\n".join([
+        f"Per call to 2 nodes (median, empty batch): plain actor call {fmt(v(rec, 'call_us.plain_actor'), 0)} us, "
+        f"compiled graph {fmt(v(rec, 'call_us.compiled_graph'), 0)} us (**{fmt(v(rec, 'call_overhead_ratio'))}x**). "
+        f"Link calibrated through the compiled graph: {fmt(v(rec, 'link.latency_us'), 0)} us + bytes / "
+        f"{fmt(v(rec, 'link.bandwidth_gbs'))} GB/s; its MAPE against every measured decode transfer: "
+        f"{fmt(v(rec, 'link_model_mape'), 1)}% (modelled vs measured).", "",
+        f"SmolLM2, quest at budget {s['budget']}, {s.get('prompt_tokens', s['tokens']):,}-token prompt, {s['new']} new "
+        f"tokens; in-process with {s.get('in_process_threads', '?')} torch threads; with nodes the head and each node "
+        "get the threads of `memory_nodes.threads` in the run record. All measured except the modelled column.", "",
+        *rows, "", "In-process per torch thread count: " + ", ".join(
+            f"{k.rsplit('_', 1)[-1].replace('thread', '')} thread(s) {fmt(f['value'], 1)} ms/token"
+            for k, f in sorted(rec["figures"].items()) if k.startswith("decode_ms_per_token.in_process_"))
+        + " (the shared machine's other load makes more threads slower).", "", provenance(rec)])
 
 
 BLOCKS = {
@@ -389,6 +417,7 @@ BLOCKS = {
     "gate-training": ("bench_gate_training", block_gate_training),
     "model-accuracy": ("model_accuracy", block_model_accuracy),
     "methods": ("record_methods", block_methods),
+    "disaggregated": ("bench_disaggregated", block_disaggregated),
 }
 
 

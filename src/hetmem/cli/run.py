@@ -13,11 +13,17 @@ from hetmem.llm.run import answer_question
 from hetmem.methods import REGISTRY
 from hetmem.profiling.report import step_table
 from hetmem.runtime.executor import apply_ledger, pick_rule, place, placement_table, read_schedule
+from hetmem.runtime.nodes.client import LAYOUTS
+from hetmem.runtime.nodes.run import answer_on_nodes
 
 
 def cmd_run(args) -> int:
     if getattr(args, "placement", None):
         return cmd_run_placed(args)
+    if args.memory_nodes is not None or args.ray_address:
+        return cmd_run_nodes(args)
+    if args.layout:
+        raise HetmemError("--layout needs --memory-nodes N (or --ray-address)")
     method = method_from_args(args)
     if method.family in RUNNERS:
         return RUNNERS[method.family](args, method)
@@ -30,6 +36,32 @@ def cmd_run(args) -> int:
     else:
         print(rec["answer"])
         print(step_table({method.name: rec}), file=sys.stderr)
+    return 0
+
+
+def cmd_run_nodes(args) -> int:
+    """The method's memory on Ray memory nodes (local, or those of the cluster at --ray-address)."""
+    method = method_from_args(args)
+    n = args.memory_nodes if args.memory_nodes is not None else 1
+    if n < 1:
+        raise HetmemError(f"--memory-nodes must be at least 1 (got {n})")
+    if method.family != "sparse-attention":
+        raise HetmemError(f"--memory-nodes runs sparse-attention methods; '{method.name}' is {method.family}")
+    if args.device != "cpu":
+        raise HetmemError("--memory-nodes runs the model on cpu (the nodes exchange host memory)")
+    context = validated_context(args, method)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    rec = answer_on_nodes(lm, method, context, args.question, n_nodes=n, layout=args.layout or "attention",
+                          address=args.ray_address, max_new_tokens=args.max_new_tokens,
+                          step_timing=not args.no_step_timing)
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        print(rec["answer"])
+        print(step_table({method.name: rec}), file=sys.stderr)
+        mn = rec["memory_nodes"]
+        print(f"memory nodes: {mn['n']} ({mn['layout']} layout, {mn['calls']}), threads: head {mn['head_threads']}, "
+              f"{mn['threads']['per_node']} per node; restarts: {mn['restarts']}", file=sys.stderr)
     return 0
 
 
@@ -71,6 +103,13 @@ def register(sub):
                    help="do not time each step (on CUDA the step timer synchronises the device around every step)")
     r.add_argument("--recall", action="store_true",
                    help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
+    r.add_argument("--memory-nodes", type=int, default=None, metavar="N",
+                   help="run the method's memory on N Ray memory nodes (a local Ray; default: in-process)")
+    r.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="with --memory-nodes: index (nodes select, K/V on the head), kv (nodes hold K/V too and "
+                        "return the selected pages) or attention (nodes attend, the head merges; default)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join the Ray cluster at ADDR (started with `ray start --head`) instead of a local Ray")
     model_args(r)
     add_method_options(r)
     r.set_defaults(func=cmd_run)

@@ -1,0 +1,301 @@
+"""The head side: a method whose pipelines run on the memory nodes through remote proxy steps.
+
+``NodeMethod(method, cluster, layout)`` wraps a sparse-attention method the way the placement executor
+wraps one (``runtime/executor.PlacedMethod``): the model side (``llm.attention.SparseRuntime``, the paged
+cache) calls the same ``MemoryPipeline`` as always, but its steps are proxies:
+
+    Prepare    RemotePrepare: sends each written token's K (and V) to the node owning its page; the node
+               runs the method's own Prepare step on its pages. Decode appends ride on the next call.
+    Relevancy  RemoteRelevancy: one call per node per layer (all sequences of the step): the node runs the
+               method's own Relevancy over all its pages and returns its local top ``budget`` pages; the
+               head rebuilds the candidate range's scores (``shard.merge_candidates``).
+    Retrieval  the method's own step, on the head: the global top-k under the budget, sink and recent pages
+               included -- identical to in-process.
+    Apply      index: the method's own step on the head (K/V stay on the head).
+               kv: RemoteGatherApply: the nodes return the selected pages' K/V; the method's own Apply runs
+               on the head over exactly those.
+               attention: RemoteAttentionApply: each node attends over the selected pages it holds and
+               returns a partial output and its log-sum-exp; the head merges them (``shard.merge_partials``).
+
+Supported: methods whose Relevancy ranks pages between a sink and a recent window under a page budget
+(``sink_pages``, ``recent_pages``, ``budget_pages``: quest, seer's top-k mode). The node runs that step
+with the three set to 0 (it scores every page it holds; the head knows the candidate range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import numpy as np
+import torch
+
+from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.types import Memory, Scores, Selection
+from hetmem.errors import HetmemError
+from hetmem.ops.topk import candidate_range
+from hetmem.runtime.nodes.shard import merge_candidates, merge_partials, split_tokens
+
+LAYOUTS = ("index", "kv", "attention")
+PAGE_FIELDS = ("sink_pages", "recent_pages", "budget_pages")
+APPLY_KINDS = ("gather-attention", "block-sparse-attention")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    """A tensor over a received array (Ray hands them out read-only: copied only then)."""
+    return torch.from_numpy(np.require(a, requirements="W"))
+
+
+class _Session:
+    """One model run (one paged cache): its id on the nodes and every layer's head-side shard state."""
+
+    def __init__(self):
+        self.id = uuid.uuid4().hex[:12]
+        self.layers: dict[int, "LayerShard"] = {}
+
+
+class NodeMethod:
+    """``method`` with its sparse layers' steps on the memory nodes of ``cluster``, laid out as ``layout``."""
+
+    def __init__(self, method, cluster, layout: str = "attention"):
+        if layout not in LAYOUTS:
+            raise HetmemError(f"--layout must be one of {', '.join(LAYOUTS)} (got '{layout}')")
+        if getattr(method, "family", None) != "sparse-attention":
+            raise HetmemError(f"--memory-nodes runs sparse-attention methods; '{method.name}' is {method.family}")
+        if getattr(method, "threshold", 0) and method.threshold > 0:
+            raise HetmemError(f"{method.name} with --threshold needs every candidate's score on the head; "
+                              "memory nodes run its top-k mode (--threshold 0)")
+        self._method = method
+        self.cluster = cluster
+        self.layout = layout
+        self.session: _Session | None = None
+        cluster.rehydrate = self._rehydrate
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def pipeline(self, device, timer, layer_idx: int = 0, **kw):
+        if layer_idx == 0 or self.session is None:  # a new run (generate builds layers 0..n-1 in order)
+            self.close_session()
+            self.session = _Session()
+        pipe = self._method.pipeline(device, timer, layer_idx=layer_idx, **kw)
+        if pipe.relevancy is None:  # a layer the method keeps dense: nothing to place
+            return pipe
+        if str(device) != "cpu":
+            raise HetmemError("--memory-nodes runs the model on cpu (the nodes exchange host memory)")
+        rel = pipe.relevancy
+        if not all(hasattr(rel, f) for f in PAGE_FIELDS) or not dataclasses.is_dataclass(rel):
+            raise HetmemError(f"{self._method.name}'s relevancy ({getattr(rel, 'kind', type(rel).__name__)}) is not a "
+                              "page-budget ranking; memory nodes run quest and seer (top-k)")
+        if self.layout != "index" and getattr(pipe.apply, "kind", None) not in APPLY_KINDS:
+            raise HetmemError(f"--layout {self.layout} needs a gather-attention Apply; {self._method.name}'s is "
+                              f"{getattr(pipe.apply, 'kind', '?')}: use --layout index")
+        sh = LayerShard(self, layer_idx, pipe)
+        self.session.layers[layer_idx] = sh
+        apply = {"index": pipe.apply, "kv": RemoteGatherApply(sh, pipe.apply),
+                 "attention": RemoteAttentionApply(sh)}[self.layout]
+        return MemoryPipeline(RemotePrepare(sh), RemoteRelevancy(sh), pipe.retrieval, apply, timer)
+
+    def close_session(self) -> None:
+        if self.session is not None and self.cluster.actors:
+            try:
+                self.cluster.call([[{"op": "drop", "cache": self.session.id}]] * self.cluster.n, step="drop")
+            except HetmemError:
+                pass
+        self.session = None
+
+    def _rehydrate(self, node: int) -> list[dict]:
+        """The batch that rebuilds node ``node``'s shard of every layer from the head's own K/V."""
+        if self.session is None:
+            return []
+        batch = []
+        for sh in self.session.layers.values():
+            batch.append(sh.setup_request(node))
+            if sh.layer is not None and sh.sent_end:
+                batch.append(sh.append_request(node, 0, sh.sent_end))
+        return batch
+
+
+class LayerShard:
+    """Head-side state of one layer on the nodes: the method's steps, the memory stub, pending appends."""
+
+    def __init__(self, owner: NodeMethod, layer_idx: int, pipe: MemoryPipeline):
+        self.owner, self.layer_idx = owner, layer_idx
+        self.timer = pipe.timer
+        self.cluster = owner.cluster
+        self.prepare_step = pipe.prepare
+        self.head_relevancy = pipe.relevancy
+        self.node_relevancy = dataclasses.replace(pipe.relevancy, sink_pages=0, recent_pages=0, budget_pages=0)
+        self.page_size = pipe.prepare.page_size if hasattr(pipe.prepare, "page_size") else owner.page_size
+        self.store_v = owner.layout != "index"
+        self.layer = None  # the head's paged layer: its K/V are the copy a restarted node is re-hydrated from
+        self.memory: Memory | None = None
+        self.sent_end = 0  # global tokens sent to the nodes
+        self.set_up = False
+        self.pending: list[list[dict]] = [[] for _ in range(self.cluster.n)]
+
+    def setup_request(self, node: int) -> dict:
+        return {"op": "setup", "cache": self.owner.session.id, "layer": self.layer_idx, "node": node,
+                "n_nodes": self.cluster.n, "page_size": self.page_size, "store_v": self.store_v,
+                "prepare": self.prepare_step, "relevancy": self.node_relevancy}
+
+    def append_request(self, node: int, start: int, end: int) -> dict:
+        segs = split_tokens(start, end, self.page_size, self.cluster.n).get(node, [])
+        L = self.layer
+        k = torch.cat([L.buf_k[:, :, a:b] for a, b in segs], dim=2) if segs else L.buf_k[:, :, :0]
+        v = None
+        if self.store_v:
+            v = torch.cat([L.buf_v[:, :, a:b] for a, b in segs], dim=2) if segs else L.buf_v[:, :, :0]
+        return {"op": "append", "cache": self.owner.session.id, "layer": self.layer_idx, "start": start, "end": end,
+                "k": _np(k), "v": None if v is None else _np(v)}
+
+    def take_pending(self) -> list[list[dict]]:
+        out, self.pending = self.pending, [[] for _ in range(self.cluster.n)]
+        return out
+
+    def call(self, reqs: list[dict], step: str, timer_phase: str) -> list:
+        """One call per node: pending appends first, then ``reqs[i]``; returns each node's last result."""
+        batches = self.take_pending()
+        for b, r in zip(batches, reqs):
+            b.append(r)
+        res = self.cluster.call(batches, layer=self.layer_idx, phase=timer_phase, step=step)
+        return [r[-1] for r in res]
+
+
+@dataclasses.dataclass
+class RemotePrepare:
+    shard: LayerShard
+    device: str = "memory-node"
+    name: str = "remote-prepare"
+
+    def prepare(self, raw, memory=None):
+        layer, start, end = raw
+        sh = self.shard
+        if layer.sliding_window is not None or layer.mla_rank is not None:
+            raise HetmemError("memory nodes run full-attention, non-MLA layers only")
+        sh.layer = layer
+        n = sh.cluster.n
+        reqs = [[] for _ in range(n)]
+        if not sh.set_up:
+            for i in range(n):
+                reqs[i].append(sh.setup_request(i))
+            sh.set_up = True
+        for i in range(n):
+            reqs[i].append(sh.append_request(i, start, end))
+        sh.sent_end = end
+        phase = getattr(_timer_of(sh), "phase", "prefill")
+        for i in range(n):
+            sh.pending[i].extend(reqs[i])
+        if phase != "decode":  # in decode the append rides on this layer's relevancy call
+            sh.cluster.call(sh.take_pending(), layer=sh.layer_idx, phase=phase, step="prepare")
+        if sh.memory is None:
+            sh.memory = Memory(kind=getattr(sh.prepare_step, "kind", "remote"), unit_size=sh.page_size)
+        sh.memory.n_units = -(-end // sh.page_size)
+        sh.memory.meta["length"] = end
+        sh.memory.meta["window_start"] = 0
+        return sh.memory
+
+
+def _timer_of(sh: LayerShard):
+    return sh.timer
+
+
+@dataclasses.dataclass
+class RemoteRelevancy:
+    shard: LayerShard
+    device: str = "memory-node"
+    name: str = "remote-relevancy"
+
+    def score(self, memory: Memory, query) -> Scores:
+        sh = self.shard
+        rel = sh.head_relevancy
+        lo, hi = candidate_range(memory.n_units, rel.sink_pages, rel.recent_pages, rel.budget_pages, 0)
+        meta = query.meta
+        sinks = meta.get("sinks")
+        req = {"op": "score", "cache": sh.owner.session.id, "layer": sh.layer_idx, "q": _np(query.vectors),
+               "m": rel.budget_pages, "scale": meta.get("scale"), "softcap": meta.get("softcap"),
+               "sinks": None if sinks is None else _np(sinks)}
+        res = sh.call([req] * sh.cluster.n, "relevancy", _timer_of(sh).phase)
+        ids = [_t(r["ids"]) for r in res]
+        vals = [_t(r["vals"]) for r in res]
+        return Scores(merge_candidates(ids, vals, lo, hi), offset=lo)
+
+
+class _Compact:
+    """The K/V the nodes returned, as a paged layer holding only the selected pages (in selection order)."""
+
+    def __init__(self, k, v, length):
+        self.buf_k, self.buf_v, self.length, self.window_start = k, v, length, 0
+
+
+@dataclasses.dataclass
+class RemoteGatherApply:
+    shard: LayerShard
+    inner: object
+    device: str = "memory-node+head"
+    name: str = "remote-gather"
+
+    def apply(self, raw, selection: Selection, target):
+        sh = self.shard
+        ids = selection.indices
+        B, H, k = ids.shape
+        P = selection.unit_size
+        req = {"op": "gather", "cache": sh.owner.session.id, "layer": sh.layer_idx, "ids": _np(ids)}
+        res = sh.call([req] * sh.cluster.n, "apply", _timer_of(sh).phase)
+        Dk, Dv = raw.buf_k.shape[-1], raw.buf_v.shape[-1]
+        kk = raw.buf_k.new_empty(B * H * k, P * Dk)
+        vv = raw.buf_v.new_empty(B * H * k, P * Dv)
+        flat = ids.reshape(-1)
+        for i, r in enumerate(res):
+            own = (flat % sh.cluster.n) == i
+            kk[own] = _t(r["k"]).to(kk.dtype)
+            vv[own] = _t(r["v"]).to(vv.dtype)
+        last = selection.n_units - 1
+        pad = selection.n_units * P - selection.length if bool((ids == last).any()) else 0
+        compact = _Compact(kk.reshape(B, H, k * P, Dk), vv.reshape(B, H, k * P, Dv), k * P - pad)
+        sel = Selection(indices=torch.arange(k).expand(B, H, k), n_units=k, unit_size=P, length=k * P - pad, start=0)
+        return self.inner.apply(compact, sel, target)
+
+
+@dataclasses.dataclass
+class RemoteAttentionApply:
+    shard: LayerShard
+    device: str = "memory-node"
+    name: str = "remote-attention"
+
+    def apply(self, raw, selection: Selection, target):
+        sh = self.shard
+        req = {"op": "attend", "cache": sh.owner.session.id, "layer": sh.layer_idx, "ids": _np(selection.indices),
+               "q": _np(target.q), "scale": target.scale, "softcap": target.softcap, "length": selection.length}
+        res = sh.call([req] * sh.cluster.n, "apply", _timer_of(sh).phase)
+        outs = [_t(r["out"]) for r in res]
+        lses = [_t(r["lse"]) for r in res]
+        return merge_partials(outs, lses, target.sinks, dtype=target.q.dtype)
+
+
+def modelled_decode_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_dim: int, budget_pages: int,
+                          page_size: int, batch: int = 1, elem: int = 4) -> dict:
+    """Bytes one decode step moves per sparse layer (all nodes together), by the layout: the model the
+    benchmark compares with the measured transfers. Arrays only (as ``cluster.nbytes`` counts them).
+
+    every layout: the new token's K (and V unless ``index``) to its owner, an empty append to the others;
+    the query ``[B, H_kv, G, D]`` to every node; each node's ``budget`` candidates back (int64 id + float32).
+    kv: the selection ``[B, H_kv, budget]`` (int64) to every node, the selected pages' K and V back.
+    attention: the selection and the query to every node, ``[B, H_kv, G, D]`` float32 + its lse back from each."""
+    B, H, G, D, k = batch, kv_heads, group, head_dim, budget_pages
+    tok = B * H * D * elem * (1 if layout == "index" else 2)
+    q = B * H * G * D * elem
+    cand = n_nodes * B * H * k * (8 + 4)  # a node with fewer pages returns fewer
+    to_node = tok + n_nodes * q
+    to_head = cand
+    if layout == "kv":
+        to_node += n_nodes * B * H * k * 8
+        to_head += B * H * k * page_size * D * elem * 2
+    elif layout == "attention":
+        to_node += n_nodes * (B * H * k * 8 + q)
+        to_head += n_nodes * (B * H * G * D * 4 + B * H * G * 4)
+    return {"to_node": to_node, "to_head": to_head, "total": to_node + to_head}

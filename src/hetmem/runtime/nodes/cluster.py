@@ -1,0 +1,337 @@
+"""The memory nodes as Ray actors, and the one way the head talks to them.
+
+``NodeCluster(n)`` starts a local Ray (``ray.init(num_cpus=..., include_dashboard=False)``) or joins
+``address`` (a cluster started with ``ray start --head`` / ``ray start --address``), creates ``n``
+``NodeActor``s (``max_restarts=-1``: a killed node process is restarted by Ray) and calls them through a
+Ray Compiled Graph (``ray.dag`` + ``experimental_compile``): one graph ``[node_i.call(batch_i) for i]``,
+whose per-call overhead is a shared-memory channel write and read instead of a task submission. With
+``compiled=False`` the same batches go through plain actor calls (measured side by side in
+``benchmarks/bench_disaggregated.py``).
+
+Every call has a timeout. When a node died (a SIGKILL, an OOM kill), the head waits for Ray to restart it,
+asks the client to re-hydrate the node's shard from the head's own copy (``rehydrate(node)`` returns the
+batch that rebuilds it), recompiles the graph and retries the call. An error raised on a node reaches the
+user as one line (``HetmemError``).
+
+Ray is an optional heavy dependency: it is imported when a cluster is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from hetmem.errors import HetmemError
+from hetmem.runtime.nodes.node import MemoryNode
+
+
+def _ray():
+    try:
+        import ray  # noqa: PLC0415  (optional heavy dependency)
+    except ImportError as e:  # pragma: no cover - ray is in requirements.txt
+        raise HetmemError("memory nodes need Ray: pip install ray==2.60.0") from e
+    return ray
+
+
+def nbytes(x) -> int:
+    """Bytes of the arrays in a request or result (what crosses the link, pickling overhead aside)."""
+    if isinstance(x, np.ndarray):
+        return x.nbytes
+    if isinstance(x, dict):
+        return sum(nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(nbytes(v) for v in x)
+    return 0
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def thread_plan(n_nodes: int, total: int | None = None) -> dict:
+    """Torch threads for the head and each node so that the processes doing work at the same moment never
+    ask for more threads than there are cores. A decode step is synchronous (the head waits while the nodes
+    work): nodes share the cores among themselves, and the head gets what the nodes leave, at least 1."""
+    total = total or cores()
+    node = max(1, total // max(1, n_nodes))
+    head = max(1, total - n_nodes * node) if n_nodes * node < total else max(1, total // 2)
+    return {"cores": total, "head": head, "per_node": node,
+            "note": "a decode step is synchronous: the head waits while the nodes run, so at any moment either "
+                    "the head or the nodes use the cores"}
+
+
+class Ledger:
+    """Measured transfers per (node, layer, phase, step): bytes each way, calls, round-trip ms and the node's
+    own compute ms (the link's share is the difference)."""
+
+    def __init__(self):
+        self.rows: dict[tuple, dict] = defaultdict(lambda: {"calls": 0, "to_node": 0, "to_head": 0, "rt_ms": 0.0,
+                                                             "node_ms": 0.0})
+
+    def add(self, node, layer, phase, step, to_node, to_head, rt_ms, node_ms) -> None:
+        r = self.rows[(node, layer, phase, step)]
+        r["calls"] += 1
+        r["to_node"] += to_node
+        r["to_head"] += to_head
+        r["rt_ms"] += rt_ms
+        r["node_ms"] += node_ms
+
+    def transfers(self) -> list[dict]:
+        out = []
+        for (node, layer, phase, step), r in sorted(self.rows.items(), key=lambda kv: tuple(map(str, kv[0]))):
+            link = max(0.0, r["rt_ms"] - r["node_ms"])
+            for direction, b in (("head->node", r["to_node"]), ("node->head", r["to_head"])):
+                out.append({"node": node, "layer": layer, "phase": phase, "step": step, "direction": direction,
+                            "bytes": int(b), "calls": r["calls"]})
+            out[-1]["ms"] = out[-2]["ms"] = round(link, 4)  # the round trip's link time (both directions)
+            out[-1]["node_ms"] = out[-2]["node_ms"] = round(r["node_ms"], 4)
+        return out
+
+    def summary(self) -> dict:
+        tot = defaultdict(lambda: {"bytes_to_node": 0, "bytes_to_head": 0, "calls": 0, "round_trip_ms": 0.0,
+                                   "node_ms": 0.0})
+        for (node, layer, phase, step), r in self.rows.items():
+            t = tot[phase]
+            t["bytes_to_node"] += r["to_node"]
+            t["bytes_to_head"] += r["to_head"]
+            t["node_ms"] += r["node_ms"]
+            if node == 0:  # every call goes to every node at once: count its round trip once
+                t["calls"] += r["calls"]
+                t["round_trip_ms"] += r["rt_ms"]
+        return {ph: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()} for ph, t in tot.items()}
+
+
+class NodeCluster:
+    """``n`` memory nodes; ``call(batches)`` sends ``batches[i]`` to node ``i`` and returns their results."""
+
+    def __init__(self, n_nodes: int, address: str | None = None, threads_per_node: int | None = None,
+                 timeout_s: float = 120.0, compiled: bool = True, restart_wait_s: float = 60.0, actors=None):
+        if n_nodes < 1:
+            raise HetmemError(f"--memory-nodes must be at least 1 (got {n_nodes})")
+        ray = _ray()
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        self.n = n_nodes
+        self.threads = thread_plan(n_nodes)
+        if threads_per_node:
+            self.threads["per_node"] = threads_per_node
+        self.timeout_s, self.restart_wait_s, self.compiled = timeout_s, restart_wait_s, compiled
+        self.address = address
+        self.started_ray = False
+        if not ray.is_initialized():
+            try:
+                if address:
+                    ray.init(address=address, log_to_driver=False)
+                else:
+                    ray.init(num_cpus=max(2, n_nodes), include_dashboard=False, log_to_driver=False,
+                             configure_logging=False)
+                    self.started_ray = True
+            except Exception as e:  # noqa: BLE001 - any failure to start or join is one line
+                raise HetmemError(f"could not {'join Ray at ' + address if address else 'start a local Ray'}: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if actors is not None:  # the first n nodes of another cluster (tests, the benchmark: one set of processes)
+            self.actors = list(actors[:n_nodes])
+        else:
+            actor_cls = ray.remote(MemoryNode)
+            opts = dict(max_restarts=-1, max_task_retries=0, num_cpus=1)
+            if address:
+                opts["scheduling_strategy"] = "SPREAD"
+            self.actors = [actor_cls.options(**opts).remote(i, self.threads["per_node"]) for i in range(n_nodes)]
+        self.owns_actors = actors is None
+        self.info = [self._get(a.info.remote(), f"memory node {i}") for i, a in enumerate(self.actors)]
+        self.pids = [x["pid"] for x in self.info]
+        self.ledger = Ledger()
+        self.rehydrate = None  # set by the client: node -> batch that rebuilds its shard
+        self.restarts = 0
+        self.fallback = None
+        self._dag = None
+        self._lock = threading.Lock()
+        self._inflight: float | None = None  # when the compiled-graph call now in flight began
+        self._died = False
+        # a torn-down graph over a dead actor logs its cancellation failure at ERROR: the head reports it itself
+        logging.getLogger("ray.dag.compiled_dag_node").setLevel(logging.CRITICAL)
+        self._host = socket.gethostname()
+        self._watch_stop = threading.Event()
+        threading.Thread(target=self._watch, name="hetmem-node-watch", daemon=True).start()
+
+    def _alive(self, i: int) -> bool:
+        """Is node ``i``'s process still the one we know? (A local process: /proc; a remote one: a ping.)"""
+        if self.info[i].get("host") == self._host:
+            try:
+                with open(f"/proc/{self.pids[i]}/stat") as f:
+                    return f.read().split(")")[-1].split()[0] not in ("Z", "X")
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                return False
+        ray = _ray()
+        try:
+            return ray.get(self.actors[i].info.remote(), timeout=5)["pid"] == self.pids[i]
+        except Exception:  # noqa: BLE001 - no answer within the ping timeout counts as dead
+            return False
+
+    def _watch(self) -> None:
+        """While a compiled-graph call is in flight, check the nodes: a compiled graph whose actor died waits on
+        its channel, so the watcher tears the graph down, which ends the head's wait with an error at once."""
+        while not self._watch_stop.wait(0.2):
+            t = self._inflight
+            if t is None or time.monotonic() - t < 0.2:
+                continue
+            dead = [i for i in range(len(self.actors)) if not self._alive(i)]
+            if dead and self._inflight is not None:
+                self._died = True
+                self._teardown()
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+    def _get(self, refs, what: str, timeout: float | None = None):
+        ray = _ray()
+        try:
+            return ray.get(refs, timeout=timeout or self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise HetmemError(f"{what} did not answer within {timeout or self.timeout_s:.0f} s") from None
+
+    def _compile(self):
+        with self._lock:
+            return self._compile_locked()
+
+    def _compile_locked(self):
+        if self._dag is None and self.compiled:
+            from ray.dag import InputNode, MultiOutputNode  # noqa: PLC0415  (optional heavy dependency)
+
+            with InputNode() as inp:
+                dag = MultiOutputNode([a.call.bind(inp[i]) for i, a in enumerate(self.actors)])
+            self._dag = dag.experimental_compile(_submit_timeout=self.timeout_s)
+        return self._dag
+
+    def release_graph(self) -> None:
+        """Tear down this cluster's compiled graph, so that another one over the same nodes can be built (an
+        actor runs one compiled graph at a time)."""
+        self._teardown()
+
+    def _teardown(self):
+        """Tear the compiled graph down. Under the lock: a graph is compiled again only once the old one is
+        gone (tearing down cancels the graph's loops on the actors, a new graph's too if it overlapped)."""
+        with self._lock:
+            dag, self._dag = self._dag, None
+            if dag is not None:
+                try:
+                    dag.teardown()
+                except Exception:  # noqa: BLE001 - a graph over a dead actor may fail to tear down cleanly
+                    pass
+
+    def _send(self, batches: list[list[dict]]) -> list[dict]:
+        ray = _ray()
+        if self.compiled:
+            dag = self._compile()
+            self._inflight = time.monotonic()  # before execute: a write to a dead node's channel blocks too
+            try:
+                return ray.get(dag.execute(*batches), timeout=self.timeout_s)
+            except ray.exceptions.RayChannelTimeoutError:
+                raise ray.exceptions.GetTimeoutError("compiled graph read timed out") from None
+            finally:
+                self._inflight = None
+        return ray.get([a.call.remote(b) for a, b in zip(self.actors, batches)], timeout=self.timeout_s)
+
+    # -- the call ----------------------------------------------------------------------------------------------
+    def call(self, batches: list[list[dict]], *, layer=None, phase: str = "", step: str = "") -> list[list]:
+        ray = _ray()
+        t0 = time.perf_counter()
+        self._died = False
+        try:
+            res = self._send(batches)
+        except Exception as e:  # noqa: BLE001 - sorted below: a dead node, a timeout, an error raised on a node
+            if self._died or isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.RayChannelError)):
+                return self._recover_and_retry(batches, layer, phase, step)
+            return self._fail(e, step)
+        rt = (time.perf_counter() - t0) * 1e3
+        if phase:  # housekeeping calls (drop) are not transfers of a phase
+            for i, (b, r) in enumerate(zip(batches, res)):
+                self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), rt, r["node_ms"])
+        return [r["results"] for r in res]
+
+    def _fail(self, e: Exception, step: str):
+        ray = _ray()
+        self._teardown()
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            self._teardown()
+            raise HetmemError(f"memory nodes did not answer a {step or 'call'} within {self.timeout_s:.0f} s") from None
+        cause = getattr(e, "cause", None) or e
+        msg = str(cause).strip().splitlines()
+        raise HetmemError(f"memory node error during {step or 'a call'}: {type(cause).__name__}"
+                          f"{': ' + msg[0] if msg else ''}") from None
+
+    def _recover_and_retry(self, batches, layer, phase, step):
+        """A node died: wait for Ray to restart it, re-hydrate it from the head's copy, retry once."""
+        ray = _ray()
+        self._teardown()
+        self.restarts += 1
+        dead = self.wait_alive()
+        if self.compiled:
+            # A compiled graph built again over a restarted actor hangs on its second call (Ray 2.60: the old
+            # graph's teardown still reaches the actor's new loop); the rest of the run uses plain actor calls.
+            self.compiled = False
+            self.fallback = "plain actor calls after a node restart (a recompiled graph over a restarted actor hangs)"
+        if self.rehydrate is not None:
+            for i in dead:
+                self._get(self.actors[i].call.remote(self.rehydrate(i)), f"memory node {i} (re-hydrating)")
+        try:
+            res = self._send(batches)
+        except Exception as e:  # noqa: BLE001 - a second failure is reported, not retried forever
+            self._teardown()
+            raise HetmemError(f"memory node call failed again after a restart: {type(e).__name__}") from None
+        for i, (b, r) in enumerate(zip(batches, res)):
+            self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), 0.0, r["node_ms"])
+        return [r["results"] for r in res]
+
+    def wait_alive(self, only: set[int] | None = None) -> list[int]:
+        """Block until every node answers; returns the nodes whose process changed (restarted: empty state)."""
+        ray = _ray()
+        deadline = time.monotonic() + self.restart_wait_s
+        changed = []
+        for i, a in enumerate(self.actors):
+            if only is not None and i not in only:
+                continue
+            while True:
+                try:
+                    pid = ray.get(a.info.remote(), timeout=max(1.0, deadline - time.monotonic()))["pid"]
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline:
+                        raise HetmemError(f"memory node {i} died and did not come back within "
+                                          f"{self.restart_wait_s:.0f} s") from None
+                    time.sleep(0.2)
+            if pid != self.pids[i]:
+                changed.append(i)
+                self.pids[i] = pid
+                self.info[i] = self._get(a.info.remote(), f"memory node {i}")
+        return changed
+
+    def kill(self, node: int) -> int:
+        """SIGKILL node ``node``'s process (tests, the benchmark); returns the pid killed."""
+        pid = self.pids[node]
+        os.kill(pid, 9)
+        return pid
+
+    def close(self) -> None:
+        self._watch_stop.set()
+        self._teardown()
+        ray = _ray()
+        for a in self.actors if self.owns_actors else []:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        self.actors = []
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def record(self) -> dict:
+        """What the run record says about the nodes."""
+        ray = _ray()
+        return {"n": self.n, "ray": ray.__version__, "address": self.address or "local",
+                "calls": "compiled graph (ray.dag experimental_compile)" if self.compiled else "plain actor calls",
+                "threads": self.threads, "restarts": self.restarts, "fallback": self.fallback, "timeout_s": self.timeout_s,
+                "pids": self.pids}

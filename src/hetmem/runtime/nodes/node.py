@@ -1,0 +1,166 @@
+"""The memory node: one process (a Ray actor, ``cluster.py``) holding its shard of every layer's memory.
+
+For each (sequence group, layer) a node keeps a ``PagedKVLayer`` of *its* pages only (local page ``j`` is
+global page ``j * N + node``, ``shard.py``), whose pipeline is the method's own Prepare step: every append
+runs it, so the node holds the Prepare output (Quest's page min/max, Seer's gated block keys) for its pages.
+With the ``index`` layout the layer stores keys only (values have width 0: nothing is held); with ``kv`` and
+``attention`` it stores the values too.
+
+A node answers a batch of requests per call (all sequences of a step, for one layer), each a dict of
+numpy arrays and plain values (numpy crosses Ray's channels far faster than pickled torch tensors):
+
+    setup   the method's Prepare and (node-side) Relevancy steps for one layer
+    append  K (and V) of new tokens, in local order; idempotent by global position
+    score   the method's Relevancy over all local pages, then the local top ``m`` -> (global ids, scores)
+    gather  K/V of the selected pages it holds (``kv`` layout)
+    attend  attention over the selected pages it holds -> partial output and log-sum-exp (``attention``)
+    drop    forget a sequence group
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import torch
+
+import hetmem.methods  # noqa: F401  (the steps a head sends are the methods': import them when the node starts)
+from hetmem.core.pipeline import MemoryPipeline
+from hetmem.core.types import Query
+from hetmem.llm.paged_cache import PagedKVLayer
+from hetmem.ops.sparse_attention import gather_pages
+from hetmem.runtime.nodes.shard import local_topk
+
+
+def _t(a) -> torch.Tensor | None:
+    """A tensor over a received array (Ray hands them out read-only: copied only then)."""
+    return None if a is None else torch.from_numpy(np.require(a, requirements="W"))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+class _Shard:
+    def __init__(self, req: dict):
+        self.node, self.n_nodes, self.page_size = req["node"], req["n_nodes"], req["page_size"]
+        self.store_v = req["store_v"]
+        self.relevancy = req["relevancy"]
+        self.layer = PagedKVLayer(self.page_size, MemoryPipeline(req["prepare"], None, None, None))
+        self.end = 0  # global tokens appended so far (appends are idempotent by it)
+
+
+class MemoryNode:
+    """The node's state and request handlers. ``cluster.NodeActor`` runs it as a Ray actor."""
+
+    def __init__(self, node: int, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.node = node
+        self.threads = threads
+        self.shards: dict[tuple[str, int], _Shard] = {}
+        self.fail_after: int | None = None  # tests: exit hard after this many more calls
+
+    def info(self) -> dict:
+        return {"node": self.node, "pid": os.getpid(), "host": socket.gethostname(), "threads": torch.get_num_threads(),
+                "shards": len(self.shards)}
+
+    def call(self, batch: list[dict]) -> dict:
+        t0 = time.perf_counter()
+        out = []
+        with torch.inference_mode():
+            for req in batch:
+                out.append(getattr(self, "_" + req["op"])(req))
+        return {"results": out, "node_ms": (time.perf_counter() - t0) * 1e3, "pid": os.getpid()}
+
+    # -- handlers ----------------------------------------------------------------------------------------------
+    def _setup(self, req):
+        self.shards[(req["cache"], req["layer"])] = _Shard(req)
+        return None
+
+    def _drop(self, req):
+        for key in [k for k in self.shards if k[0] == req["cache"]]:
+            del self.shards[key]
+        return None
+
+    def _append(self, req):
+        sh = self.shards[(req["cache"], req["layer"])]
+        if req["end"] <= sh.end:  # already held (a retried call after a re-hydration)
+            return None
+        if req["start"] != sh.end:
+            raise RuntimeError(f"node {self.node}: append of tokens {req['start']}..{req['end']} after {sh.end}")
+        k = _t(req["k"])
+        v = _t(req["v"]) if sh.store_v else k.new_empty(*k.shape[:-1], 0)
+        if k.shape[2]:
+            sh.layer.update(k, v)
+        sh.end = req["end"]
+        return None
+
+    def _score(self, req):
+        sh = self.shards[(req["cache"], req["layer"])]
+        mem = sh.layer.memory
+        q = _t(req["q"])
+        if mem is None or mem.n_units == 0:
+            e = np.zeros((*q.shape[:2], 0), dtype=np.int64)
+            return {"ids": e, "vals": e.astype(np.float32)}
+        query = Query(vectors=q, meta={"hidden": None, "layer": req["layer"], "scale": req["scale"],
+                                       "softcap": req.get("softcap"), "sinks": _t(req.get("sinks"))})
+        scores = sh.relevancy.score(mem, query)
+        ids, vals = local_topk(scores.values, scores.offset, req["m"], self.node, sh.n_nodes)
+        return {"ids": _np(ids), "vals": _np(vals.float())}
+
+    def _owned(self, sh, ids: torch.Tensor):
+        """The selected pages this node holds, per row, packed to the front: (local ids [B,H,C], valid [B,H,C],
+        global ids [B,H,C])."""
+        own = (ids % sh.n_nodes) == self.node
+        cnt = own.sum(-1)
+        C = int(cnt.max()) if cnt.numel() else 0
+        slot = torch.where(own, own.cumsum(-1) - 1, C)
+        loc = torch.zeros(*ids.shape[:-1], C + 1, dtype=torch.int64)
+        loc.scatter_(-1, slot, torch.where(own, ids // sh.n_nodes, 0))
+        glob = torch.full((*ids.shape[:-1], C + 1), -1, dtype=torch.int64)
+        glob.scatter_(-1, slot, torch.where(own, ids, -1))
+        return loc[..., :C], glob[..., :C] >= 0, glob[..., :C], own
+
+    def _gather(self, req):
+        sh = self.shards[(req["cache"], req["layer"])]
+        ids = _t(req["ids"])
+        own = (ids % sh.n_nodes) == self.node
+        L = sh.layer
+        B, H = ids.shape[:2]
+        n = L.capacity // sh.page_size
+        rows = ((ids // sh.n_nodes) + torch.arange(B * H).reshape(B, H, 1) * n)[own]
+        P = sh.page_size
+        k = L.buf_k[:, :, : n * P].reshape(B * H * n, P * L.buf_k.shape[-1]).index_select(0, rows)
+        v = L.buf_v[:, :, : n * P].reshape(B * H * n, P * L.buf_v.shape[-1]).index_select(0, rows)
+        return {"k": _np(k), "v": _np(v)}
+
+    def _attend(self, req):
+        sh = self.shards[(req["cache"], req["layer"])]
+        q = _t(req["q"])  # [B, H, G, D]
+        ids = _t(req["ids"])
+        loc, valid_page, glob, _ = self._owned(sh, ids)
+        B, H, G, _ = q.shape
+        P = sh.page_size
+        L = sh.layer
+        C = loc.shape[-1]
+        Dv = L.buf_v.shape[-1]
+        if C == 0:
+            return {"out": np.zeros((B, H, G, Dv), dtype=np.float32),
+                    "lse": np.full((B, H, G), -np.inf, dtype=np.float32)}
+        k = gather_pages(L.buf_k, loc, P)  # [B, H, C * P, D]
+        v = gather_pages(L.buf_v, loc, P)
+        tok = glob.unsqueeze(-1) * P + torch.arange(P)  # global token ids [B, H, C, P]
+        valid = (valid_page.unsqueeze(-1) & (tok < req["length"])).flatten(-2)  # [B, H, C * P]
+        w = torch.matmul(q, k.transpose(-1, -2)) * req["scale"]
+        if req.get("softcap") is not None:
+            w = torch.tanh(w / req["softcap"]) * req["softcap"]
+        w = w.float().masked_fill(~valid.unsqueeze(2), float("-inf"))
+        lse = torch.logsumexp(w, dim=-1)  # [B, H, G]
+        p = torch.exp(w - lse.unsqueeze(-1)).nan_to_num(nan=0.0)
+        out = torch.matmul(p.to(v.dtype), v)
+        return {"out": _np(out.float()), "lse": _np(lse)}
+
+    def _crash(self, req):  # tests and the benchmark: die the way a killed process dies
+        os.kill(os.getpid(), 9)

@@ -1,0 +1,78 @@
+"""Memory-node sharding and merges, without Ray: the global top-k from per-node candidates is exactly the
+in-process selection (ties included), and the log-sum-exp merge of partial attention is attention."""
+
+from __future__ import annotations
+
+import torch
+
+from hetmem.ops.sparse_attention import grouped_decode_attention
+from hetmem.ops.topk import budget_page_indices, candidate_range
+from hetmem.runtime.nodes.shard import local_tokens, local_topk, merge_candidates, merge_partials, split_tokens
+
+
+def test_split_tokens_by_page_and_local_counts():
+    P, N = 4, 3
+    segs = split_tokens(2, 19, P, N)
+    assert segs == {0: [(2, 4), (12, 16)], 1: [(4, 8), (16, 19)], 2: [(8, 12)]}
+    for L in range(0, 40):
+        counts = [local_tokens(i, L, P, N) for i in range(N)]
+        assert sum(counts) == L
+        owned = split_tokens(0, L, P, N)
+        assert counts == [sum(b - a for a, b in owned.get(i, [])) for i in range(N)]
+
+
+def test_merged_candidates_give_the_in_process_selection_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(5, 60, (1,), generator=g))
+        budget, sink, recent = int(torch.randint(3, 12, (1,), generator=g)), 1, 2
+        # few distinct values: many ties at the k-th score
+        full = torch.randint(0, 4, (2, 3, n), generator=g).float()
+        lo, hi = candidate_range(n, sink, recent, budget)
+        want = budget_page_indices(full[..., lo:hi], lo, n, budget, sink, recent)
+        for N in (1, 2, 3):
+            ids, vals = [], []
+            for node in range(N):
+                local = full[..., node::N]
+                i, v = local_topk(local, 0, budget, node, N)
+                ids.append(i)
+                vals.append(v)
+            merged = merge_candidates(ids, vals, lo, hi)
+            got = budget_page_indices(merged, lo, n, budget, sink, recent)
+            assert torch.equal(got, want), (trial, N)
+
+
+def test_log_sum_exp_merge_is_attention():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 3, 8, generator=g)
+    k = torch.randn(1, 2, 20, 8, generator=g)
+    v = torch.randn(1, 2, 20, 8, generator=g)
+    sinks = torch.randn(2, 3, generator=g)
+    want = grouped_decode_attention(q, k, v, 0.3, sinks=sinks)
+    outs, lses = [], []
+    for part in (slice(0, 7), slice(7, 20), slice(20, 20)):  # the last node holds nothing selected
+        w = (q @ k[:, :, part].transpose(-1, -2)) * 0.3
+        lse = torch.logsumexp(w, -1) if w.shape[-1] else torch.full(w.shape[:-1], float("-inf"))
+        p = torch.exp(w - lse.unsqueeze(-1))
+        outs.append(p @ v[:, :, part])
+        lses.append(lse)
+    torch.testing.assert_close(merge_partials(outs, lses, sinks), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_refuses_bad_node_options_in_one_line(tmp_path, capsys):
+    from hetmem.cli import main
+
+    ctx = tmp_path / "c.txt"
+    ctx.write_text("some context")
+    base = ["run", "--method", "quest", "--model", "smollm2", "--context", str(ctx), "--question", "q?"]
+    for extra, want in ((["--memory-nodes", "0"], "--memory-nodes must be at least 1"),
+                        (["--layout", "kv"], "--layout needs --memory-nodes"),
+                        (["--memory-nodes", "2", "--method", "dense"], "runs sparse-attention methods")):
+        args = base + extra
+        if "--method" in extra:
+            args = [a for a in base if a not in ("quest",)]
+            args.remove("--method")
+            args += extra[:2] + ["--method", "dense"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hetmem: error:") and want in err and "\n" not in err, err
