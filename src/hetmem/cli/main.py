@@ -7,11 +7,12 @@ import re
 import sys
 
 from hetmem.cli import demo, index, methods, plan, profile, run, train
+from hetmem.cli import eval as eval_cmd
 from hetmem.cli.common import Parser
 from hetmem.errors import HetmemError
 
 # Subcommands in help order. ``run`` comes first: the others may add options to its parser.
-SUBCOMMANDS = (demo, methods, index, profile, plan, train)
+SUBCOMMANDS = (demo, methods, index, profile, plan, train, eval_cmd)
 
 
 def build_parser() -> Parser:
