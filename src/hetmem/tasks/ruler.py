@@ -294,9 +294,9 @@ def common_words(tokenizer, n_tokens: int, seed: int, depth: float | None = None
     def build(n_rare: int) -> tuple[str, int]:
         rare = rare_pool[:n_rare]
         words = [w for w in common for _ in range(fc)] + [w for w in rare for _ in range(fr)]
-        # trailing rare words appear once: they fine-tune the length and stay less frequent than the common ones
-        words += rare_pool[n_rare : n_rare + extra[0]]
         random.Random(seed + 1).shuffle(words)
+        # trailing words that appear once fine-tune the length (less frequent than any common word)
+        words += rare_pool[n_rare : n_rare + extra[0]]
         text = CWE_HEADER + "\n\n" + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
         return text, _n_tokens(tokenizer, text)
 
