@@ -21,7 +21,7 @@ from hetmem.testing import char_tokenizer, save_tiny_model_dir, tiny_model
 # eviction, prefill-observing eviction, quantised cache). Small pages so 1/4 of a tiny prompt is several pages.
 METHODS = ["dense", "quest:page_size=8:dense_layers=0", "seer:page_size=8", "dsa:recent=8", "oracle", "streaming",
            "snapkv:window=8", "h2o", "kvquant:group_size=8"]
-OWN_PREFILL = {"snapkv:window=8", "h2o", "kvquant:group_size=8"}
+OWN_PREFILL = {"h2o", "kvquant:group_size=8"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def test_shared_prefill_answers_as_a_fresh_prefill(lm, tmp_path):
         assert a[m]["prefill"] == ("own" if m in OWN_PREFILL else "shared"), m
     # one prefill per context: every shared line reports the same measured prefill
     assert len({a[m]["prefill_ms"] for m in METHODS if m not in OWN_PREFILL}) == 1
-    assert "observes the prefill queries" in a["snapkv:window=8"]["prefill_note"]
+    assert "observes every prefill chunk" in a["h2o"]["prefill_note"]
+    assert a["snapkv:window=8"]["shared_prefill"] == "replay-last-chunk" and a["dense"]["shared_prefill"] == "copy"
     assert "own KV cache layer" in a["kvquant:group_size=8"]["prefill_note"]
     assert a["oracle"]["attention_mass_recall"] == pytest.approx(1.0)
     assert 0 < a["seer:page_size=8"]["attention_mass_recall"] <= 1.0
@@ -64,9 +65,10 @@ def test_shared_prefill_answers_as_a_fresh_prefill(lm, tmp_path):
 
 @pytest.mark.parametrize("name,kw", [("quest", {"budget": 64, "page_size": 8, "dense_layers": 0}),
                                      ("seer", {"budget": 64, "page_size": 8}), ("dsa", {"budget": 64}),
-                                     ("streaming", {"budget": 64})])
+                                     ("streaming", {"budget": 64}), ("snapkv", {"budget": 64, "window": 8})])
 def test_shared_prefill_logits_match_chunked_fresh_prefill(lm, name, kw):
-    """Prepare over the copied KV as one span equals Prepare run per prefill chunk (64-token chunks here)."""
+    """Prepare over the copied KV as one span equals Prepare run per prefill chunk (64-token chunks here); snapkv,
+    whose Prepare observes the last chunk's queries, gets that chunk run again and equals its own prefill."""
     ids = torch.randint(3, 100, (1, 300), generator=torch.Generator().manual_seed(1))
     fresh = generate(lm.model, ids, get_method(name, **kw), 10, progress=False, keep_logits=True, prefill_chunk=64)
     p = prefill(lm.model, ids, prefill_chunk=64, keep_hidden=True, progress=False)
@@ -80,8 +82,8 @@ def test_shared_prefill_logits_match_chunked_fresh_prefill(lm, name, kw):
 def test_generate_refuses_what_cannot_share(lm):
     ids = torch.randint(3, 100, (1, 100), generator=torch.Generator().manual_seed(2))
     p = prefill(lm.model, ids, progress=False)
-    with pytest.raises(HetmemError, match="observes the prefill queries"):
-        generate(lm.model, ids, get_method("snapkv", budget=40, window=8), 4, progress=False, prefilled=p)
+    with pytest.raises(HetmemError, match="observes every prefill chunk's queries"):
+        generate(lm.model, ids, get_method("h2o", budget=40), 4, progress=False, prefilled=p)
     with pytest.raises(HetmemError, match="needs the prefill's attention inputs"):
         generate(lm.model, ids, get_method("dsa", budget=40), 4, progress=False, prefilled=p)
     with pytest.raises(HetmemError, match="other input ids"):

@@ -185,17 +185,18 @@ def summary_markdown(res: Results, runs: list[dict], plots: list[str]) -> str:
         out.append("")
         out.append("| rank by recall | arm | recall | accuracy | rank by accuracy |")
         out.append("|---|---|---|---|---|")
-        by_acc = sorted(ranked, key=lambda kc: -kc[1]["acc"])
-        acc_rank = {k: i + 1 for i, (k, _) in enumerate(by_acc)}
+        # competition ranks: tied values share a rank (1 + how many arms are strictly better)
+        acc_rank = {k: 1 + sum(o["acc"] > c["acc"] for _, o in ranked) for k, c in ranked}
+        rec_rank = {k: 1 + sum(o["recall"] > c["recall"] for _, o in ranked) for k, c in ranked}
         disagree = []
-        for i, (k, c) in enumerate(sorted(ranked, key=lambda kc: -kc[1]["recall"]), start=1):
-            out.append(f"| {i} | {_arm_label(*k)} | {_f(c['recall'], 3)} | {_f(c['acc'])} | {acc_rank[k]} |")
-            if acc_rank[k] != i:
+        for k, c in sorted(ranked, key=lambda kc: -kc[1]["recall"]):
+            out.append(f"| {rec_rank[k]} | {_arm_label(*k)} | {_f(c['recall'], 3)} | {_f(c['acc'])} | {acc_rank[k]} |")
+            if acc_rank[k] != rec_rank[k]:
                 disagree.append(_arm_label(*k))
         out.append("")
         if disagree:
-            out.append(f"Where the orders differ: {', '.join(disagree)} (ties in accuracy and the wide intervals "
-                       "above make small differences in rank meaningless).")
+            out.append(f"Where the ranks differ: {', '.join(disagree)} (with the wide intervals above, a difference of "
+                       "a rank or two is within noise).")
         else:
             out.append("The two orders agree.")
     else:
@@ -303,7 +304,8 @@ def plot_niah_grid(res: Results, path: Path) -> bool:
     arms = list(dict.fromkeys((x["method"], x["budget"]) for x in rows))
     cols = min(4, len(arms))
     nrow = -(-len(arms) // cols)
-    fig, axes = plt.subplots(nrow, cols, figsize=(3.2 * cols + 1, 2.6 * nrow + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.4 * cols + 1.2, 2.9 * nrow + 0.8), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(arms):]:
         ax.axis("off")
     im = None
@@ -318,8 +320,10 @@ def plot_niah_grid(res: Results, path: Path) -> bool:
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), lengths)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_xlabel("length")
-        ax.set_ylabel("needle depth" + (" (binned)" if binned else ""))
+        if ax.get_subplotspec().is_last_row():
+            ax.set_xlabel("length (tokens)")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("needle depth" + (" (binned)" if binned else ""))
         ax.set_title(_arm_label(*arm), fontsize=9)
         for di in range(len(depths)):
             for li in range(len(lengths)):

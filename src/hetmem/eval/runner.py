@@ -31,7 +31,7 @@ from hetmem.errors import HetmemError
 from hetmem.eval.scoring import score_sample
 from hetmem.eval.spec import Budget, MethodSpec
 from hetmem.files import write_atomic
-from hetmem.llm.generate import generate, prefill, prefill_unshareable
+from hetmem.llm.generate import generate, prefill, prefill_unshareable, shared_prefill_mode
 from hetmem.llm.prompt import build_prompt_ids, eos_ids
 from hetmem.methods.shared import model_dims
 from hetmem.rag.corpus import Corpus, Document, split_passages
@@ -204,12 +204,15 @@ class Sweep:
                                           f"not fit {self.lm.name}'s {self.lm.max_context}-token window"))
                 continue
             built.append((base, method, None))
-        share = {}
+        share, modes = {}, {}  # share: None (shares the prefill) or why not; modes: how it shares
         for base, method, why in built:
             if method is not None and method.family != "rag":
                 try:
-                    share[id(method)] = prefill_unshareable(method, self.lm.model) if self.plan.share_prefill \
-                        else "--no-shared-prefill"
+                    if not self.plan.share_prefill:
+                        share[id(method)] = "--no-shared-prefill"
+                        continue
+                    modes[id(method)] = shared_prefill_mode(method, self.lm.model)
+                    share[id(method)] = None if modes[id(method)] else prefill_unshareable(method, self.lm.model)
                 except HetmemError as exc:
                     share[id(method)] = exc
         shared = None
@@ -231,6 +234,8 @@ class Sweep:
                                      if m is not None and w is None and share.get(id(m)) is None)
                         shared = prefill(self.lm.model, ids, keep_hidden=hidden, progress=False)
                     out = self._in_model(method, ids, sample, shared if reason is None else None, reason)
+                    if reason is None:
+                        out["shared_prefill"] = modes[id(method)]
             except (HetmemError, RuntimeError, ValueError) as exc:  # recorded; the sweep goes on
                 yield {**base, "status": "skipped", "reason": f"failed: {type(exc).__name__}: {exc}"}
                 continue

@@ -49,6 +49,11 @@ class Prefill:
     logits: torch.Tensor  # [B, 1, vocab]
     prefill_ms: float
     hidden: list[torch.Tensor] | None = None  # [B, T, hidden] per layer (for methods with ``needs_hidden``)
+    chunk: int = 1024  # the prefill chunk it was made with
+
+    @property
+    def last_chunk_start(self) -> int:
+        return (self.prompt_tokens - 1) // self.chunk * self.chunk
 
     @property
     def prompt_tokens(self) -> int:
@@ -88,7 +93,7 @@ def prefill(model, input_ids: torch.Tensor, *, prefill_chunk: int = 1024, keep_h
     keys = [layer.buf_k[:, :, : layer.length] for layer in cache.layers]
     values = [layer.buf_v[:, :, : layer.length] for layer in cache.layers]
     hidden = [torch.cat(p, dim=1) for p in parts] if keep_hidden else None
-    return Prefill(input_ids, keys, values, logits[:, -1:], ms, hidden)
+    return Prefill(input_ids, keys, values, logits[:, -1:], ms, hidden, prefill_chunk)
 
 
 def prefill_unshareable(method: Method, model=None, pipelines: list | None = None) -> str | None:
@@ -98,13 +103,34 @@ def prefill_unshareable(method: Method, model=None, pipelines: list | None = Non
     if getattr(method, "cache_layer", None) is not None:
         return f"{method.name} keeps its own KV cache layer (prefill attends over it): needs its own prefill"
     if pipelines is None:
-        method.bind(model)
-        quiet = StepTimer(enabled=False)
-        pipelines = [method.pipeline(_device_name(model), quiet, layer_idx=i)
-                     for i in range(model.config.num_hidden_layers)]
-    if any(p is not None and getattr(p.prepare, "observe", None) is not None for p in pipelines):
-        return f"{method.name}'s Prepare observes the prefill queries: needs its own prefill"
+        pipelines = _pipelines(method, model)
+    if any(_observes(p) == "all" for p in pipelines):
+        return f"{method.name}'s Prepare observes every prefill chunk's queries: needs its own prefill"
     return None
+
+
+def _pipelines(method: Method, model) -> list:
+    method.bind(model)
+    quiet = StepTimer(enabled=False)
+    return [method.pipeline(_device_name(model), quiet, layer_idx=i) for i in range(model.config.num_hidden_layers)]
+
+
+def _observes(pipe) -> str | None:
+    """Which prefill queries a layer's Prepare learns from: None, "last-chunk" or "all"."""
+    prep = getattr(pipe, "prepare", None) if pipe is not None else None
+    if getattr(prep, "observe", None) is None:
+        return None
+    return "last-chunk" if getattr(prep, "observes_last_chunk", False) else "all"
+
+
+def shared_prefill_mode(method: Method, model) -> str | None:
+    """How ``method`` starts from a shared prefill: "copy" (the whole KV is copied and its Prepare runs over
+    it), "replay-last-chunk" (its Prepare observes only the last chunk's queries: all but that chunk is copied,
+    the chunk is run through the model again), or None (it needs its own prefill; see ``prefill_unshareable``)."""
+    pipelines = _pipelines(method, model) if getattr(method, "cache_layer", None) is None else None
+    if prefill_unshareable(method, model, pipelines) is not None:
+        return None
+    return "replay-last-chunk" if any(_observes(p) for p in pipelines) else "copy"
 
 
 def _device_name(model) -> str:
@@ -149,6 +175,9 @@ def generate(
             raise HetmemError("the shared prefill was made for other input ids")
         if getattr(method, "needs_hidden", False) and prefilled.hidden is None:
             raise HetmemError(f"{method.name} needs the prefill's attention inputs: prefill(..., keep_hidden=True)")
+    replay_from = None  # with a shared prefill: where the prompt's part run through the model again starts
+    if prefilled is not None:
+        replay_from = prefilled.last_chunk_start if any(_observes(p) for p in pipelines) else prompt_len
     if prefilled is not None:
         why = prefill_unshareable(method, pipelines=pipelines)
         if why:
@@ -157,6 +186,9 @@ def generate(
             raise HetmemError("the shared prefill was made for other input ids")
         if getattr(method, "needs_hidden", False) and prefilled.hidden is None:
             raise HetmemError(f"{method.name} needs the prefill's attention inputs: prefill(..., keep_hidden=True)")
+    replay_from = None  # with a shared prefill: where the prompt's part run through the model again starts
+    if prefilled is not None:
+        replay_from = prefilled.last_chunk_start if any(_observes(p) for p in pipelines) else prompt_len
     cache = PagedKVCache(n_layers, page_size, pipelines, reserve_tokens=prompt_len + max_new_tokens,
                          layer_cls=getattr(method, "cache_layer", None))
     # recall compares a selection with the oracle over the same cache: defined for sparse attention only
@@ -172,7 +204,7 @@ def generate(
     try:
         with runtime.activate():
             times = _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show,
-                         keep_logits, eos, device, prefilled)
+                         keep_logits, eos, device, prefilled, replay_from)
     finally:
         for h in hooks:
             h.remove()
@@ -191,21 +223,24 @@ def generate(
 
 
 def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show, keep_logits, eos,
-         device, prefilled: Prefill | None = None) -> tuple[float, float]:
+         device, prefilled: Prefill | None = None, replay_from: int | None = None) -> tuple[float, float]:
     prompt_len = input_ids.shape[1]
     if True:
         timer.phase = "prefill"
         t0 = time.perf_counter()
+        start = 0
         if prefilled is not None:  # copy the shared KV in; each layer's update runs the method's Prepare
-            for i, layer in enumerate(cache.layers):
+            n = replay_from
+            for i, layer in enumerate(cache.layers if n > 0 else ()):
                 if prefilled.hidden is not None:
-                    layer.hidden = prefilled.hidden[i]
-                layer.update(prefilled.keys[i], prefilled.values[i])
+                    layer.hidden = prefilled.hidden[i][:, :n]
+                layer.update(prefilled.keys[i][:, :, :n], prefilled.values[i][:, :, :n])
                 layer.hidden = None
             logits = prefilled.logits
-        else:
+            start, prefill_chunk = n, prefilled.chunk  # the rest (the last chunk, if any) runs through the model
+        if start < prompt_len:
             bar = tqdm(total=prompt_len, desc="prefill", unit="tok", file=sys.stderr, disable=not show, leave=False)
-            for s in range(0, prompt_len, prefill_chunk):
+            for s in range(start, prompt_len, prefill_chunk):
                 chunk = input_ids[:, s : s + prefill_chunk]
                 logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
                 bar.update(chunk.shape[1])

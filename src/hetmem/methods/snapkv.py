@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from hetmem.ops.evict import attention_column_mass
 class ObservationVotesPrepare(LeadPrepare):
     window: int = 32
     name: str = "observation-votes"
+    observes_last_chunk: ClassVar[bool] = True  # each observe replaces the votes: only the last chunk counts
 
     def prepare(self, raw, memory: Memory | None = None) -> Memory:
         layer = raw[0]
