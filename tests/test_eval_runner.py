@@ -152,3 +152,16 @@ def test_cli_writes_every_artifact_and_resumes(tmp_path, capsys):
     assert "40 already in" in err and "loaded" not in err
     assert main(argv + ["--seed", "3"]) == 2  # another seed into the same results
     assert "with --seed 0" in capsys.readouterr().err
+
+
+def test_every_registered_method_runs_through_the_same_interface(lm, tmp_path):
+    """Every method in the registry, at its defaults, gets a line: answered, or skipped with its reason (kvquant's
+    default group of 32 does not divide the tiny model's head dim of 16)."""
+    from hetmem.methods import REGISTRY
+
+    Sweep(_plan(sorted(REGISTRY)), lm, tmp_path, progress=False).run()
+    by = {x["method"]: x for x in _lines(tmp_path / "results.jsonl")}
+    assert set(by) == set(REGISTRY)
+    for name, x in by.items():
+        assert x["status"] == "ok" or x["reason"], name
+    assert {n for n, x in by.items() if x["status"] != "ok"} <= {"kvquant"}
