@@ -97,8 +97,8 @@ def prefill(model, input_ids: torch.Tensor, *, prefill_chunk: int = 1024, keep_h
 
 
 def prefill_unshareable(method: Method, model=None, pipelines: list | None = None) -> str | None:
-    """Why ``method`` cannot start from a shared dense prefill (None when it can): its Prepare observes the
-    prefill's queries (H2O, SnapKV), or its cache layer stores the KV differently (a quantised cache, whose
+    """Why ``method`` cannot start from a shared dense prefill (None when it can): its Prepare observes every
+    prefill chunk's queries (H2O), or its cache layer stores the KV differently (a quantised cache, whose
     prefill attention already reads the dequantised KV). Give ``pipelines`` or the ``model`` to build them for."""
     if getattr(method, "cache_layer", None) is not None:
         return f"{method.name} keeps its own KV cache layer (prefill attends over it): needs its own prefill"
@@ -157,8 +157,10 @@ def generate(
 
     With ``prefilled`` (from ``prefill`` on the same ``input_ids``), the prompt is not run through the model
     again: its KV is copied into this method's cache layer by layer, which runs the method's Prepare over it
-    (as one span, where a fresh prefill runs it per chunk), and decoding starts from its logits. Methods for
-    which that is not the same as their own prefill (``prefill_unshareable``) are refused."""
+    (as one span, where a fresh prefill runs it per chunk), and decoding starts from its logits. A method whose
+    Prepare observes only the last chunk's queries (``observes_last_chunk``: SnapKV) gets all but the last
+    chunk copied, and that chunk run through the model. Methods for which sharing is not the same as their own
+    prefill (``prefill_unshareable``) are refused."""
     attention.install(model)
     device = _device_name(model)
     timer = timer or StepTimer()
