@@ -39,7 +39,7 @@ def main() -> int:
            "length": args.length, "samples": args.samples, "methods": args.methods, "budget": args.budget,
            "time_source": "measured"}
     answers = {}
-    for mode in ("fresh", "shared"):  # fresh first: any warm-up favours the shared arm's rival, not sharing
+    for mode in ("fresh", "shared"):  # the machine's load drifts between the arms: compare per-prefill times too
         d = out / mode
         if d.exists():
             for f in d.iterdir():
