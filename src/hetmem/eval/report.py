@@ -84,7 +84,7 @@ class Results:
         s = sum(x["score"] for x in rows)
         lo, hi = wilson(s, n)
         paired = [(x["score"], dense[(x["task"], x["length"], x["sample"])]) for x in rows
-                  if (x["task"], x["length"], x["sample"]) in dense]
+                  if (x["task"], x["length"], x["sample"]) in dense and x["method"] != DENSE]
         if paired:
             r, rlo, rhi = ratio_interval(sum(a for a, _ in paired), len(paired), sum(b for _, b in paired), len(paired))
         else:
