@@ -262,17 +262,19 @@ def plot_accuracy_vs_budget(res: Results, path: Path) -> bool:
         for x in rows:
             frac = x["budget_tokens"] / x["prompt_tokens"] if x.get("budget_tokens") else None
             by[x["method"]][frac].append(x["score"])
-        for m, pts in by.items():
+        for j, (m, pts) in enumerate(by.items()):
             flat = pts.pop(None, None)
             if flat is not None and not pts:  # no budget: a horizontal line
                 ax.axhline(sum(flat) / len(flat), linestyle="--", linewidth=1, label=f"{m} (no budget)",
                            color="black" if m == DENSE else None)
                 continue
             xs = sorted(pts)
-            ax.plot(xs, [sum(pts[v]) / len(pts[v]) for v in xs], marker="o", label=m)
+            shift = 1 + 0.025 * (j - len(by) / 2)  # a small offset so equal lines do not hide each other
+            ax.plot([x * shift for x in xs], [sum(pts[v]) / len(pts[v]) for v in xs], marker="osD^v<>p*h"[j % 10],
+                    linestyle=("-", "--", "-.", ":")[j % 4], alpha=0.85, label=m)
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("budget (share of the prompt, log scale)")
+        ax.set_xlabel("budget (share of the prompt, log scale; points offset slightly)")
         ax.set_ylabel("accuracy (mean over tasks and samples)")
         ax.set_title(f"{ll} tokens")
         ax.grid(alpha=0.3)
