@@ -15,10 +15,11 @@ import pytest
 from hetmem.cli import main
 
 RUN = ["run", "--context", "CTX", "--question", "q"]
+EVAL = ["eval", "--tasks", "niah-single", "--lengths", "4k", "--methods", "dense", "--out", "OUT"]
 
 CASES = [
     # (id, argv, a fragment the one-line message must contain)
-    ("no-command", [], "no command given: use one of run, demo, methods, index, profile, plan, devices, train"),
+    ("no-command", [], "no command given: use one of run, demo, methods, index, profile, plan, devices, train, eval"),
     ("unknown-subcommand", ["frobnicate"], "invalid choice"),
     ("unknown-method", ["run", "--method", "nope", "--context", "CTX", "--question", "q"], "invalid choice"),
     ("threads-zero", RUN + ["--method", "dense", "--threads", "0"], "--threads must be at least 1"),
@@ -88,6 +89,17 @@ CASES = [
     ("profile-out-unrelated", ["profile", "--methods", "dense", "--lengths", "1k", "--shape", "llama3-8b", "--out", "UNREL"],
      "non-empty directory that hetmem did not write"),
     ("profile-bad-length", ["profile", "--methods", "dense", "--lengths", "abc", "--shape", "llama3-8b", "--out", "OUT"], "bad length 'abc'"),
+    ("eval-unknown-task", EVAL[:2] + ["nope"] + EVAL[3:], "--tasks: unknown task 'nope'"),
+    ("eval-bad-length", EVAL + ["--lengths", "4x"], "--lengths: '4x' is not a length"),
+    ("eval-length-too-short", EVAL + ["--lengths", "64"], "must be a whole number of at least 128 tokens"),
+    ("eval-bad-budget", EVAL + ["--budgets", "2/1"], "must be a fraction in (0, 1]"),
+    ("eval-budget-not-a-number", EVAL + ["--budgets", "lots"], "--budgets: 'lots' is not a budget"),
+    ("eval-method-param", EVAL + ["--methods", "quest:threshold=0.1"], "'threshold' is not a parameter of method 'quest'"),
+    ("eval-method-bad-value", EVAL + ["--methods", "seer:threshold=2"], "--threshold must be between"),
+    ("eval-unknown-method", EVAL + ["--methods", "dense,nope"], "--methods: unknown method 'nope'"),
+    ("eval-samples-zero", EVAL + ["--samples", "0"], "--samples must be at least 1"),
+    ("eval-duplicate-task", EVAL[:2] + ["vt,vt"] + EVAL[3:], "--tasks lists vt more than once"),
+    ("eval-out-unrelated", EVAL + ["--out", "UNREL"], "non-empty directory that hetmem did not write"),
     ("profile-unknown-method", ["profile", "--methods", "nope", "--lengths", "1k", "--shape", "llama3-8b", "--out", "OUT"], "unknown method 'nope'"),
 ]
 

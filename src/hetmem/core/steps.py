@@ -84,6 +84,9 @@ class ObservingPrepare(Protocol):
     """A Prepare step that also learns from prefill queries (H2O's and SnapKV's attention votes).
 
     The attention hook calls ``observe`` after each prefill chunk's attention, timed as ``prepare``.
+    A step whose memory depends only on the *last* prefill chunk's queries (each call replaces what the
+    previous one left, as SnapKV's observation window does) says so with a class attribute
+    ``observes_last_chunk = True``: a shared prefill then reruns only that chunk for it (``llm.generate``).
     """
 
     def observe(self, layer: Any, query: Any, scale: float) -> None: ...

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from hetmem.errors import HetmemError
 from hetmem.llm import attention
 from hetmem.llm.arch import describe
 from hetmem.llm.paged_cache import PagedKVCache
@@ -28,6 +29,9 @@ class GenerationResult:
     recall: dict | None = None  # attention-mass recall of the method's selections (when asked for)
     memory: dict = field(default_factory=dict)  # KV bytes held at the end, and the method's own report
     measurement_ms: float = 0.0  # measurement work done during decode (recall), already excluded from decode_ms
+    # With ``generate(..., prefilled=p)``: the shared prefill's own measured time (``prefill_ms`` is then the
+    # time to copy its KV into this method's cache and run the method's Prepare over it).
+    shared_prefill_ms: float | None = None
 
     @property
     def total_ms(self) -> float:
@@ -53,6 +57,102 @@ def arch_notes(arch, method) -> dict:
     return out
 
 
+@dataclass
+class Prefill:
+    """A prompt prefilled once with dense attention: each layer's keys and values (RoPE applied), the last
+    position's logits and, when asked for, each layer's attention inputs. ``generate(..., prefilled=p)`` copies
+    it into a method's own cache (running the method's Prepare over it) instead of prefilling again."""
+
+    input_ids: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor  # [B, 1, vocab]
+    prefill_ms: float
+    hidden: list[torch.Tensor] | None = None  # [B, T, hidden] per layer (for methods with ``needs_hidden``)
+    chunk: int = 1024  # the prefill chunk it was made with
+
+    @property
+    def last_chunk_start(self) -> int:
+        return (self.prompt_tokens - 1) // self.chunk * self.chunk
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@torch.inference_mode()
+def prefill_once(model, input_ids: torch.Tensor, *, prefill_chunk: int = 1024, keep_hidden: bool = False,
+                 progress: bool = True) -> Prefill:
+    """Prefill ``input_ids`` once, densely and chunked exactly as ``generate`` does, and keep the KV to share."""
+    attention.install(model)
+    device = _device_name(model)
+    n_layers = model.config.num_hidden_layers
+    prompt_len = input_ids.shape[1]
+    cache = PagedKVCache(n_layers, 16, None, reserve_tokens=prompt_len)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    hooks = []
+    if keep_hidden:
+        def hook(module, args, kwargs):
+            parts[module.layer_idx].append(kwargs.get("hidden_states", args[0] if args else None))
+
+        hooks = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention.attention_modules(model)]
+    input_ids = input_ids.to(device)
+    show = progress and prompt_len > prefill_chunk
+    t0 = time.perf_counter()
+    try:
+        bar = tqdm(total=prompt_len, desc="prefill", unit="tok", file=sys.stderr, disable=not show, leave=False)
+        for s in range(0, prompt_len, prefill_chunk):
+            chunk = input_ids[:, s : s + prefill_chunk]
+            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            bar.update(chunk.shape[1])
+        bar.close()
+    finally:
+        for h in hooks:
+            h.remove()
+    ms = (time.perf_counter() - t0) * 1e3
+    keys = [layer.buf_k[:, :, : layer.length] for layer in cache.layers]
+    values = [layer.buf_v[:, :, : layer.length] for layer in cache.layers]
+    hidden = [torch.cat(p, dim=1) for p in parts] if keep_hidden else None
+    return Prefill(input_ids, keys, values, logits[:, -1:], ms, hidden, prefill_chunk)
+
+
+def prefill_unshareable(method: Method, model=None, pipelines: list | None = None) -> str | None:
+    """Why ``method`` cannot start from a shared dense prefill (None when it can): its Prepare observes every
+    prefill chunk's queries (H2O), or its cache layer stores the KV differently (a quantised cache, whose
+    prefill attention already reads the dequantised KV). Give ``pipelines`` or the ``model`` to build them for."""
+    if getattr(method, "cache_layer", None) is not None:
+        return f"{method.name} keeps its own KV cache layer (prefill attends over it): needs its own prefill"
+    if pipelines is None:
+        pipelines = _pipelines(method, model)
+    if any(_observes(p) == "all" for p in pipelines):
+        return f"{method.name}'s Prepare observes every prefill chunk's queries: needs its own prefill"
+    return None
+
+
+def _pipelines(method: Method, model) -> list:
+    method.bind(model)
+    quiet = StepTimer(enabled=False)
+    return [method.pipeline(_device_name(model), quiet, layer_idx=i) for i in range(model.config.num_hidden_layers)]
+
+
+def _observes(pipe) -> str | None:
+    """Which prefill queries a layer's Prepare learns from: None, "last-chunk" or "all"."""
+    prep = getattr(pipe, "prepare", None) if pipe is not None else None
+    if getattr(prep, "observe", None) is None:
+        return None
+    return "last-chunk" if getattr(prep, "observes_last_chunk", False) else "all"
+
+
+def shared_prefill_mode(method: Method, model) -> str | None:
+    """How ``method`` starts from a shared prefill: "copy" (the whole KV is copied and its Prepare runs over
+    it), "replay-last-chunk" (its Prepare observes only the last chunk's queries: all but that chunk is copied,
+    the chunk is run through the model again), or None (it needs its own prefill; see ``prefill_unshareable``)."""
+    pipelines = _pipelines(method, model) if getattr(method, "cache_layer", None) is None else None
+    if prefill_unshareable(method, model, pipelines) is not None:
+        return None
+    return "replay-last-chunk" if any(_observes(p) for p in pipelines) else "copy"
+
+
 def _device_name(model) -> str:
     dev = next(model.parameters()).device
     return str(dev)
@@ -71,8 +171,16 @@ def generate(
     keep_logits: bool = False,
     timer: StepTimer | None = None,
     recall: bool = False,
+    prefilled: Prefill | None = None,
 ) -> GenerationResult:
-    """Prefill the prompt (dense, chunked), then decode greedily with ``method`` in every layer."""
+    """Prefill the prompt (dense, chunked), then decode greedily with ``method`` in every layer.
+
+    With ``prefilled`` (from ``prefill`` on the same ``input_ids``), the prompt is not run through the model
+    again: its KV is copied into this method's cache layer by layer, which runs the method's Prepare over it
+    (as one span, where a fresh prefill runs it per chunk), and decoding starts from its logits. A method whose
+    Prepare observes only the last chunk's queries (``observes_last_chunk``: SnapKV) gets all but the last
+    chunk copied, and that chunk run through the model. Methods for which sharing is not the same as their own
+    prefill (``prefill_unshareable``) are refused."""
     attention.install(model)
     device = _device_name(model)
     timer = timer or StepTimer()
@@ -82,6 +190,28 @@ def generate(
     method.bind(model)  # methods with per-layer weights (gates, indexers) size and load them here
     pipelines = [method.pipeline(device, timer, layer_idx=i) for i in range(n_layers)]
     prompt_len = input_ids.shape[1]
+    if prefilled is not None:
+        why = prefill_unshareable(method, pipelines=pipelines)
+        if why:
+            raise HetmemError(f"cannot share a prefill: {why}")
+        if not torch.equal(prefilled.input_ids.cpu(), input_ids.cpu()):
+            raise HetmemError("the shared prefill was made for other input ids")
+        if getattr(method, "needs_hidden", False) and prefilled.hidden is None:
+            raise HetmemError(f"{method.name} needs the prefill's attention inputs: prefill(..., keep_hidden=True)")
+    replay_from = None  # with a shared prefill: where the prompt's part run through the model again starts
+    if prefilled is not None:
+        replay_from = prefilled.last_chunk_start if any(_observes(p) for p in pipelines) else prompt_len
+    if prefilled is not None:
+        why = prefill_unshareable(method, pipelines=pipelines)
+        if why:
+            raise HetmemError(f"cannot share a prefill: {why}")
+        if not torch.equal(prefilled.input_ids.cpu(), input_ids.cpu()):
+            raise HetmemError("the shared prefill was made for other input ids")
+        if getattr(method, "needs_hidden", False) and prefilled.hidden is None:
+            raise HetmemError(f"{method.name} needs the prefill's attention inputs: prefill(..., keep_hidden=True)")
+    replay_from = None  # with a shared prefill: where the prompt's part run through the model again starts
+    if prefilled is not None:
+        replay_from = prefilled.last_chunk_start if any(_observes(p) for p in pipelines) else prompt_len
     cache = PagedKVCache(n_layers, page_size, pipelines, reserve_tokens=prompt_len + max_new_tokens,
                          layer_cls=getattr(method, "cache_layer", None), windows=arch.windows, mla_rank=arch.mla_rank)
     # recall compares a selection with the oracle over the same cache: defined for sparse attention only
@@ -97,7 +227,7 @@ def generate(
     try:
         with runtime.activate():
             times = _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show,
-                         keep_logits, eos, device, runtime)
+                         keep_logits, eos, device, runtime, prefilled, replay_from)
     finally:
         for h in hooks:
             h.remove()
@@ -112,23 +242,35 @@ def generate(
     # Measurement work (the recall meter's dense scores) is not the method's: take it out of decode time.
     measure_ms = meter.ms if meter else 0.0
     return GenerationResult(out_ids, prompt_len, timer, times[0], times[1] - measure_ms, logits_kept,
-                            meter.summary() if meter else None, memory, measure_ms)
+                            meter.summary() if meter else None, memory, measure_ms,
+                            prefilled.prefill_ms if prefilled is not None else None)
 
 
 def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show, keep_logits, eos,
-         device, runtime) -> tuple[float, float]:
+         device, runtime, prefilled: Prefill | None = None, replay_from: int | None = None) -> tuple[float, float]:
     prompt_len = input_ids.shape[1]
     if True:
         timer.phase = "prefill"
         t0 = time.perf_counter()
-        bar = tqdm(total=prompt_len, desc="prefill", unit="tok", file=sys.stderr, disable=not show, leave=False)
-        runtime.prefill = True  # a last chunk of one token is still prefill
-        for s in range(0, prompt_len, prefill_chunk):
-            chunk = input_ids[:, s : s + prefill_chunk]
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            bar.update(chunk.shape[1])
-        runtime.prefill = False
-        bar.close()
+        start = 0
+        if prefilled is not None:  # copy the shared KV in; each layer's update runs the method's Prepare
+            n = replay_from
+            for i, layer in enumerate(cache.layers if n > 0 else ()):
+                if prefilled.hidden is not None:
+                    layer.hidden = prefilled.hidden[i][:, :n]
+                layer.update(prefilled.keys[i][:, :, :n], prefilled.values[i][:, :, :n])
+                layer.hidden = None
+            logits = prefilled.logits
+            start, prefill_chunk = n, prefilled.chunk  # the rest (the last chunk, if any) runs through the model
+        if start < prompt_len:
+            bar = tqdm(total=prompt_len, desc="prefill", unit="tok", file=sys.stderr, disable=not show, leave=False)
+            runtime.prefill = True  # a last chunk of one token is still prefill
+            for s in range(start, prompt_len, prefill_chunk):
+                chunk = input_ids[:, s : s + prefill_chunk]
+                logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                bar.update(chunk.shape[1])
+            runtime.prefill = False
+            bar.close()
         prefill_ms = (time.perf_counter() - t0) * 1e3
 
         timer.phase = "decode"

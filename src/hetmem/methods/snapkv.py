@@ -16,6 +16,7 @@ What You are Looking for Before Generation", NeurIPS 2024, arXiv 2404.14469).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

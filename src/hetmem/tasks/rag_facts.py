@@ -50,6 +50,30 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ON) for _ in range(syllables)).capitalize()
 
 
+def invent_person(rng: random.Random, used: set[str]) -> str:
+    """An invented full name not in ``used`` (added to it)."""
+    while True:
+        name = f"{_word(rng, 2)} {_word(rng, 3)}"
+        if name not in used:
+            used.add(name)
+            return name
+
+
+def invent_facts(rng: random.Random, name: str, facts_per_person: int, source: str) -> list[tuple[str, FactQuestion]]:
+    """``facts_per_person`` invented facts about ``name``: (the sentence stating it, the question it answers)."""
+    out = []
+    for attr in rng.sample(sorted(_FACTS), facts_per_person):
+        extra = rng.choice(_ANIMALS)
+        value = {
+            "town": lambda: rng.choice(_TOWNS), "job": lambda: rng.choice(_JOBS),
+            "year": lambda: str(rng.randint(1650, 1990)), "pet": lambda: _word(rng, 2),
+            "instrument": lambda: rng.choice(_INSTRUMENTS), "colour": lambda: rng.choice(_COLOURS),
+        }[attr]()
+        stmt, q = _FACTS[attr]
+        out.append((stmt.format(n=name, v=value, a=extra), FactQuestion(q.format(n=name), value, source, f"{source}#0", name, attr)))
+    return out
+
+
 def generate_fact_corpus(out_dir: str | Path, n_files: int = 300, people_per_file: int = 2, facts_per_person: int = 3,
                          n_questions: int = 40, seed: int = 0) -> list[FactQuestion]:
     """Write ``n_files`` small .txt files under ``out_dir``; return questions about randomly chosen facts."""
@@ -61,21 +85,10 @@ def generate_fact_corpus(out_dir: str | Path, n_files: int = 300, people_per_fil
         rel = f"archive/{f // 100:02d}/record_{f:04d}.txt"
         lines = []
         for _ in range(people_per_file):
-            while True:
-                name = f"{_word(rng, 2)} {_word(rng, 3)}"
-                if name not in used:
-                    used.add(name)
-                    break
-            for attr in rng.sample(sorted(_FACTS), facts_per_person):
-                extra = rng.choice(_ANIMALS)
-                value = {
-                    "town": lambda: rng.choice(_TOWNS), "job": lambda: rng.choice(_JOBS),
-                    "year": lambda: str(rng.randint(1650, 1990)), "pet": lambda: _word(rng, 2),
-                    "instrument": lambda: rng.choice(_INSTRUMENTS), "colour": lambda: rng.choice(_COLOURS),
-                }[attr]()
-                stmt, q = _FACTS[attr]
-                lines.append(stmt.format(n=name, v=value, a=extra))
-                facts.append(FactQuestion(q.format(n=name), value, rel, f"{rel}#0", name, attr))
+            name = invent_person(rng, used)
+            for stmt, fq in invent_facts(rng, name, facts_per_person, rel):
+                lines.append(stmt)
+                facts.append(fq)
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(" ".join(lines) + "\n", encoding="utf-8")
