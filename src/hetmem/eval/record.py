@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from hetmem.hw.calibrate import cpu_model
 
 
 def _git(*args: str) -> str | None:
@@ -20,16 +20,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_info(argv: list[str] | None = None, prog: str = "hetmem eval") -> dict:

@@ -32,7 +32,7 @@ from hetmem.settings import cache_dir
 CALIBRATED_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -61,7 +61,7 @@ def machine_info(device: str = "cpu") -> dict:
     info = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cores_available": cores_available(),
         "torch": torch.__version__,
@@ -83,7 +83,7 @@ CACHE_SCHEMA = "hetmem.calibration/2"
 def calibration_key(device: str = "cpu", dtype: str = "float32") -> dict:
     """What a calibration depends on: the machine (host, CPU model, cores available to this process, GPU),
     the software (torch version, torch threads) and what is measured (device, dtype)."""
-    return {"hostname": socket.gethostname(), "cpu": _cpu_model(), "cores_available": cores_available(),
+    return {"hostname": socket.gethostname(), "cpu": cpu_model(), "cores_available": cores_available(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cuda_device": _cuda_name(device),
             "device": device, "dtype": dtype}
 

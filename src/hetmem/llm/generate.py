@@ -197,18 +197,7 @@ def generate(
         if not torch.equal(prefilled.input_ids.cpu(), input_ids.cpu()):
             raise HetmemError("the shared prefill was made for other input ids")
         if getattr(method, "needs_hidden", False) and prefilled.hidden is None:
-            raise HetmemError(f"{method.name} needs the prefill's attention inputs: prefill(..., keep_hidden=True)")
-    replay_from = None  # with a shared prefill: where the prompt's part run through the model again starts
-    if prefilled is not None:
-        replay_from = prefilled.last_chunk_start if any(_observes(p) for p in pipelines) else prompt_len
-    if prefilled is not None:
-        why = prefill_unshareable(method, pipelines=pipelines)
-        if why:
-            raise HetmemError(f"cannot share a prefill: {why}")
-        if not torch.equal(prefilled.input_ids.cpu(), input_ids.cpu()):
-            raise HetmemError("the shared prefill was made for other input ids")
-        if getattr(method, "needs_hidden", False) and prefilled.hidden is None:
-            raise HetmemError(f"{method.name} needs the prefill's attention inputs: prefill(..., keep_hidden=True)")
+            raise HetmemError(f"{method.name} needs the prefill's attention inputs: prefill_once(..., keep_hidden=True)")
     replay_from = None  # with a shared prefill: where the prompt's part run through the model again starts
     if prefilled is not None:
         replay_from = prefilled.last_chunk_start if any(_observes(p) for p in pipelines) else prompt_len
