@@ -297,9 +297,12 @@ def plot_niah_grid(res: Results, path: Path) -> bool:
     plt = _plt()
     import numpy as np
 
-    def depth_of(x):
+    def depth_of(x):  # binned: the fifth of the haystack the needle is in (0..4)
         d = x["depth"]
-        return round(min(4, int(d * 5)) / 4, 2) if binned else round(d, 2)
+        return min(4, int(d * 5)) if binned else round(d, 2)
+
+    def depth_label(d):
+        return f"{d * 20}-{d * 20 + 20}%" if binned else f"{d:.0%}"
 
     lengths = [ll for ll in _length_sort(res.len_tokens) if any(x["length"] == ll for x in rows)]
     depths = sorted({depth_of(x) for x in rows})
@@ -321,7 +324,7 @@ def plot_niah_grid(res: Results, path: Path) -> bool:
                     grid[di, li] = sum(sc) / len(sc)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), lengths)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_yticks(range(len(depths)), [depth_label(d) for d in depths])
         if ax.get_subplotspec().is_last_row():
             ax.set_xlabel("length (tokens)")
         if ax.get_subplotspec().is_first_col():
