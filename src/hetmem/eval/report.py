@@ -188,17 +188,18 @@ def summary_markdown(res: Results, runs: list[dict], plots: list[str]) -> str:
         # competition ranks: tied values share a rank (1 + how many arms are strictly better)
         acc_rank = {k: 1 + sum(o["acc"] > c["acc"] for _, o in ranked) for k, c in ranked}
         rec_rank = {k: 1 + sum(o["recall"] > c["recall"] for _, o in ranked) for k, c in ranked}
-        disagree = []
         for k, c in sorted(ranked, key=lambda kc: -kc[1]["recall"]):
             out.append(f"| {rec_rank[k]} | {_arm_label(*k)} | {_f(c['recall'], 3)} | {_f(c['acc'])} | {acc_rank[k]} |")
-            if acc_rank[k] != rec_rank[k]:
-                disagree.append(_arm_label(*k))
         out.append("")
-        if disagree:
-            out.append(f"Where the ranks differ: {', '.join(disagree)} (with the wide intervals above, a difference of "
-                       "a rank or two is within noise).")
+        # where they disagree: pairs whose recall order is the opposite of their accuracy order
+        discordant = [f"{_arm_label(*a)} (recall {_f(ca['recall'], 3)}, accuracy {_f(ca['acc'])}) vs "
+                      f"{_arm_label(*b)} ({_f(cb['recall'], 3)}, {_f(cb['acc'])})"
+                      for a, ca in ranked for b, cb in ranked if ca["recall"] > cb["recall"] and ca["acc"] < cb["acc"]]
+        if discordant:
+            out.append("Pairs where higher recall came with lower accuracy: " + "; ".join(discordant) +
+                       ". (With the wide intervals above, small differences are within noise.)")
         else:
-            out.append("The two orders agree.")
+            out.append("No pair of arms has higher recall with lower accuracy: the orders agree (up to ties).")
     else:
         out.append("Fewer than two sparse-attention arms with recall: nothing to rank.")
     out.append("")
