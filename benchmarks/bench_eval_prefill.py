@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from hetmem.eval.record import run_info
 from hetmem.eval.report import read_jsonl

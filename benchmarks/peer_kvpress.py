@@ -48,7 +48,6 @@ def worker(samples_path: str, model_dir: str, out_path: str, threads: int) -> in
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    import kvpress
     from kvpress import (DecodingPress, ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress)
 
     sys.path.insert(0, str(ROOT / "src"))

@@ -10,15 +10,16 @@ command, commit, date, CPU and threads of every invocation), DIR/summary.md and 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from hetmem.cli.common import model_args
 from hetmem.errors import HetmemError
 from hetmem.eval.record import run_info
 from hetmem.eval.report import write_report
-from hetmem.eval.runner import RESULTS, RUNS, EvalPlan, ResultsFile, Sweep, append_run
+from hetmem.eval.runner import RESULTS, EvalPlan, ResultsFile, Sweep, append_run
 from hetmem.eval.spec import parse_budget, parse_length, parse_list, parse_method
 from hetmem.files import check_out_dir
-from hetmem.llm.models import load_model, resolve_model_name
+from hetmem.llm.models import EMBEDDED, load_model, resolve_model_name
 from hetmem.tasks.ruler import TASKS
 
 
@@ -42,9 +43,9 @@ def plan_from_args(args) -> EvalPlan:
 def cmd_eval(args) -> int:
     plan = plan_from_args(args)
     out = check_out_dir(args.out, "--out", (RESULTS,))
-    model_name = resolve_model_name(args.model)
+    name = resolve_model_name(args.model)
     existing = ResultsFile(out / RESULTS)
-    existing.check_compatible(model_name if model_name not in ("",) else args.model, args.seed)
+    existing.check_compatible(name if name in EMBEDDED else str(Path(name).expanduser()), args.seed)  # = lm.name
     keys = plan.keys()
     todo = sum(k not in existing.done for k in keys)
     print(f"hetmem eval: {len(keys)} lines ({len(plan.tasks)} tasks x {len(plan.lengths)} lengths x {plan.samples} "

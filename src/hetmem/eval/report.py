@@ -188,17 +188,18 @@ def summary_markdown(res: Results, runs: list[dict], plots: list[str]) -> str:
         # competition ranks: tied values share a rank (1 + how many arms are strictly better)
         acc_rank = {k: 1 + sum(o["acc"] > c["acc"] for _, o in ranked) for k, c in ranked}
         rec_rank = {k: 1 + sum(o["recall"] > c["recall"] for _, o in ranked) for k, c in ranked}
-        disagree = []
         for k, c in sorted(ranked, key=lambda kc: -kc[1]["recall"]):
             out.append(f"| {rec_rank[k]} | {_arm_label(*k)} | {_f(c['recall'], 3)} | {_f(c['acc'])} | {acc_rank[k]} |")
-            if acc_rank[k] != rec_rank[k]:
-                disagree.append(_arm_label(*k))
         out.append("")
-        if disagree:
-            out.append(f"Where the ranks differ: {', '.join(disagree)} (with the wide intervals above, a difference of "
-                       "a rank or two is within noise).")
+        # where they disagree: pairs whose recall order is the opposite of their accuracy order
+        discordant = [f"{_arm_label(*a)} (recall {_f(ca['recall'], 3)}, accuracy {_f(ca['acc'])}) vs "
+                      f"{_arm_label(*b)} ({_f(cb['recall'], 3)}, {_f(cb['acc'])})"
+                      for a, ca in ranked for b, cb in ranked if ca["recall"] > cb["recall"] and ca["acc"] < cb["acc"]]
+        if discordant:
+            out.append("Pairs where higher recall came with lower accuracy: " + "; ".join(discordant) +
+                       ". (With the wide intervals above, small differences are within noise.)")
         else:
-            out.append("The two orders agree.")
+            out.append("No pair of arms has higher recall with lower accuracy: the orders agree (up to ties).")
     else:
         out.append("Fewer than two sparse-attention arms with recall: nothing to rank.")
     out.append("")
@@ -297,9 +298,12 @@ def plot_niah_grid(res: Results, path: Path) -> bool:
     plt = _plt()
     import numpy as np
 
-    def depth_of(x):
+    def depth_of(x):  # binned: the fifth of the haystack the needle is in (0..4)
         d = x["depth"]
-        return round(min(4, int(d * 5)) / 4, 2) if binned else round(d, 2)
+        return min(4, int(d * 5)) if binned else round(d, 2)
+
+    def depth_label(d):
+        return f"{d * 20}-{d * 20 + 20}%" if binned else f"{d:.0%}"
 
     lengths = [ll for ll in _length_sort(res.len_tokens) if any(x["length"] == ll for x in rows)]
     depths = sorted({depth_of(x) for x in rows})
@@ -321,7 +325,7 @@ def plot_niah_grid(res: Results, path: Path) -> bool:
                     grid[di, li] = sum(sc) / len(sc)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), lengths)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_yticks(range(len(depths)), [depth_label(d) for d in depths])
         if ax.get_subplotspec().is_last_row():
             ax.set_xlabel("length (tokens)")
         if ax.get_subplotspec().is_first_col():
