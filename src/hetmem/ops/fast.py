@@ -68,6 +68,49 @@ static void scores_impl(const float* q, const T* kmin, const T* kmax, float* out
   });
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// The float32 path with AVX-512: one pass over each page's kmax/kmin (16 floats a load), GG query heads'
+// bounds accumulated together (2 * GG independent FMA chains), the next pages prefetched.
+template <int GG>
+static void scores_avx512(const float* q, const float* kmin, const float* kmax, float* out, int64_t R, int64_t N,
+                          int64_t D, int64_t rs, int64_t ps) {
+  at::parallel_for(0, R * N, 256, [&](int64_t a, int64_t b) {
+    std::vector<float> qp(GG * D), qn(GG * D);
+    int64_t r_cur = -1;
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / N, n = i - (i / N) * N;
+      if (r != r_cur) {
+        r_cur = r;
+        for (int64_t j = 0; j < GG * D; ++j) { float x = q[r * GG * D + j]; qp[j] = x > 0 ? x : 0; qn[j] = x < 0 ? x : 0; }
+      }
+      const float* mx = kmax + r * rs + n * ps;
+      const float* mn = kmin + r * rs + n * ps;
+      if (n + 8 < N)
+        for (int64_t d = 0; d < D; d += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(mx + 8 * ps + d), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(mn + 8 * ps + d), _MM_HINT_T0);
+        }
+      __m512 ap[GG], an[GG];
+      for (int g = 0; g < GG; ++g) { ap[g] = _mm512_setzero_ps(); an[g] = _mm512_setzero_ps(); }
+      for (int64_t d = 0; d < D; d += 16) {
+        __m512 vx = _mm512_loadu_ps(mx + d), vn = _mm512_loadu_ps(mn + d);
+        for (int g = 0; g < GG; ++g) {
+          ap[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qp.data() + g * D + d), vx, ap[g]);
+          an[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qn.data() + g * D + d), vn, an[g]);
+        }
+      }
+      float best = 0.f;
+      for (int g = 0; g < GG; ++g) {
+        float acc = _mm512_reduce_add_ps(_mm512_add_ps(ap[g], an[g]));
+        best = (g == 0 || acc > best || std::isnan(acc)) ? acc : best;
+      }
+      out[r * N + n] = best;
+    }
+  });
+}
+#endif
+
 torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax) {
   // q [B, H, G, D]; kmin/kmax [B, H, N, D] (a slice of the memory buffers: any strides but D contiguous)
   auto B = kmin.size(0), H = kmin.size(1), N = kmin.size(2), D = kmin.size(3), G = q.size(2);
@@ -76,6 +119,24 @@ torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor km
   auto qf = q.to(torch::kFloat).contiguous();
   auto out = torch::empty({B, H, N}, qf.options());
   if (N == 0) return out;
+#if defined(__AVX512F__)
+  if (kmin.scalar_type() == torch::kFloat && D % 16 == 0 && G >= 1 && G <= 8) {
+    const float* qp = qf.data_ptr<float>(); const float* a = kmin.data_ptr<float>(); const float* b = kmax.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    auto rs = kmin.stride(1), ps = kmin.stride(2);
+    switch (G) {
+      case 1: scores_avx512<1>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      case 2: scores_avx512<2>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      case 3: scores_avx512<3>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      case 4: scores_avx512<4>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      case 5: scores_avx512<5>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      case 6: scores_avx512<6>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      case 7: scores_avx512<7>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      default: scores_avx512<8>(qp, a, b, o, B * H, N, D, rs, ps); break;
+    }
+    return out;
+  }
+#endif
   if (kmin.scalar_type() == torch::kFloat)
     scores_impl<float>(qf.data_ptr<float>(), kmin.data_ptr<float>(), kmax.data_ptr<float>(), out.data_ptr<float>(),
                        B * H, G, N, D, kmin.stride(1), kmin.stride(2));
@@ -99,9 +160,22 @@ torch::Tensor topk_ids(torch::Tensor scores, int64_t k) {
     for (int64_t r = a; r < b; ++r) {
       const float* row = sp + r * N;
       auto key = [&](int64_t i) { float x = row[i]; return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; };
-      for (int64_t i = 0; i < N; ++i) ids[i] = i;
       auto better = [&](int64_t x, int64_t y) { float a_ = key(x), b_ = key(y); return a_ > b_ || (a_ == b_ && x < y); };
-      if (k < N) std::nth_element(ids.begin(), ids.begin() + k, ids.end(), better);
+      if (k == 0) continue;
+      // One pass with a heap of the k best so far, its worst on top: ids come in ascending order, so a later
+      // id replaces the worst only with a strictly greater score (ties go to the lower id, already kept).
+      for (int64_t i = 0; i < k; ++i) ids[i] = i;
+      std::make_heap(ids.begin(), ids.begin() + k, better);
+      float thr = key(ids[0]);
+      for (int64_t i = k; i < N; ++i) {
+        float x = key(i);
+        if (x > thr) {
+          std::pop_heap(ids.begin(), ids.begin() + k, better);
+          ids[k - 1] = i;
+          std::push_heap(ids.begin(), ids.begin() + k, better);
+          thr = key(ids[0]);
+        }
+      }
       std::sort(ids.begin(), ids.begin() + k);
       std::copy(ids.begin(), ids.begin() + k, op + r * k);
     }
