@@ -247,6 +247,88 @@ static void attn_impl(const float* q, const T* k, const T* v, const int64_t* pag
   });
 }
 
+#if defined(__AVX512F__)
+// The float32 path with AVX-512 (Dk, Dv multiples of 16): each key row is loaded once for the GG query heads
+// (GG FMA chains), values accumulate in registers per 16-wide slice over a page's tokens, and the
+// next selected page's K/V rows are prefetched while this page is read.
+template <int GG>
+static void attn_avx512(const float* q, const float* k, const float* v, const int64_t* pages, float* out, int64_t R,
+                        int64_t Dk, int64_t Dv, int64_t n, int64_t P, int64_t kr, int64_t ks, int64_t vr, int64_t vs,
+                        int64_t start, int64_t length, float scale, float softcap, const float* sinks) {
+  at::parallel_for(0, R, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> m(GG), l(GG), acc(GG * Dv), s(GG * P);
+    for (int64_t r = a; r < b; ++r) {
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const float* qr = q + r * GG * Dk;
+      const float* kb = k + r * kr;
+      const float* vb = v + r * vr;
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t p0 = pages[r * n + j] * P;
+        int64_t t0 = std::max<int64_t>(p0, start), t1 = std::min<int64_t>(p0 + P, length);
+        int64_t T_ = t1 - t0;
+        if (T_ <= 0) continue;
+        int64_t nxt = j + 1 < n ? pages[r * n + j + 1] * P : -1;
+        for (int64_t t = 0; t < T_; ++t) {
+          if (nxt >= 0 && nxt + t < length) {
+            const char* pk = reinterpret_cast<const char*>(kb + (nxt + t) * ks);
+            const char* pv = reinterpret_cast<const char*>(vb + (nxt + t) * vs);
+            for (int64_t d = 0; d < Dk * 4; d += 64) _mm_prefetch(pk + d, _MM_HINT_T0);
+            for (int64_t d = 0; d < Dv * 4; d += 64) _mm_prefetch(pv + d, _MM_HINT_T0);
+          }
+          const float* kt = kb + (t0 + t) * ks;
+          __m512 sa[GG];
+          for (int g = 0; g < GG; ++g) sa[g] = _mm512_setzero_ps();
+          for (int64_t d = 0; d < Dk; d += 16) {
+            __m512 vk = _mm512_loadu_ps(kt + d);
+            for (int g = 0; g < GG; ++g) sa[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qr + g * Dk + d), vk, sa[g]);
+          }
+          for (int g = 0; g < GG; ++g) {
+            float dot = _mm512_reduce_add_ps(sa[g]) * scale;
+            if (softcap > 0) dot = std::tanh(dot / softcap) * softcap;
+            s[g * P + t] = dot;
+          }
+        }
+        for (int g = 0; g < GG; ++g) {
+          float mx = m[g];
+          for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, s[g * P + t]);
+          float corr = std::exp(m[g] - mx);
+          float lg = l[g] * corr;
+          for (int64_t t = 0; t < T_; ++t) { float p = std::exp(s[g * P + t] - mx); s[g * P + t] = p; lg += p; }
+          l[g] = lg;
+          if (corr != 1.f) {
+            float* ag = acc.data() + g * Dv;
+            for (int64_t d = 0; d < Dv; ++d) ag[d] *= corr;
+          }
+          m[g] = mx;
+        }
+        for (int64_t d = 0; d < Dv; d += 16) {
+          __m512 av[GG];
+          for (int g = 0; g < GG; ++g) av[g] = _mm512_loadu_ps(acc.data() + g * Dv + d);
+          for (int64_t t = 0; t < T_; ++t) {
+            __m512 vv = _mm512_loadu_ps(vb + (t0 + t) * vs + d);
+            for (int g = 0; g < GG; ++g) av[g] = _mm512_fmadd_ps(_mm512_set1_ps(s[g * P + t]), vv, av[g]);
+          }
+          for (int g = 0; g < GG; ++g) _mm512_storeu_ps(acc.data() + g * Dv + d, av[g]);
+        }
+      }
+      for (int64_t g = 0; g < GG; ++g) {
+        float den = l[g];
+        if (sinks) {
+          float sk = sinks[r * GG + g], mx = std::max(m[g], sk);
+          float c = std::exp(m[g] - mx);
+          den = l[g] * c + std::exp(sk - mx);
+          for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] *= c;
+        }
+        float inv = den > 0 ? 1.f / den : 0.f;
+        for (int64_t d = 0; d < Dv; ++d) out[(r * GG + g) * Dv + d] = acc[g * Dv + d] * inv;
+      }
+    }
+  });
+}
+#endif
+
 torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor pages, int64_t P,
                              int64_t start, int64_t length, double scale, double softcap, c10::optional<torch::Tensor> sinks) {
   // q [B, H, G, Dk]; k [B, H, cap, Dk], v [B, H, cap, Dv] (heads adjacent, last dim contiguous); pages [B, H, n]
@@ -260,6 +342,25 @@ torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   torch::Tensor sk;
   const float* skp = nullptr;
   if (sinks.has_value()) { sk = sinks->to(torch::kFloat).expand({B, H, G}).contiguous(); skp = sk.data_ptr<float>(); }
+#if defined(__AVX512F__)
+  if (k.scalar_type() == torch::kFloat && Dk % 16 == 0 && Dv % 16 == 0 && G >= 1 && G <= 8) {
+#define HM_ATTN(GG) attn_avx512<GG>(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), pg.data_ptr<int64_t>(), \
+    out.data_ptr<float>(), B * H, Dk, Dv, n, P, k.stride(1), k.stride(2), v.stride(1), v.stride(2), start, length, \
+    (float)scale, (float)softcap, skp)
+    switch (G) {
+      case 1: HM_ATTN(1); break;
+      case 2: HM_ATTN(2); break;
+      case 3: HM_ATTN(3); break;
+      case 4: HM_ATTN(4); break;
+      case 5: HM_ATTN(5); break;
+      case 6: HM_ATTN(6); break;
+      case 7: HM_ATTN(7); break;
+      default: HM_ATTN(8); break;
+    }
+#undef HM_ATTN
+    return out;
+  }
+#endif
   if (k.scalar_type() == torch::kFloat)
     attn_impl<float>(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), pg.data_ptr<int64_t>(),
                      out.data_ptr<float>(), B * H, G, Dk, Dv, n, P, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
