@@ -16,6 +16,7 @@ from hetmem.llm.paged_cache import PagedKVCache
 from hetmem.core.steps import MemoryMethod as Method
 from hetmem.llm.recall import RecallMeter
 from hetmem.core.timer import StepTimer
+from hetmem.ops import fast
 
 
 @dataclass
@@ -182,6 +183,7 @@ def generate(
     chunk copied, and that chunk run through the model. Methods for which sharing is not the same as their own
     prefill (``prefill_unshareable``) are refused."""
     attention.install(model)
+    fast.available()  # load (or build) the compiled kernels now, not inside the first timed decode step
     device = _device_name(model)
     timer = timer or StepTimer()
     arch = describe(model)
