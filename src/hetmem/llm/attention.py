@@ -39,7 +39,10 @@ def _sinks(kwargs) -> torch.Tensor | None:
 
 
 def dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Full attention exactly as the model's own attention function would compute it."""
+    """Full attention exactly as the model's own attention function would compute it (K/V stored in another
+    dtype, ``PagedKVLayer.kv_dtype``, are cast to the query's first)."""
+    if key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
     softcap, sinks = kwargs.pop("softcap", None), kwargs.pop("s_aux", None)
     sinks = kwargs.pop("sinks", sinks)
     if softcap is None and sinks is None:

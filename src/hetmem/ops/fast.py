@@ -143,8 +143,11 @@ torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor km
   else if (kmin.scalar_type() == torch::kBFloat16)
     scores_impl<at::BFloat16>(qf.data_ptr<float>(), kmin.data_ptr<at::BFloat16>(), kmax.data_ptr<at::BFloat16>(),
                               out.data_ptr<float>(), B * H, G, N, D, kmin.stride(1), kmin.stride(2));
+  else if (kmin.scalar_type() == torch::kHalf)
+    scores_impl<at::Half>(qf.data_ptr<float>(), kmin.data_ptr<at::Half>(), kmax.data_ptr<at::Half>(),
+                          out.data_ptr<float>(), B * H, G, N, D, kmin.stride(1), kmin.stride(2));
   else
-    TORCH_CHECK(false, "quest_scores: float32 or bfloat16 page bounds");
+    TORCH_CHECK(false, "quest_scores: float32, bfloat16 or float16 page bounds");
   return out;
 }
 
@@ -369,14 +372,18 @@ torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
     attn_impl<at::BFloat16>(qf.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
                             pg.data_ptr<int64_t>(), out.data_ptr<float>(), B * H, G, Dk, Dv, n, P, k.stride(1),
                             k.stride(2), v.stride(1), v.stride(2), start, length, (float)scale, (float)softcap, skp);
+  else if (k.scalar_type() == torch::kHalf)
+    attn_impl<at::Half>(qf.data_ptr<float>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(),
+                        pg.data_ptr<int64_t>(), out.data_ptr<float>(), B * H, G, Dk, Dv, n, P, k.stride(1),
+                        k.stride(2), v.stride(1), v.stride(2), start, length, (float)scale, (float)softcap, skp);
   else
-    TORCH_CHECK(false, "page_attention: float32 or bfloat16 K/V");
+    TORCH_CHECK(false, "page_attention: float32, bfloat16 or float16 K/V");
   return out;
 }
 """
 
 _FUNCTIONS = ["quest_scores", "topk_ids", "page_attention"]
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _why: str = ""
 
 
@@ -409,7 +416,7 @@ def _lib():
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled ops can take these tensors (CPU, float32/bfloat16) in this process."""
+    """Whether the compiled ops can take these tensors (CPU, float32/bfloat16/float16) in this process."""
     for t in tensors:
         if t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in _DTYPES):
             return False
