@@ -330,8 +330,9 @@ def block_hmt(rec: dict) -> str:
 
 
 def block_limits(rec: dict, records: "Records") -> str:
-    """bench_limits: the latest run labelled ``before`` beside the latest labelled ``after`` (or the latest)."""
-    runs = [records.latest("bench_limits", lambda r, lb=lb: r["settings"].get("label") == lb) for lb in ("before", "after")]
+    """bench_limits: the latest runs labelled ``before``, ``after`` and ``after2`` side by side (or the latest)."""
+    runs = [records.latest("bench_limits", lambda r, lb=lb: r["settings"].get("label") == lb)
+            for lb in ("before", "after", "after2")]
     runs = [r for r in runs if r is not None] or [rec]
     rows = [("read bandwidth (GB/s, 2 GiB sum)", "read_bandwidth", "limit"),
             ("copy bandwidth (GB/s, read+write)", "copy_bandwidth", "limit"),
@@ -345,8 +346,15 @@ def block_limits(rec: dict, records: "Records") -> str:
     rows += [("P3 dense, x bandwidth-limit ms/token", "p3_dense", "<= 1.6"),
              ("P3 quest 1/8 budget, x bandwidth-limit ms/token", "p3_quest", "<= 1.6"),
              ("P3 dense ms/token", "p3_dense_ms_per_token", ""), ("P3 quest ms/token", "p3_quest_ms_per_token", ""),
-             ("P3 quest / dense decode speed (median of 5)", "quest_over_dense", ">= 1.5"),
-             ("prefill peak RSS - RSS after load, x KV bytes (Qwen 16k)", "prefill_rss_ratio", "<= 1.3")]
+             ("P3 quest / dense decode speed (median of 5)", "quest_over_dense", ">= 1.5")]
+    for kvd in ("bf16", "fp16"):
+        if any(v(r, f"p3_dense_kv_{kvd}") is not None for r in runs):
+            rows += [(f"P3 dense, KV {kvd}, x bandwidth-limit ms/token", f"p3_dense_kv_{kvd}", "<= 1.6"),
+                     (f"P3 quest, KV {kvd}, x bandwidth-limit ms/token", f"p3_quest_kv_{kvd}", "<= 1.6"),
+                     (f"P3 dense ms/token, KV {kvd}", f"p3_dense_kv_{kvd}_ms_per_token", ""),
+                     (f"P3 quest ms/token, KV {kvd}", f"p3_quest_kv_{kvd}_ms_per_token", ""),
+                     (f"P3 quest / dense decode speed, KV {kvd}", f"quest_over_dense_kv_{kvd}", ">= 1.5")]
+    rows += [("prefill peak RSS - RSS after load, x KV bytes (Qwen 16k)", "prefill_rss_ratio", "<= 1.3")]
     head = "| figure (measured) | target | " + " | ".join(r["settings"].get("label") or "latest" for r in runs) + " |"
     out = [head, "|---|---|" + "---|" * len(runs)]
     for label, name, target in rows:
@@ -366,7 +374,7 @@ block_limits.wants_records = True
 def block_decode_flame(rec: dict, records: "Records") -> str:
     """py-spy flame summaries of a quest decode, before and after (benchmarks/profiles)."""
     out = []
-    for w in ("before", "after"):
+    for w in ("before", "after", "after2"):
         p = records.root / "benchmarks" / "profiles" / f"quest_decode_{w}.txt"
         if p.exists():
             out += [f"**{w}** (`benchmarks/profiles/{p.name}`):", "", "```", p.read_text().rstrip(), "```", ""]
