@@ -48,6 +48,8 @@ BENCHES = [
      "python benchmarks/record_methods.py"),
     ("bench_limits", "decode against the machine's measured limits (issue 12): relevancy+top-k, sparse step, "
      "end to end, prefill RSS", "python benchmarks/bench_limits.py"),
+    ("bench_flex", "sparse decode attention three ways: C++ page attention, flex_attention (block mask), an "
+     "inductor-compiled gather-attend", "python benchmarks/bench_flex.py"),
     ("bench_bm25", "hetmem's BM25 scoring + top-k vs the `bm25s` library", "python benchmarks/bench_bm25.py"),
     ("bench_dense_search", "hetmem's dense search vs a plain `faiss.IndexFlatIP`",
      "python benchmarks/bench_dense_search.py"),
@@ -382,6 +384,26 @@ def block_decode_flame(rec: dict, records: "Records") -> str:
 
 
 block_decode_flame.wants_records = True
+def block_flex(rec: dict) -> str:
+    """bench_flex: ms per sparse decode step of one layer for each implementation, per length."""
+    names = [("cpp", "C++ page attention (in place)"), ("flex", "flex_attention, block mask made per step"),
+             ("flex_fixed_mask", "flex_attention, block mask made once"), ("inductor", "inductor gather-attend")]
+    rows = rec["details"]["rows"]
+    out = ["| implementation | " + " | ".join(f"{r['length'] // 1024}k ms/step" for r in rows) + " |",
+           "|---|" + "---:|" * len(rows)]
+    for key, label in names:
+        cells = []
+        for r in rows:
+            x = r.get(key, {})
+            cells.append(fmt(x["ms"], 3) if "ms" in x else ("failed" if "error" in x else "–"))
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append("| create_block_mask alone | " + " | ".join(fmt(r.get("block_mask_ms"), 3) for r in rows) + " |")
+    out += ["", "Fastest (block mask made per step, as decode needs): "
+            + ", ".join(f"{r['length'] // 1024}k: {r['fastest']}" for r in rows)
+            + f". Kernels: {rec['details'].get('kernels')}.", "", provenance(rec)]
+    return "\n".join(out)
+
+
 def block_disaggregated(rec: dict) -> str:
     s = rec["settings"]
     rows = ["| layout | nodes | decode ms/token | vs in-process | bytes per layer per step: measured / modelled "
@@ -415,6 +437,7 @@ BLOCKS = {
     "hmt-perplexity": ("bench_hmt_perplexity", block_hmt),
     "limits": ("bench_limits", block_limits),
     "decode-flame": ("bench_limits", block_decode_flame),
+    "flex": ("bench_flex", block_flex),
     "demo": ("record_demo", block_demo),
     "profile": ("record_profile", block_profile),
     "plan": ("record_profile", block_plan),
