@@ -334,7 +334,7 @@ def block_hmt(rec: dict) -> str:
 def block_limits(rec: dict, records: "Records") -> str:
     """bench_limits: the latest runs labelled ``before``, ``after`` and ``after2`` side by side (or the latest)."""
     runs = [records.latest("bench_limits", lambda r, lb=lb: r["settings"].get("label") == lb)
-            for lb in ("before", "after", "after2", "after2-rss")]
+            for lb in ("before", "after", "after2", "after2-rss", "after2-p3")]
     runs = [r for r in runs if r is not None] or [rec]
     rows = [("read bandwidth (GB/s, 2 GiB sum)", "read_bandwidth", "limit"),
             ("copy bandwidth (GB/s, read+write)", "copy_bandwidth", "limit"),

@@ -35,6 +35,7 @@ _CPP = r"""
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 template <typename T> static inline float f32(T x) { return static_cast<float>(x); }
@@ -70,10 +71,19 @@ static void scores_impl(const float* q, const T* kmin, const T* kmax, float* out
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-// The float32 path with AVX-512: one pass over each page's kmax/kmin (16 floats a load), GG query heads'
+// 16 lanes as float32 from float32, bfloat16 (the high half of a float32) or float16 storage.
+static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld16(const at::BFloat16* p) {
+  __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+static inline __m512 ld16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// The AVX-512 path (float32, bfloat16 or float16 bounds): one pass over each page's kmax/kmin (16 floats a load), GG query heads'
 // bounds accumulated together (2 * GG independent FMA chains), the next pages prefetched.
-template <int GG>
-static void scores_avx512(const float* q, const float* kmin, const float* kmax, float* out, int64_t R, int64_t N,
+template <int GG, typename T>
+static void scores_avx512(const float* q, const T* kmin, const T* kmax, float* out, int64_t R, int64_t N,
                           int64_t D, int64_t rs, int64_t ps) {
   at::parallel_for(0, R * N, 256, [&](int64_t a, int64_t b) {
     std::vector<float> qp(GG * D), qn(GG * D);
@@ -84,8 +94,8 @@ static void scores_avx512(const float* q, const float* kmin, const float* kmax, 
         r_cur = r;
         for (int64_t j = 0; j < GG * D; ++j) { float x = q[r * GG * D + j]; qp[j] = x > 0 ? x : 0; qn[j] = x < 0 ? x : 0; }
       }
-      const float* mx = kmax + r * rs + n * ps;
-      const float* mn = kmin + r * rs + n * ps;
+      const T* mx = kmax + r * rs + n * ps;
+      const T* mn = kmin + r * rs + n * ps;
       if (n + 8 < N)
         for (int64_t d = 0; d < D; d += 16) {
           _mm_prefetch(reinterpret_cast<const char*>(mx + 8 * ps + d), _MM_HINT_T0);
@@ -94,7 +104,7 @@ static void scores_avx512(const float* q, const float* kmin, const float* kmax, 
       __m512 ap[GG], an[GG];
       for (int g = 0; g < GG; ++g) { ap[g] = _mm512_setzero_ps(); an[g] = _mm512_setzero_ps(); }
       for (int64_t d = 0; d < D; d += 16) {
-        __m512 vx = _mm512_loadu_ps(mx + d), vn = _mm512_loadu_ps(mn + d);
+        __m512 vx = ld16(mx + d), vn = ld16(mn + d);
         for (int g = 0; g < GG; ++g) {
           ap[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qp.data() + g * D + d), vx, ap[g]);
           an[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qn.data() + g * D + d), vn, an[g]);
@@ -120,20 +130,27 @@ torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor km
   auto out = torch::empty({B, H, N}, qf.options());
   if (N == 0) return out;
 #if defined(__AVX512F__)
-  if (kmin.scalar_type() == torch::kFloat && D % 16 == 0 && G >= 1 && G <= 8) {
-    const float* qp = qf.data_ptr<float>(); const float* a = kmin.data_ptr<float>(); const float* b = kmax.data_ptr<float>();
-    float* o = out.data_ptr<float>();
-    auto rs = kmin.stride(1), ps = kmin.stride(2);
-    switch (G) {
-      case 1: scores_avx512<1>(qp, a, b, o, B * H, N, D, rs, ps); break;
-      case 2: scores_avx512<2>(qp, a, b, o, B * H, N, D, rs, ps); break;
-      case 3: scores_avx512<3>(qp, a, b, o, B * H, N, D, rs, ps); break;
-      case 4: scores_avx512<4>(qp, a, b, o, B * H, N, D, rs, ps); break;
-      case 5: scores_avx512<5>(qp, a, b, o, B * H, N, D, rs, ps); break;
-      case 6: scores_avx512<6>(qp, a, b, o, B * H, N, D, rs, ps); break;
-      case 7: scores_avx512<7>(qp, a, b, o, B * H, N, D, rs, ps); break;
-      default: scores_avx512<8>(qp, a, b, o, B * H, N, D, rs, ps); break;
-    }
+  auto st = kmin.scalar_type();
+  if ((st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf) && D % 16 == 0 && G >= 1 && G <= 8) {
+    auto go = [&](auto* a, auto* b) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(a)>>;
+      const float* qp = qf.data_ptr<float>();
+      float* o = out.data_ptr<float>();
+      auto rs = kmin.stride(1), ps = kmin.stride(2);
+      switch (G) {
+        case 1: scores_avx512<1, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 2: scores_avx512<2, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 3: scores_avx512<3, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 4: scores_avx512<4, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 5: scores_avx512<5, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 6: scores_avx512<6, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 7: scores_avx512<7, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        default: scores_avx512<8, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      }
+    };
+    if (st == torch::kFloat) go(kmin.data_ptr<float>(), kmax.data_ptr<float>());
+    else if (st == torch::kBFloat16) go(kmin.data_ptr<at::BFloat16>(), kmax.data_ptr<at::BFloat16>());
+    else go(kmin.data_ptr<at::Half>(), kmax.data_ptr<at::Half>());
     return out;
   }
 #endif
@@ -251,11 +268,11 @@ static void attn_impl(const float* q, const T* k, const T* v, const int64_t* pag
 }
 
 #if defined(__AVX512F__)
-// The float32 path with AVX-512 (Dk, Dv multiples of 16): each key row is loaded once for the GG query heads
+// The AVX-512 path (float32, bfloat16 or float16 K/V; Dk, Dv multiples of 16): each key row is loaded once for the GG query heads
 // (GG FMA chains), values accumulate in registers per 16-wide slice over a page's tokens, and the
 // next selected page's K/V rows are prefetched while this page is read.
-template <int GG>
-static void attn_avx512(const float* q, const float* k, const float* v, const int64_t* pages, float* out, int64_t R,
+template <int GG, typename T>
+static void attn_avx512(const float* q, const T* k, const T* v, const int64_t* pages, float* out, int64_t R,
                         int64_t Dk, int64_t Dv, int64_t n, int64_t P, int64_t kr, int64_t ks, int64_t vr, int64_t vs,
                         int64_t start, int64_t length, float scale, float softcap, const float* sinks) {
   at::parallel_for(0, R, 1, [&](int64_t a, int64_t b) {
@@ -265,8 +282,8 @@ static void attn_avx512(const float* q, const float* k, const float* v, const in
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
       const float* qr = q + r * GG * Dk;
-      const float* kb = k + r * kr;
-      const float* vb = v + r * vr;
+      const T* kb = k + r * kr;
+      const T* vb = v + r * vr;
       for (int64_t j = 0; j < n; ++j) {
         int64_t p0 = pages[r * n + j] * P;
         int64_t t0 = std::max<int64_t>(p0, start), t1 = std::min<int64_t>(p0 + P, length);
@@ -277,14 +294,14 @@ static void attn_avx512(const float* q, const float* k, const float* v, const in
           if (nxt >= 0 && nxt + t < length) {
             const char* pk = reinterpret_cast<const char*>(kb + (nxt + t) * ks);
             const char* pv = reinterpret_cast<const char*>(vb + (nxt + t) * vs);
-            for (int64_t d = 0; d < Dk * 4; d += 64) _mm_prefetch(pk + d, _MM_HINT_T0);
-            for (int64_t d = 0; d < Dv * 4; d += 64) _mm_prefetch(pv + d, _MM_HINT_T0);
+            for (int64_t d = 0; d < Dk * (int64_t)sizeof(T); d += 64) _mm_prefetch(pk + d, _MM_HINT_T0);
+            for (int64_t d = 0; d < Dv * (int64_t)sizeof(T); d += 64) _mm_prefetch(pv + d, _MM_HINT_T0);
           }
-          const float* kt = kb + (t0 + t) * ks;
+          const T* kt = kb + (t0 + t) * ks;
           __m512 sa[GG];
           for (int g = 0; g < GG; ++g) sa[g] = _mm512_setzero_ps();
           for (int64_t d = 0; d < Dk; d += 16) {
-            __m512 vk = _mm512_loadu_ps(kt + d);
+            __m512 vk = ld16(kt + d);
             for (int g = 0; g < GG; ++g) sa[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qr + g * Dk + d), vk, sa[g]);
           }
           for (int g = 0; g < GG; ++g) {
@@ -310,7 +327,7 @@ static void attn_avx512(const float* q, const float* k, const float* v, const in
           __m512 av[GG];
           for (int g = 0; g < GG; ++g) av[g] = _mm512_loadu_ps(acc.data() + g * Dv + d);
           for (int64_t t = 0; t < T_; ++t) {
-            __m512 vv = _mm512_loadu_ps(vb + (t0 + t) * vs + d);
+            __m512 vv = ld16(vb + (t0 + t) * vs + d);
             for (int g = 0; g < GG; ++g) av[g] = _mm512_fmadd_ps(_mm512_set1_ps(s[g * P + t]), vv, av[g]);
           }
           for (int g = 0; g < GG; ++g) _mm512_storeu_ps(acc.data() + g * Dv + d, av[g]);
@@ -346,21 +363,29 @@ torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   const float* skp = nullptr;
   if (sinks.has_value()) { sk = sinks->to(torch::kFloat).expand({B, H, G}).contiguous(); skp = sk.data_ptr<float>(); }
 #if defined(__AVX512F__)
-  if (k.scalar_type() == torch::kFloat && Dk % 16 == 0 && Dv % 16 == 0 && G >= 1 && G <= 8) {
-#define HM_ATTN(GG) attn_avx512<GG>(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), pg.data_ptr<int64_t>(), \
-    out.data_ptr<float>(), B * H, Dk, Dv, n, P, k.stride(1), k.stride(2), v.stride(1), v.stride(2), start, length, \
-    (float)scale, (float)softcap, skp)
-    switch (G) {
-      case 1: HM_ATTN(1); break;
-      case 2: HM_ATTN(2); break;
-      case 3: HM_ATTN(3); break;
-      case 4: HM_ATTN(4); break;
-      case 5: HM_ATTN(5); break;
-      case 6: HM_ATTN(6); break;
-      case 7: HM_ATTN(7); break;
-      default: HM_ATTN(8); break;
-    }
+  auto st = k.scalar_type();
+  if ((st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf) && Dk % 16 == 0 && Dv % 16 == 0 && G >= 1 &&
+      G <= 8) {
+    auto go = [&](auto* kp, auto* vp) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+#define HM_ATTN(GG) attn_avx512<GG, T>(qf.data_ptr<float>(), kp, vp, pg.data_ptr<int64_t>(), out.data_ptr<float>(), \
+    B * H, Dk, Dv, n, P, k.stride(1), k.stride(2), v.stride(1), v.stride(2), start, length, (float)scale, \
+    (float)softcap, skp)
+      switch (G) {
+        case 1: HM_ATTN(1); break;
+        case 2: HM_ATTN(2); break;
+        case 3: HM_ATTN(3); break;
+        case 4: HM_ATTN(4); break;
+        case 5: HM_ATTN(5); break;
+        case 6: HM_ATTN(6); break;
+        case 7: HM_ATTN(7); break;
+        default: HM_ATTN(8); break;
+      }
 #undef HM_ATTN
+    };
+    if (st == torch::kFloat) go(k.data_ptr<float>(), v.data_ptr<float>());
+    else if (st == torch::kBFloat16) go(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+    else go(k.data_ptr<at::Half>(), v.data_ptr<at::Half>());
     return out;
   }
 #endif
