@@ -17,7 +17,9 @@ Then, each part selectable with ``--parts``:
        ms/token (weights + KV bytes read per token, / read bandwidth). Target <= 1.6. And quest / dense
        decode speed (target >= 1.5), min / median / max over 5 alternating runs. One prefill (whose prompt
        is a whole number of pages) is shared: before each run the cache is rewound to the prompt, so every
-       run decodes the same tokens from the same state.
+       run decodes the same tokens from the same state. With ``--p3-kv-dtypes bf16`` (the default) the same
+       prompt's KV is also stored in bf16 (``--kv-dtype``: half the KV bytes; float32 accumulation) and dense and
+       quest are measured again on it the same way.
   rss  Qwen prefill of 16k tokens in a child process: peak RSS minus RSS after model load, / KV bytes.
        Target <= 1.3.
 
@@ -187,10 +189,10 @@ def part_p2(lim, log, lengths) -> dict:
             "speedup_over_dense": [r["speedup_over_dense"] for r in rows], "target": "<= 1.3", "rows": rows}
 
 
-def part_p3(lim, log, model_name: str, tokens: int, new_tokens: int, repeats: int) -> dict:
+def part_p3(lim, log, model_name: str, tokens: int, new_tokens: int, repeats: int, kv_dtypes=()) -> dict:
     from hetmem.llm import attention
     from hetmem.llm.arch import describe
-    from hetmem.llm.generate import decode_tokens
+    from hetmem.llm.generate import KV_DTYPES, decode_tokens
     from hetmem.llm.models import load_model
     from hetmem.llm.paged_cache import PagedKVCache
     from hetmem.llm.prompt import build_prompt_ids
@@ -224,13 +226,23 @@ def part_p3(lim, log, model_name: str, tokens: int, new_tokens: int, repeats: in
     log(f"  prefill {time.perf_counter() - t0:.1f} s")
     timer.phase = "decode"
 
-    def run(name):
-        for layer, pipe in zip(cache.layers, pipes[name]):
+    def run(name, c=cache, r=rt):
+        for layer, pipe in zip(c.layers, pipes[name]):
             layer.pipeline = pipe
             layer.length = layer.seen = prompt  # rewind: decode tokens start a new page, so it is exact
-        with torch.inference_mode(), rt.activate():
-            toks, ms = decode_tokens(model, cache, logits, new_tokens, eos=set())
+        with torch.inference_mode(), r.activate():
+            toks, ms = decode_tokens(model, c, logits, new_tokens, eos=set())
         return ms / (len(toks) - 1), toks
+
+    # The same prompt's KV stored in 16 bits (--kv-dtype): copied from the float32 cache (its Prepare runs over
+    # it), decoded the same way, alternating dense and quest.
+    kv_caches = {}
+    for kvd in kv_dtypes:
+        kc = PagedKVCache(nl, P, pipes["quest"], reserve_tokens=prompt + new_tokens + P, windows=arch.windows,
+                          kv_dtype=KV_DTYPES[kvd])
+        for dst, src in zip(kc.layers, cache.layers):
+            dst.copy_prefix(src)
+        kv_caches[kvd] = (kc, attention.SparseRuntime(kc, "cpu"))
 
     run("dense"), run("quest")  # warm-up
     per = {"dense": [], "quest": []}
@@ -265,6 +277,28 @@ def part_p3(lim, log, model_name: str, tokens: int, new_tokens: int, repeats: in
                                "at_limit": round(out["dense"]["limit_ms_per_token"]
                                                  / out["quest"]["limit_ms_per_token"], 3)}
     out["same_tokens"] = toks.get("dense") == toks.get("quest")
+    out["kv_dtypes"] = {}
+    for kvd, (kc, krt) in kv_caches.items():
+        run("dense", kc, krt), run("quest", kc, krt)  # warm-up
+        kper = {"dense": [], "quest": []}
+        for r in range(repeats):
+            for name in (("dense", "quest") if r % 2 == 0 else ("quest", "dense")):
+                kper[name].append(run(name, kc, krt)[0])
+        ke = KV_DTYPES[kvd].itemsize
+        row = {}
+        for name, kvb in (("dense", dense_kv), ("quest", quest_kv)):
+            kvb = kvb * ke // e
+            limit = (w_bytes + kvb) / (lim["read_GBps"] * GB) * 1e3
+            med = statistics.median(kper[name])
+            row[name] = {"ms_per_token": round(med, 3), "samples": [round(x, 3) for x in kper[name]],
+                         "limit_ms_per_token": round(limit, 3), "kv_bytes_read": kvb, "ratio": round(med / limit, 3),
+                         "speedup_over_model_dtype": round(out[name]["ms_per_token"] / med, 3)}
+            log(f"  {name:<5} KV {kvd}: {med:7.2f} ms/token, limit {limit:6.2f} -> {med / limit:.2f}x; "
+                f"{out[name]['ms_per_token'] / med:.2f}x the {str(next(model.parameters()).dtype)[6:]} KV's speed")
+        kr = [d / q for d, q in zip(kper["dense"], kper["quest"])]
+        row["quest_over_dense"] = {"min": round(min(kr), 3), "median": round(statistics.median(kr), 3),
+                                   "max": round(max(kr), 3), "n": len(kr)}
+        out["kv_dtypes"][kvd] = row
     q = out["quest_over_dense"]
     log(f"  quest speed / dense speed: min {q['min']:.2f}, median {q['median']:.2f}, max {q['max']:.2f} "
         f"(target >= 1.5; at the bandwidth limit it would be {q['at_limit']:.2f})")
@@ -283,6 +317,11 @@ def rss(field):
             return int(line.split()[1]) * 1024
 lm = load_model(sys.argv[1]); n = int(sys.argv[2])
 ids = torch.randint(1000, 20000, (1, n), generator=torch.Generator().manual_seed(0))
+# The weights are loaded as a file mapping: each page counts in RSS only once read. Read them all before the
+# baseline, so that the first forward's page faults (the weights, not prefill's memory) are not charged to prefill.
+with torch.no_grad():
+    for p in lm.model.parameters():
+        p.sum()
 import gc; gc.collect()
 base = rss('VmRSS:')
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to now
@@ -318,6 +357,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8192, help="P3's prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--p3-kv-dtypes", default="bf16", help="P3 also decodes with the KV stored in these dtypes "
+                    "(comma-separated bf16,fp16; empty: none)")
     ap.add_argument("--rss-model", default="qwen")
     ap.add_argument("--rss-tokens", type=int, default=16384)
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
@@ -325,12 +366,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
+    bad += [x for x in a.p3_kv_dtypes.split(",") if x.strip() and x.strip() not in ("bf16", "fp16", "fp32")]
     if bad or a.threads < 1 or a.repeats < 1 or a.new_tokens < 2:
         ap.error(f"unknown part(s) {bad}" if bad else "--threads and --repeats must be >= 1, --new-tokens >= 2")
     torch.set_num_threads(a.threads)
     rec = Record()
     rec.setting(parts=parts, threads=a.threads, label=a.label, p1_lengths=a.p1_lengths, p2_lengths=a.p2_lengths,
-                model=a.model, tokens=a.tokens, new_tokens=a.new_tokens, repeats=a.repeats, rss_model=a.rss_model,
+                model=a.model, tokens=a.tokens, new_tokens=a.new_tokens, repeats=a.repeats,
+                p3_kv_dtypes=a.p3_kv_dtypes, rss_model=a.rss_model,
                 rss_tokens=a.rss_tokens, shape={"kv_heads": HKV, "group": G, "head_dim": D, "page": P,
                                                 "budget": BUDGET})
 
@@ -357,7 +400,8 @@ def main(argv=None) -> int:
         for L, r, s in zip(out["p2"]["lengths"], out["p2"]["ratio"], out["p2"]["speedup_over_dense"]):
             rec.figure(f"p2_{L}", r, "x byte-limit time").figure(f"p2_speedup_{L}", s, "x dense SDPA")
     if "p3" in parts:
-        r = part_p3(lim, log, a.model, a.tokens, a.new_tokens, a.repeats)
+        r = part_p3(lim, log, a.model, a.tokens, a.new_tokens, a.repeats,
+                    [x.strip() for x in a.p3_kv_dtypes.split(",") if x.strip()])
         out["p3_dense"] = {"length": r["prompt_tokens"], "ratio": r["dense"]["ratio"], **r["dense"]}
         out["p3_quest"] = {"length": r["prompt_tokens"], "ratio": r["quest"]["ratio"], **r["quest"]}
         out["quest_over_dense"] = {"length": r["prompt_tokens"], **r["quest_over_dense"]}
@@ -367,6 +411,13 @@ def main(argv=None) -> int:
         rec.figure("p3_dense_ms_per_token", r["dense"]["ms_per_token"], "ms/token")
         rec.figure("p3_quest_ms_per_token", r["quest"]["ms_per_token"], "ms/token")
         rec.figure("quest_over_dense", r["quest_over_dense"]["median"], "x dense decode speed")
+        for kvd, row in r["kv_dtypes"].items():
+            out[f"p3_kv_{kvd}"] = {"length": r["prompt_tokens"], **row}
+            rec.figure(f"p3_dense_kv_{kvd}_ms_per_token", row["dense"]["ms_per_token"], "ms/token")
+            rec.figure(f"p3_quest_kv_{kvd}_ms_per_token", row["quest"]["ms_per_token"], "ms/token")
+            rec.figure(f"p3_dense_kv_{kvd}", row["dense"]["ratio"], "x bandwidth-limit ms/token")
+            rec.figure(f"p3_quest_kv_{kvd}", row["quest"]["ratio"], "x bandwidth-limit ms/token")
+            rec.figure(f"quest_over_dense_kv_{kvd}", row["quest_over_dense"]["median"], "x dense decode speed")
     if "rss" in parts:
         r = part_rss(log, a.rss_model, a.rss_tokens, a.threads)
         out["prefill_rss_ratio"] = {"length": a.rss_tokens, "ratio": r["ratio"], **r}

@@ -48,6 +48,8 @@ BENCHES = [
      "python benchmarks/record_methods.py"),
     ("bench_limits", "decode against the machine's measured limits (issue 12): relevancy+top-k, sparse step, "
      "end to end, prefill RSS", "python benchmarks/bench_limits.py"),
+    ("bench_flex", "sparse decode attention three ways: C++ page attention, flex_attention (block mask), an "
+     "inductor-compiled gather-attend", "python benchmarks/bench_flex.py"),
     ("bench_bm25", "hetmem's BM25 scoring + top-k vs the `bm25s` library", "python benchmarks/bench_bm25.py"),
     ("bench_dense_search", "hetmem's dense search vs a plain `faiss.IndexFlatIP`",
      "python benchmarks/bench_dense_search.py"),
@@ -330,8 +332,9 @@ def block_hmt(rec: dict) -> str:
 
 
 def block_limits(rec: dict, records: "Records") -> str:
-    """bench_limits: the latest run labelled ``before`` beside the latest labelled ``after`` (or the latest)."""
-    runs = [records.latest("bench_limits", lambda r, lb=lb: r["settings"].get("label") == lb) for lb in ("before", "after")]
+    """bench_limits: the latest runs labelled ``before``, ``after`` and ``after2`` side by side (or the latest)."""
+    runs = [records.latest("bench_limits", lambda r, lb=lb: r["settings"].get("label") == lb)
+            for lb in ("before", "after", "after2", "after2-rss", "after2-p3")]
     runs = [r for r in runs if r is not None] or [rec]
     rows = [("read bandwidth (GB/s, 2 GiB sum)", "read_bandwidth", "limit"),
             ("copy bandwidth (GB/s, read+write)", "copy_bandwidth", "limit"),
@@ -345,8 +348,15 @@ def block_limits(rec: dict, records: "Records") -> str:
     rows += [("P3 dense, x bandwidth-limit ms/token", "p3_dense", "<= 1.6"),
              ("P3 quest 1/8 budget, x bandwidth-limit ms/token", "p3_quest", "<= 1.6"),
              ("P3 dense ms/token", "p3_dense_ms_per_token", ""), ("P3 quest ms/token", "p3_quest_ms_per_token", ""),
-             ("P3 quest / dense decode speed (median of 5)", "quest_over_dense", ">= 1.5"),
-             ("prefill peak RSS - RSS after load, x KV bytes (Qwen 16k)", "prefill_rss_ratio", "<= 1.3")]
+             ("P3 quest / dense decode speed (median of 5)", "quest_over_dense", ">= 1.5")]
+    for kvd in ("bf16", "fp16"):
+        if any(v(r, f"p3_dense_kv_{kvd}") is not None for r in runs):
+            rows += [(f"P3 dense, KV {kvd}, x bandwidth-limit ms/token", f"p3_dense_kv_{kvd}", "<= 1.6"),
+                     (f"P3 quest, KV {kvd}, x bandwidth-limit ms/token", f"p3_quest_kv_{kvd}", "<= 1.6"),
+                     (f"P3 dense ms/token, KV {kvd}", f"p3_dense_kv_{kvd}_ms_per_token", ""),
+                     (f"P3 quest ms/token, KV {kvd}", f"p3_quest_kv_{kvd}_ms_per_token", ""),
+                     (f"P3 quest / dense decode speed, KV {kvd}", f"quest_over_dense_kv_{kvd}", ">= 1.5")]
+    rows += [("prefill peak RSS - RSS after load, x KV bytes (Qwen 16k)", "prefill_rss_ratio", "<= 1.3")]
     head = "| figure (measured) | target | " + " | ".join(r["settings"].get("label") or "latest" for r in runs) + " |"
     out = [head, "|---|---|" + "---|" * len(runs)]
     for label, name, target in rows:
@@ -366,7 +376,7 @@ block_limits.wants_records = True
 def block_decode_flame(rec: dict, records: "Records") -> str:
     """py-spy flame summaries of a quest decode, before and after (benchmarks/profiles)."""
     out = []
-    for w in ("before", "after"):
+    for w in ("before", "after", "after2"):
         p = records.root / "benchmarks" / "profiles" / f"quest_decode_{w}.txt"
         if p.exists():
             out += [f"**{w}** (`benchmarks/profiles/{p.name}`):", "", "```", p.read_text().rstrip(), "```", ""]
@@ -374,6 +384,26 @@ def block_decode_flame(rec: dict, records: "Records") -> str:
 
 
 block_decode_flame.wants_records = True
+def block_flex(rec: dict) -> str:
+    """bench_flex: ms per sparse decode step of one layer for each implementation, per length."""
+    names = [("cpp", "C++ page attention (in place)"), ("flex", "flex_attention, block mask made per step"),
+             ("flex_fixed_mask", "flex_attention, block mask made once"), ("inductor", "inductor gather-attend")]
+    rows = rec["details"]["rows"]
+    out = ["| implementation | " + " | ".join(f"{r['length'] // 1024}k ms/step" for r in rows) + " |",
+           "|---|" + "---:|" * len(rows)]
+    for key, label in names:
+        cells = []
+        for r in rows:
+            x = r.get(key, {})
+            cells.append(fmt(x["ms"], 3) if "ms" in x else ("failed" if "error" in x else "–"))
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append("| create_block_mask alone | " + " | ".join(fmt(r.get("block_mask_ms"), 3) for r in rows) + " |")
+    out += ["", "Fastest (block mask made per step, as decode needs): "
+            + ", ".join(f"{r['length'] // 1024}k: {r['fastest']}" for r in rows)
+            + f". Kernels: {rec['details'].get('kernels')}.", "", provenance(rec)]
+    return "\n".join(out)
+
+
 def block_disaggregated(rec: dict) -> str:
     s = rec["settings"]
     rows = ["| layout | nodes | decode ms/token | vs in-process | bytes per layer per step: measured / modelled "
@@ -407,6 +437,7 @@ BLOCKS = {
     "hmt-perplexity": ("bench_hmt_perplexity", block_hmt),
     "limits": ("bench_limits", block_limits),
     "decode-flame": ("bench_limits", block_decode_flame),
+    "flex": ("bench_flex", block_flex),
     "demo": ("record_demo", block_demo),
     "profile": ("record_profile", block_profile),
     "plan": ("record_profile", block_plan),

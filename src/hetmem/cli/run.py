@@ -30,7 +30,7 @@ def cmd_run(args) -> int:
     context = validated_context(args, method)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     rec = answer_question(lm, method, context, args.question, args.max_new_tokens, recall=args.recall,
-                          step_timing=not args.no_step_timing)
+                          step_timing=not args.no_step_timing, kv_dtype=args.kv_dtype)
     if args.json:
         print(json.dumps(rec))
     else:
@@ -101,6 +101,9 @@ def register(sub):
                         "backend (cpu, cuda, fpga-emu)")
     r.add_argument("--no-step-timing", action="store_true",
                    help="do not time each step (on CUDA the step timer synchronises the device around every step)")
+    r.add_argument("--kv-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="store the KV cache in this dtype (default: the model's), attention accumulating in float32; "
+                        "bf16/fp16 halve the bytes decode reads (dense and quest)")
     r.add_argument("--recall", action="store_true",
                    help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
     r.add_argument("--memory-nodes", type=int, default=None, metavar="N",

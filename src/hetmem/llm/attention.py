@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -39,10 +40,20 @@ def _sinks(kwargs) -> torch.Tensor | None:
 
 
 def dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Full attention exactly as the model's own attention function would compute it."""
+    """Full attention exactly as the model's own attention function would compute it (K/V stored in another
+    dtype, ``PagedKVLayer.kv_dtype``, are cast to the query's first)."""
+    if key.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
     softcap, sinks = kwargs.pop("softcap", None), kwargs.pop("s_aux", None)
     sinks = kwargs.pop("sinks", sinks)
     if softcap is None and sinks is None:
+        if (query.device.type == "cpu" and attention_mask is not None and key.shape[1] != query.shape[1]
+                and kwargs.get("position_bias") is None):
+            # Prefill with a mask: transformers would repeat K/V to every query head first (a full-context copy
+            # per layer); the CPU kernel takes the groups itself, with the same result.
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                 scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

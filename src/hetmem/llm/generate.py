@@ -16,6 +16,7 @@ from hetmem.llm.paged_cache import PagedKVCache
 from hetmem.core.steps import MemoryMethod as Method
 from hetmem.llm.recall import RecallMeter
 from hetmem.core.timer import StepTimer
+from hetmem.ops import fast
 
 
 @dataclass
@@ -172,6 +173,7 @@ def generate(
     timer: StepTimer | None = None,
     recall: bool = False,
     prefilled: Prefill | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> GenerationResult:
     """Prefill the prompt (dense, chunked), then decode greedily with ``method`` in every layer.
 
@@ -180,8 +182,13 @@ def generate(
     (as one span, where a fresh prefill runs it per chunk), and decoding starts from its logits. A method whose
     Prepare observes only the last chunk's queries (``observes_last_chunk``: SnapKV) gets all but the last
     chunk copied, and that chunk run through the model. Methods for which sharing is not the same as their own
-    prefill (``prefill_unshareable``) are refused."""
+    prefill (``prefill_unshareable``) are refused.
+
+    ``kv_dtype`` stores the KV cache in that dtype (``PagedKVLayer.kv_dtype``; float32 accumulation), for methods
+    that declare ``low_precision_kv`` (their steps read the cache through ``ops.sparse_attention``)."""
+    _check_kv_dtype(model, method, kv_dtype, recall)
     attention.install(model)
+    fast.available()  # load (or build) the compiled kernels now, not inside the first timed decode step
     device = _device_name(model)
     timer = timer or StepTimer()
     arch = describe(model)
@@ -202,7 +209,8 @@ def generate(
     if prefilled is not None:
         replay_from = prefilled.last_chunk_start if any(_observes(p) for p in pipelines) else prompt_len
     cache = PagedKVCache(n_layers, page_size, pipelines, reserve_tokens=prompt_len + max_new_tokens,
-                         layer_cls=getattr(method, "cache_layer", None), windows=arch.windows, mla_rank=arch.mla_rank)
+                         layer_cls=getattr(method, "cache_layer", None), windows=arch.windows, mla_rank=arch.mla_rank,
+                         kv_dtype=kv_dtype)
     # recall compares a selection with the oracle over the same cache: defined for sparse attention only
     meter = RecallMeter(n_layers) if recall and method.family == "sparse-attention" else None
     runtime = attention.SparseRuntime(cache, device, recall=meter)
@@ -233,6 +241,22 @@ def generate(
     return GenerationResult(out_ids, prompt_len, timer, times[0], times[1] - measure_ms, logits_kept,
                             meter.summary() if meter else None, memory, measure_ms,
                             prefilled.prefill_ms if prefilled is not None else None)
+
+
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _check_kv_dtype(model, method: Method, kv_dtype: torch.dtype | None, recall: bool) -> None:
+    """Refuse a KV storage dtype other than the model's where it is not supported."""
+    if kv_dtype is None or kv_dtype == next(model.parameters()).dtype:
+        return
+    if not getattr(method, "low_precision_kv", False):
+        raise HetmemError(f"--kv-dtype other than the model's dtype is supported for dense and quest, not "
+                          f"'{method.name}'")
+    if describe(model).mla_rank is not None:
+        raise HetmemError("--kv-dtype other than the model's dtype: not supported on MLA's latent cache")
+    if recall:
+        raise HetmemError("--recall measures over the model-dtype cache: run it without --kv-dtype")
 
 
 def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show, keep_logits, eos,

@@ -13,6 +13,10 @@ are dropped in whole pages (so page summaries stay aligned), with the layer's Me
 until then ``window_start`` marks the first token still inside the window, and decode-time methods
 select from there on (``memory.meta["window_start"]``).
 
+``kv_dtype`` stores keys and values in another dtype than the model computes in (bfloat16/float16 under a
+float32 model: half the bytes decode reads); attention then accumulates in float32 (``ops.fast`` reads them
+in place) and dense prefill attention gets them cast back to the query's dtype.
+
 MLA layers (``mla_rank=r``; DeepSeek-V2/V3) receive transformers' latent ``(c_kv, k_rope)`` and keep one
 buffer ``[c_kv ++ k_rope]`` as the key; the value is its ``c_kv`` prefix (a view, nothing copied).
 """
@@ -32,9 +36,10 @@ class PagedKVLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, page_size: int = 16, pipeline: MemoryPipeline | None = None, reserve_tokens: int = 0,
-                 sliding_window: int | None = None, mla_rank: int | None = None):
+                 sliding_window: int | None = None, mla_rank: int | None = None, kv_dtype: torch.dtype | None = None):
         super().__init__()
         self.page_size = page_size
+        self.kv_dtype = kv_dtype  # storage dtype of K/V (None: the dtype the model hands over)
         self.pipeline = pipeline
         self.sliding_window = sliding_window
         self.mla_rank = mla_rank
@@ -71,7 +76,7 @@ class PagedKVLayer(CacheLayerMixin):
         return k[..., : self.mla_rank], k[..., self.mla_rank :]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
         B, H, _, D = key_states.shape
         Dv = self.mla_rank if self.mla_rank is not None else value_states.shape[-1]
         self._alloc(B, H, D, Dv, max(self.reserve_tokens, key_states.shape[-2]))
@@ -211,7 +216,7 @@ class PagedKVLayer(CacheLayerMixin):
                 raise ValueError("copy_prefix needs an empty layer")
             return
         n = src.length
-        self.dtype, self.device = src.dtype, src.device
+        self.dtype, self.device = self.kv_dtype or src.dtype, src.device
         B, H, _, Dk = src.buf_k.shape
         self._alloc(B, H, Dk, src.buf_v.shape[-1], max(self.reserve_tokens, n))
         self.is_initialized = True
@@ -255,11 +260,12 @@ class PagedKVCache(Cache):
     """One PagedKVLayer per decoder layer; each layer gets its own pipeline (its own timer is shared)."""
 
     def __init__(self, num_layers: int, page_size: int = 16, pipelines=None, reserve_tokens: int = 0, layer_cls=None,
-                 windows=None, mla_rank: int | None = None):
+                 windows=None, mla_rank: int | None = None, kv_dtype: torch.dtype | None = None):
         pipelines = pipelines or [None] * num_layers
         windows = windows or [None] * num_layers
         layer_cls = layer_cls or PagedKVLayer
-        layers = [layer_cls(page_size, p, reserve_tokens, sliding_window=w, mla_rank=mla_rank)
+        extra = {"kv_dtype": kv_dtype} if kv_dtype is not None else {}
+        layers = [layer_cls(page_size, p, reserve_tokens, sliding_window=w, mla_rank=mla_rank, **extra)
                   for p, w in zip(pipelines, windows)]
         super().__init__(layers=layers)
         self.page_size = page_size

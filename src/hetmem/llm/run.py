@@ -8,7 +8,7 @@ import torch
 
 from hetmem.core.timer import StepTimer
 from hetmem.errors import HetmemError
-from hetmem.llm.generate import generate
+from hetmem.llm.generate import KV_DTYPES, generate
 from hetmem.llm.models import LoadedModel
 from hetmem.llm.prompt import build_prompt_ids, eos_ids
 from hetmem.core.steps import MemoryMethod as Method
@@ -16,7 +16,7 @@ from hetmem.core.steps import MemoryMethod as Method
 
 def answer_question(
     lm: LoadedModel, method: Method, context: str, question: str, max_new_tokens: int = 32, progress: bool = True,
-    recall: bool = False, step_timing: bool = True,
+    recall: bool = False, step_timing: bool = True, kv_dtype: str | None = None,
 ) -> dict:
     """Answer ``question`` about ``context`` with ``method``. ``step_timing=False`` turns the per-step timer off
     (on CUDA it synchronises the device around every step); ``recall=True`` also measures attention-mass
@@ -31,7 +31,7 @@ def answer_question(
         )
     timer = StepTimer(enabled=step_timing)
     res = generate(lm.model, ids, method, max_new_tokens, eos_token_ids=eos_ids(lm.tokenizer, lm.model), progress=progress,
-                   recall=recall, timer=timer)
+                   recall=recall, timer=timer, kv_dtype=KV_DTYPES[kv_dtype] if kv_dtype else None)
     device = str(next(lm.model.parameters()).device)
     answer = lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
     steps = res.timer.summary()
@@ -44,6 +44,7 @@ def answer_question(
         "device": device,
         "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
+        "kv_dtype": kv_dtype or str(next(lm.model.parameters()).dtype).replace("torch.", ""),
         "time_source": "measured",
         "total_ms": round((time.perf_counter() - t0) * 1e3 - res.measurement_ms, 3),
         "prefill_ms": round(res.prefill_ms, 3),

@@ -14,6 +14,7 @@ from hetmem.methods.shared import dense_pipeline
 class Dense(Method):
     name = "dense"
     family = "baseline"
+    low_precision_kv = True  # its steps read the cache through ops.sparse_attention (--kv-dtype bf16|fp16)
     summary = "full attention over the whole context (the baseline)"
 
     def pipeline(self, device, timer, layer_idx: int = 0):

@@ -109,6 +109,7 @@ class PageBudgetTopK:
 class Quest(Method):
     name = "quest"
     family = "sparse-attention"
+    low_precision_kv = True  # its steps read the cache through ops.sparse_attention (--kv-dtype bf16|fp16)
     summary = "page min/max upper-bound scoring, top pages under a token budget (Quest/LServe)"
 
     budget: int = param(1024, "tokens attended per decode step, in whole pages (sink and recent pages included)", low=1)

@@ -17,8 +17,8 @@ from hetmem.core.timer import substep
 from hetmem.core.types import DecodeTarget, PrefillTarget, Selection
 from hetmem.llm.arch import describe
 from hetmem.ops import counts as C
-from hetmem.ops.sparse_attention import (gather_selected_kv, grouped_decode_attention, paged_decode_attention,
-                                         paged_in_place, window_valid)
+from hetmem.ops.sparse_attention import (dense_decode_attention, gather_selected_kv, grouped_decode_attention,
+                                         paged_decode_attention, paged_in_place, window_valid)
 
 
 def model_dims(model) -> tuple[int, int, int]:
@@ -46,9 +46,9 @@ class DenseAttentionApply(DensePrefill):
     name: str = "dense-attention"
 
     def apply(self, raw, selection, target: DecodeTarget):
-        L, ws = raw.length, raw.window_start
-        return grouped_decode_attention(target.q, raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L], target.scale,
-                                        softcap=target.softcap, sinks=target.sinks)
+        return dense_decode_attention(target.q, raw.buf_k, raw.buf_v, raw.window_start, raw.length,
+                                      getattr(raw, "page_size", 16),
+                                      target.scale, softcap=target.softcap, sinks=target.sinks)
 
     def op_counts(self, raw, selection, target):
         B, Hkv, G, D = target.q.shape
@@ -72,17 +72,16 @@ class GatherAttention(DensePrefill):
 
     def apply(self, raw, selection: Selection, target: DecodeTarget):
         L, P, ws = selection.length, selection.unit_size, selection.start
-        valid = None
         if selection.indices.shape[-1] >= selection.n_units - ws // P:  # everything selected: no gather needed
-            k, v = raw.buf_k[:, :, ws:L], raw.buf_v[:, :, ws:L]
-        else:
-            out = paged_decode_attention(target.q, raw.buf_k, raw.buf_v, selection.indices, P, ws, L, target.scale,
-                                         softcap=target.softcap, sinks=target.sinks)
-            if out is not None:  # in place: the selected pages are read from the cache, never copied
-                return out
-            with substep("gather", self.device):  # timed as apply.gather (inside apply)
-                k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
-            valid = window_valid(selection.indices, P, ws, k.shape[2])  # a window's partial first page
+            return dense_decode_attention(target.q, raw.buf_k, raw.buf_v, ws, L, P, target.scale,
+                                          softcap=target.softcap, sinks=target.sinks)
+        out = paged_decode_attention(target.q, raw.buf_k, raw.buf_v, selection.indices, P, ws, L, target.scale,
+                                     softcap=target.softcap, sinks=target.sinks)
+        if out is not None:  # in place: the selected pages are read from the cache, never copied
+            return out
+        with substep("gather", self.device):  # timed as apply.gather (inside apply)
+            k, v = gather_selected_kv(raw.buf_k, raw.buf_v, selection.indices, P, L)
+        valid = window_valid(selection.indices, P, ws, k.shape[2])  # a window's partial first page
         return grouped_decode_attention(target.q, k, v, target.scale, softcap=target.softcap, sinks=target.sinks,
                                         valid=valid)
 

@@ -35,6 +35,7 @@ _CPP = r"""
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 template <typename T> static inline float f32(T x) { return static_cast<float>(x); }
@@ -68,6 +69,58 @@ static void scores_impl(const float* q, const T* kmin, const T* kmax, float* out
   });
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// 16 lanes as float32 from float32, bfloat16 (the high half of a float32) or float16 storage.
+static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld16(const at::BFloat16* p) {
+  __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+static inline __m512 ld16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// The AVX-512 path (float32, bfloat16 or float16 bounds): one pass over each page's kmax/kmin (16 floats a load), GG query heads'
+// bounds accumulated together (2 * GG independent FMA chains), the next pages prefetched.
+template <int GG, typename T>
+static void scores_avx512(const float* q, const T* kmin, const T* kmax, float* out, int64_t R, int64_t N,
+                          int64_t D, int64_t rs, int64_t ps) {
+  at::parallel_for(0, R * N, 256, [&](int64_t a, int64_t b) {
+    std::vector<float> qp(GG * D), qn(GG * D);
+    int64_t r_cur = -1;
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / N, n = i - (i / N) * N;
+      if (r != r_cur) {
+        r_cur = r;
+        for (int64_t j = 0; j < GG * D; ++j) { float x = q[r * GG * D + j]; qp[j] = x > 0 ? x : 0; qn[j] = x < 0 ? x : 0; }
+      }
+      const T* mx = kmax + r * rs + n * ps;
+      const T* mn = kmin + r * rs + n * ps;
+      if (n + 8 < N)
+        for (int64_t d = 0; d < D; d += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(mx + 8 * ps + d), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(mn + 8 * ps + d), _MM_HINT_T0);
+        }
+      __m512 ap[GG], an[GG];
+      for (int g = 0; g < GG; ++g) { ap[g] = _mm512_setzero_ps(); an[g] = _mm512_setzero_ps(); }
+      for (int64_t d = 0; d < D; d += 16) {
+        __m512 vx = ld16(mx + d), vn = ld16(mn + d);
+        for (int g = 0; g < GG; ++g) {
+          ap[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qp.data() + g * D + d), vx, ap[g]);
+          an[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qn.data() + g * D + d), vn, an[g]);
+        }
+      }
+      float best = 0.f;
+      for (int g = 0; g < GG; ++g) {
+        float acc = _mm512_reduce_add_ps(_mm512_add_ps(ap[g], an[g]));
+        best = (g == 0 || acc > best || std::isnan(acc)) ? acc : best;
+      }
+      out[r * N + n] = best;
+    }
+  });
+}
+#endif
+
 torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax) {
   // q [B, H, G, D]; kmin/kmax [B, H, N, D] (a slice of the memory buffers: any strides but D contiguous)
   auto B = kmin.size(0), H = kmin.size(1), N = kmin.size(2), D = kmin.size(3), G = q.size(2);
@@ -76,14 +129,42 @@ torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor km
   auto qf = q.to(torch::kFloat).contiguous();
   auto out = torch::empty({B, H, N}, qf.options());
   if (N == 0) return out;
+#if defined(__AVX512F__)
+  auto st = kmin.scalar_type();
+  if ((st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf) && D % 16 == 0 && G >= 1 && G <= 8) {
+    auto go = [&](auto* a, auto* b) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(a)>>;
+      const float* qp = qf.data_ptr<float>();
+      float* o = out.data_ptr<float>();
+      auto rs = kmin.stride(1), ps = kmin.stride(2);
+      switch (G) {
+        case 1: scores_avx512<1, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 2: scores_avx512<2, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 3: scores_avx512<3, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 4: scores_avx512<4, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 5: scores_avx512<5, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 6: scores_avx512<6, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        case 7: scores_avx512<7, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+        default: scores_avx512<8, T>(qp, a, b, o, B * H, N, D, rs, ps); break;
+      }
+    };
+    if (st == torch::kFloat) go(kmin.data_ptr<float>(), kmax.data_ptr<float>());
+    else if (st == torch::kBFloat16) go(kmin.data_ptr<at::BFloat16>(), kmax.data_ptr<at::BFloat16>());
+    else go(kmin.data_ptr<at::Half>(), kmax.data_ptr<at::Half>());
+    return out;
+  }
+#endif
   if (kmin.scalar_type() == torch::kFloat)
     scores_impl<float>(qf.data_ptr<float>(), kmin.data_ptr<float>(), kmax.data_ptr<float>(), out.data_ptr<float>(),
                        B * H, G, N, D, kmin.stride(1), kmin.stride(2));
   else if (kmin.scalar_type() == torch::kBFloat16)
     scores_impl<at::BFloat16>(qf.data_ptr<float>(), kmin.data_ptr<at::BFloat16>(), kmax.data_ptr<at::BFloat16>(),
                               out.data_ptr<float>(), B * H, G, N, D, kmin.stride(1), kmin.stride(2));
+  else if (kmin.scalar_type() == torch::kHalf)
+    scores_impl<at::Half>(qf.data_ptr<float>(), kmin.data_ptr<at::Half>(), kmax.data_ptr<at::Half>(),
+                          out.data_ptr<float>(), B * H, G, N, D, kmin.stride(1), kmin.stride(2));
   else
-    TORCH_CHECK(false, "quest_scores: float32 or bfloat16 page bounds");
+    TORCH_CHECK(false, "quest_scores: float32, bfloat16 or float16 page bounds");
   return out;
 }
 
@@ -99,9 +180,22 @@ torch::Tensor topk_ids(torch::Tensor scores, int64_t k) {
     for (int64_t r = a; r < b; ++r) {
       const float* row = sp + r * N;
       auto key = [&](int64_t i) { float x = row[i]; return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; };
-      for (int64_t i = 0; i < N; ++i) ids[i] = i;
       auto better = [&](int64_t x, int64_t y) { float a_ = key(x), b_ = key(y); return a_ > b_ || (a_ == b_ && x < y); };
-      if (k < N) std::nth_element(ids.begin(), ids.begin() + k, ids.end(), better);
+      if (k == 0) continue;
+      // One pass with a heap of the k best so far, its worst on top: ids come in ascending order, so a later
+      // id replaces the worst only with a strictly greater score (ties go to the lower id, already kept).
+      for (int64_t i = 0; i < k; ++i) ids[i] = i;
+      std::make_heap(ids.begin(), ids.begin() + k, better);
+      float thr = key(ids[0]);
+      for (int64_t i = k; i < N; ++i) {
+        float x = key(i);
+        if (x > thr) {
+          std::pop_heap(ids.begin(), ids.begin() + k, better);
+          ids[k - 1] = i;
+          std::push_heap(ids.begin(), ids.begin() + k, better);
+          thr = key(ids[0]);
+        }
+      }
       std::sort(ids.begin(), ids.begin() + k);
       std::copy(ids.begin(), ids.begin() + k, op + r * k);
     }
@@ -173,6 +267,88 @@ static void attn_impl(const float* q, const T* k, const T* v, const int64_t* pag
   });
 }
 
+#if defined(__AVX512F__)
+// The AVX-512 path (float32, bfloat16 or float16 K/V; Dk, Dv multiples of 16): each key row is loaded once for the GG query heads
+// (GG FMA chains), values accumulate in registers per 16-wide slice over a page's tokens, and the
+// next selected page's K/V rows are prefetched while this page is read.
+template <int GG, typename T>
+static void attn_avx512(const float* q, const T* k, const T* v, const int64_t* pages, float* out, int64_t R,
+                        int64_t Dk, int64_t Dv, int64_t n, int64_t P, int64_t kr, int64_t ks, int64_t vr, int64_t vs,
+                        int64_t start, int64_t length, float scale, float softcap, const float* sinks) {
+  at::parallel_for(0, R, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> m(GG), l(GG), acc(GG * Dv), s(GG * P);
+    for (int64_t r = a; r < b; ++r) {
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const float* qr = q + r * GG * Dk;
+      const T* kb = k + r * kr;
+      const T* vb = v + r * vr;
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t p0 = pages[r * n + j] * P;
+        int64_t t0 = std::max<int64_t>(p0, start), t1 = std::min<int64_t>(p0 + P, length);
+        int64_t T_ = t1 - t0;
+        if (T_ <= 0) continue;
+        int64_t nxt = j + 1 < n ? pages[r * n + j + 1] * P : -1;
+        for (int64_t t = 0; t < T_; ++t) {
+          if (nxt >= 0 && nxt + t < length) {
+            const char* pk = reinterpret_cast<const char*>(kb + (nxt + t) * ks);
+            const char* pv = reinterpret_cast<const char*>(vb + (nxt + t) * vs);
+            for (int64_t d = 0; d < Dk * (int64_t)sizeof(T); d += 64) _mm_prefetch(pk + d, _MM_HINT_T0);
+            for (int64_t d = 0; d < Dv * (int64_t)sizeof(T); d += 64) _mm_prefetch(pv + d, _MM_HINT_T0);
+          }
+          const T* kt = kb + (t0 + t) * ks;
+          __m512 sa[GG];
+          for (int g = 0; g < GG; ++g) sa[g] = _mm512_setzero_ps();
+          for (int64_t d = 0; d < Dk; d += 16) {
+            __m512 vk = ld16(kt + d);
+            for (int g = 0; g < GG; ++g) sa[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qr + g * Dk + d), vk, sa[g]);
+          }
+          for (int g = 0; g < GG; ++g) {
+            float dot = _mm512_reduce_add_ps(sa[g]) * scale;
+            if (softcap > 0) dot = std::tanh(dot / softcap) * softcap;
+            s[g * P + t] = dot;
+          }
+        }
+        for (int g = 0; g < GG; ++g) {
+          float mx = m[g];
+          for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, s[g * P + t]);
+          float corr = std::exp(m[g] - mx);
+          float lg = l[g] * corr;
+          for (int64_t t = 0; t < T_; ++t) { float p = std::exp(s[g * P + t] - mx); s[g * P + t] = p; lg += p; }
+          l[g] = lg;
+          if (corr != 1.f) {
+            float* ag = acc.data() + g * Dv;
+            for (int64_t d = 0; d < Dv; ++d) ag[d] *= corr;
+          }
+          m[g] = mx;
+        }
+        for (int64_t d = 0; d < Dv; d += 16) {
+          __m512 av[GG];
+          for (int g = 0; g < GG; ++g) av[g] = _mm512_loadu_ps(acc.data() + g * Dv + d);
+          for (int64_t t = 0; t < T_; ++t) {
+            __m512 vv = ld16(vb + (t0 + t) * vs + d);
+            for (int g = 0; g < GG; ++g) av[g] = _mm512_fmadd_ps(_mm512_set1_ps(s[g * P + t]), vv, av[g]);
+          }
+          for (int g = 0; g < GG; ++g) _mm512_storeu_ps(acc.data() + g * Dv + d, av[g]);
+        }
+      }
+      for (int64_t g = 0; g < GG; ++g) {
+        float den = l[g];
+        if (sinks) {
+          float sk = sinks[r * GG + g], mx = std::max(m[g], sk);
+          float c = std::exp(m[g] - mx);
+          den = l[g] * c + std::exp(sk - mx);
+          for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] *= c;
+        }
+        float inv = den > 0 ? 1.f / den : 0.f;
+        for (int64_t d = 0; d < Dv; ++d) out[(r * GG + g) * Dv + d] = acc[g * Dv + d] * inv;
+      }
+    }
+  });
+}
+#endif
+
 torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor pages, int64_t P,
                              int64_t start, int64_t length, double scale, double softcap, c10::optional<torch::Tensor> sinks) {
   // q [B, H, G, Dk]; k [B, H, cap, Dk], v [B, H, cap, Dv] (heads adjacent, last dim contiguous); pages [B, H, n]
@@ -186,6 +362,33 @@ torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   torch::Tensor sk;
   const float* skp = nullptr;
   if (sinks.has_value()) { sk = sinks->to(torch::kFloat).expand({B, H, G}).contiguous(); skp = sk.data_ptr<float>(); }
+#if defined(__AVX512F__)
+  auto st = k.scalar_type();
+  if ((st == torch::kFloat || st == torch::kBFloat16 || st == torch::kHalf) && Dk % 16 == 0 && Dv % 16 == 0 && G >= 1 &&
+      G <= 8) {
+    auto go = [&](auto* kp, auto* vp) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+#define HM_ATTN(GG) attn_avx512<GG, T>(qf.data_ptr<float>(), kp, vp, pg.data_ptr<int64_t>(), out.data_ptr<float>(), \
+    B * H, Dk, Dv, n, P, k.stride(1), k.stride(2), v.stride(1), v.stride(2), start, length, (float)scale, \
+    (float)softcap, skp)
+      switch (G) {
+        case 1: HM_ATTN(1); break;
+        case 2: HM_ATTN(2); break;
+        case 3: HM_ATTN(3); break;
+        case 4: HM_ATTN(4); break;
+        case 5: HM_ATTN(5); break;
+        case 6: HM_ATTN(6); break;
+        case 7: HM_ATTN(7); break;
+        default: HM_ATTN(8); break;
+      }
+#undef HM_ATTN
+    };
+    if (st == torch::kFloat) go(k.data_ptr<float>(), v.data_ptr<float>());
+    else if (st == torch::kBFloat16) go(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+    else go(k.data_ptr<at::Half>(), v.data_ptr<at::Half>());
+    return out;
+  }
+#endif
   if (k.scalar_type() == torch::kFloat)
     attn_impl<float>(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), pg.data_ptr<int64_t>(),
                      out.data_ptr<float>(), B * H, G, Dk, Dv, n, P, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
@@ -194,14 +397,18 @@ torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
     attn_impl<at::BFloat16>(qf.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
                             pg.data_ptr<int64_t>(), out.data_ptr<float>(), B * H, G, Dk, Dv, n, P, k.stride(1),
                             k.stride(2), v.stride(1), v.stride(2), start, length, (float)scale, (float)softcap, skp);
+  else if (k.scalar_type() == torch::kHalf)
+    attn_impl<at::Half>(qf.data_ptr<float>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(),
+                        pg.data_ptr<int64_t>(), out.data_ptr<float>(), B * H, G, Dk, Dv, n, P, k.stride(1),
+                        k.stride(2), v.stride(1), v.stride(2), start, length, (float)scale, (float)softcap, skp);
   else
-    TORCH_CHECK(false, "page_attention: float32 or bfloat16 K/V");
+    TORCH_CHECK(false, "page_attention: float32, bfloat16 or float16 K/V");
   return out;
 }
 """
 
 _FUNCTIONS = ["quest_scores", "topk_ids", "page_attention"]
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _why: str = ""
 
 
@@ -234,7 +441,7 @@ def _lib():
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled ops can take these tensors (CPU, float32/bfloat16) in this process."""
+    """Whether the compiled ops can take these tensors (CPU, float32/bfloat16/float16) in this process."""
     for t in tensors:
         if t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in _DTYPES):
             return False

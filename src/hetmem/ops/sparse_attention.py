@@ -68,6 +68,35 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return out.to(q.dtype)
 
 
+def dense_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, length: int,
+                           page_size: int, scale: float, *, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention over every cached token ``start .. length - 1`` of the buffers ``keys [B, H_kv, cap, Dk]``
+    / ``values``. K/V stored in another dtype than the query's (``--kv-dtype``) are read in place by the compiled
+    op (all pages selected, float32 accumulation) instead of being cast whole every step."""
+    if keys.dtype != q.dtype and paged_in_place(q, keys, values):
+        first, last = start // page_size, -(-length // page_size)
+        pages = _all_pages(first, last, keys.device).expand(*keys.shape[:2], last - first)
+        return paged_decode_attention(q, keys, values, pages, page_size, start, length, scale, softcap=softcap,
+                                      sinks=sinks)
+    return grouped_decode_attention(q, keys[:, :, start:length], values[:, :, start:length], scale, softcap=softcap,
+                                    sinks=sinks)
+
+
+_PAGES: dict = {}
+
+
+def _all_pages(first: int, last: int, device) -> torch.Tensor:
+    """``arange(first, last)`` (int64), kept: decode asks for the same range layer after layer."""
+    key = (first, last, str(device))
+    t = _PAGES.get(key)
+    if t is None:
+        if len(_PAGES) > 64:
+            _PAGES.clear()
+        t = _PAGES[key] = torch.arange(first, last, device=device)
+    return t
+
+
 def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
                              softcap: float | None = None, sinks: torch.Tensor | None = None,
                              valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,8 +104,11 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``v [B, H_kv, S, Dv]`` -> ``[B, H_kv, G, Dv]``.
 
     ``softcap``: logit soft-capping; ``sinks [H_kv, G]``: per-head sink logits; ``valid [B, H_kv, S]``: which
-    gathered entries are real (padding of a ragged selection, tokens outside a sliding window).
+    gathered entries are real (padding of a ragged selection, tokens outside a sliding window). K/V in another
+    dtype than ``q`` are cast to it (the plain path; ``dense_decode_attention`` reads them in place).
     """
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if softcap is None and sinks is None:
         mask = None if valid is None else valid.unsqueeze(2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
