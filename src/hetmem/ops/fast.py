@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shutil
 
 import torch
@@ -412,8 +413,21 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _why: str = ""
 
 
+def _cpu_flags() -> str:
+    """The instruction sets this CPU has: the build uses -march=native, so a cache shared between machines (a home
+    directory on NFS) must not hand one CPU's binary to another (that would be SIGILL, not a fallback)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
 def _build_dir() -> str:
-    tag = hashlib.sha1((_CPP + torch.__version__).encode()).hexdigest()[:12]
+    tag = hashlib.sha1((_CPP + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:12]
     d = kernel_dir() / f"hetmem_fast_{tag}"
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
