@@ -13,9 +13,11 @@ Processing", arXiv 2405.06067. Per segment of ``--segment-tokens`` tokens:
                hidden state at the memory token is the segment's memory embedding M_n, kept for the next
                segments
 
-P_n enters through a learned per-dimension gate initialised at zero, ``P_n = gate * (recall Wv)``: a
-last-layer hidden state is not an input embedding (its scale is another), so an untrained HMT adds
-(next to) nothing and training opens the gate as far as the recalled memory helps.
+P_n enters through a learned per-dimension gate initialised at zero, ``P_n = base + gate * (recall Wv)``
+(``base``: a learned input embedding, initially the mean token embedding): a last-layer hidden state is not
+an input embedding (SmolLM2's are ~17x longer), so an untrained HMT prepends a neutral token and training
+opens the gate as far as the recalled memory helps. (An exactly zero input vector is avoided: its RMSNorm
+has no finite gradient.)
 
 The backbone is frozen. The new parameters (memory token, summary prompt, cross-attention projections)
 are trained with ``hetmem train --method hmt`` (train/distill.py's loop) and saved beside the model cache
@@ -45,18 +47,19 @@ from hetmem.methods.gates import load_gates
 from hetmem.ops import counts as C
 from hetmem.settings import cache_dir
 
-PARAM_NAMES = ("mem_token", "summary_prompt", "wq", "wk", "wv", "gate")
+PARAM_NAMES = ("mem_token", "summary_prompt", "wq", "wk", "wv", "gate", "recall_base")
 
 
 def init_params(hidden: int, attn_dim: int = 64, seed: int = 0, embed: torch.Tensor | None = None) -> dict:
     """Untrained HMT parameters: memory token and summary prompt = the mean token embedding (a neutral
-    input), random query/key projections, identity value projection, a closed (zero) gate on the recall."""
+    input), random query/key projections, identity value projection, a closed (zero) gate on the recall
+    over a neutral base embedding."""
     g = torch.Generator().manual_seed(seed)
     base = embed.mean(0).detach().float().clone() if embed is not None else torch.zeros(hidden)
     return {"mem_token": base.clone(), "summary_prompt": base.clone(),
             "wq": torch.randn(hidden, attn_dim, generator=g) / hidden**0.5,
             "wk": torch.randn(hidden, attn_dim, generator=g) / hidden**0.5,
-            "wv": torch.eye(hidden), "gate": torch.zeros(hidden)}
+            "wv": torch.eye(hidden), "gate": torch.zeros(hidden), "recall_base": base.clone()}
 
 
 def default_weights_dir(model_name: str) -> Path:
@@ -68,7 +71,7 @@ def load_params(path, hidden: int) -> tuple[dict, dict]:
     if tuple(tensors["mem_token"].shape) != (hidden,):
         raise HetmemError(f"hmt weights {path} are for hidden size {tensors['mem_token'].shape[0]}, this model has {hidden}")
     if "gate" not in tensors:  # weights from before the gate: the recall entered ungated
-        tensors = {**tensors, "gate": torch.ones(hidden)}
+        tensors = {**tensors, "gate": torch.ones(hidden), "recall_base": torch.zeros(hidden)}
     return {k: tensors[k] for k in PARAM_NAMES}, meta
 
 
@@ -90,7 +93,7 @@ def recall_scores(params: dict, summary: torch.Tensor, mems: torch.Tensor) -> to
 def recall(params: dict, scores: torch.Tensor, mems: torch.Tensor) -> torch.Tensor:
     """P ``[B, hidden]``: softmax-weighted memory embeddings through the value projection and the gate."""
     p = torch.einsum("bn,bnd->bd", torch.softmax(scores, -1), mems) @ params["wv"].to(mems.dtype)
-    return p * params["gate"].to(p.dtype)
+    return params["recall_base"].to(p.dtype) + p * params["gate"].to(p.dtype)
 
 
 def run_segment(model, params: dict, emb: torch.Tensor, recalled: torch.Tensor | None,
