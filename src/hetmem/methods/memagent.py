@@ -40,9 +40,9 @@ READ_INTRO = ("You are given a question, your memory so far and the next section
 READ_MEMORY = "Previous memory:\n"
 NO_MEMORY = "(empty)"
 READ_SECTION = "\n\nSection:\n"
-READ_CLOSE = ("\n\nQuestion: {question}\nWrite the updated memory: the exact facts (sentences, names, numbers) from "
-              "the section or the previous memory that help answer the question. Do not copy text that does not "
-              "help. If nothing helps yet, write: No relevant information yet.")
+READ_CLOSE = ("\n\nQuestion: {question}\nIf the section holds information that answers the question, copy those "
+              "sentences exactly, together with the relevant facts of the previous memory. Otherwise write the "
+              "previous memory unchanged. Write only the updated memory.")
 ANSWER_INTRO = "Answer the question from your memory of a long document.\n\nMemory:\n"
 ANSWER_CLOSE = "\n\nAnswer briefly."
 SENTINEL = "\u2063HETMEM_SLOT\u2063"
