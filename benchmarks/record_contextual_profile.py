@@ -38,23 +38,29 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=4, help="answer tokens (memagent, hmt)")
     ap.add_argument("--system", default="mi210+u55c")
     ap.add_argument("--baseline-system", default="mi210")
+    ap.add_argument("--profile-dir", default=None,
+                    help="record an existing `hetmem profile` output DIR made with these settings instead of running it "
+                         "again (said in the record)")
     args = ap.parse_args()
     rec = Record().setting(**vars(args))
 
     from hetmem.cli import main as hetmem_main
 
     work = Path(tempfile.mkdtemp(prefix="hetmem-record-ctx-profile-"))
+    prof_dir = Path(args.profile_dir) if args.profile_dir else work / "prof"
     prof_argv = ["profile", "--methods", args.methods, "--lengths", args.lengths, "--model", args.model,
-                 "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens), "--out", str(work / "prof"),
+                 "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens), "--out", str(prof_dir),
                  "--no-progress"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = hetmem_main(prof_argv)
+        code = hetmem_main(prof_argv)  # with --profile-dir: resumes it (every run done: nothing runs again)
     if code != 0:
         print(f"hetmem {' '.join(prof_argv)} failed (exit {code})", file=sys.stderr)
         return code
-    prof = json.loads((work / "prof" / "profile.json").read_text())
-    rec.setting(hetmem_profile_argv=[a if a != str(work / "prof") else "DIR" for a in prof_argv],
+    prof = json.loads((prof_dir / "profile.json").read_text())
+    if args.profile_dir:
+        rec.setting(profile_created=prof.get("created"), profile_reused=True)
+    rec.setting(hetmem_profile_argv=[a if a != str(prof_dir) else "DIR" for a in prof_argv],
                 model_name=prof["model"], dtype=prof["dtype"])
     runs = []
     for run in prof["runs"]:
@@ -79,15 +85,15 @@ def main() -> int:
             rec.figure(f"{key}.{r['step']}.ms", round(r["ms"], 1), "ms", note=r["time_source"])
             rec.figure(f"{key}.{r['step']}.calls", r["calls"], "calls")
             if r["flops"] is not None:
-                rec.figure(f"{key}.{r['step']}.gflop", round(r["flops"] / 1e9, 4), "GFLOP", source="analytic")
+                rec.figure(f"{key}.{r['step']}.gflop", round(r["flops"] / 1e9, 4), "GFLOP", source="modelled", note="analytic count")
             if r["intensity"] is not None:
-                rec.figure(f"{key}.{r['step']}.intensity", round(r["intensity"], 3), "flop/byte", source="analytic")
+                rec.figure(f"{key}.{r['step']}.intensity", round(r["intensity"], 3), "flop/byte", source="modelled", note="analytic count")
         rec.detail(f"notes.{key}", ph.get("note"))
         runs.append(key)
     rec.detail("runs", runs)
     rec.detail("profile_table", buf.getvalue().rstrip("\n"))
 
-    plan_argv = ["plan", "--profile", str(work / "prof" / "profile.json"), "--system", args.system,
+    plan_argv = ["plan", "--profile", str(prof_dir / "profile.json"), "--system", args.system,
                  "--baseline-system", args.baseline_system, "--out", str(work / "plan")]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
