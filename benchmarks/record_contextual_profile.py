@@ -43,6 +43,9 @@ def main() -> int:
                          "again (said in the record)")
     args = ap.parse_args()
     rec = Record().setting(**vars(args))
+    import torch
+
+    torch.set_num_threads(args.threads)  # the record's provenance names this process's threads
 
     from hetmem.cli import main as hetmem_main
 
