@@ -303,7 +303,7 @@ def block_methods(rec: dict) -> str:
                       "(all measured):", "", *rows, "", provenance(rec)])
 
 
-def block_contextual(rec: dict) -> str:
+def block_contextual(rec: dict, records: "Records") -> str:
     s, r = rec["settings"], rec["details"]["run"]
     rows = ["| step | ms | calls |", "|---|---:|---:|"]
     rows += [f"| {st} | {fmt(v(rec, st + '.ms'), 1)} | {v(rec, st + '.calls')} |" for st in ("prepare", "relevancy", "retrieval", "apply")]
@@ -314,7 +314,17 @@ def block_contextual(rec: dict) -> str:
         f"{'correct' if v(rec, 'correct') else 'WRONG'}; passkey in the final memory: {bool(v(rec, 'passkey_in_final_memory'))}.",
         f"{v(rec, 'chunks')} chunks, {v(rec, 'llm_calls')} LLM calls, {fmt(v(rec, 'tokens_read'))} tokens read "
         f"({fmt(v(rec, 'tokens_prefilled'))} prefilled: the prompt prefix's KV is reused), {fmt(v(rec, 'tokens_written'))} "
-        f"written; memory after each chunk: {mem} (all measured).", "", *rows, "", provenance(rec)])
+        f"written; memory after each chunk: {mem} (all measured).", "", *rows, "", provenance(rec), "",
+        "Every recorded run (newest last; the current prompts are those of commit `f695c551b1` on):", "",
+        *[f"- seed {r['settings']['seed']}, passkey at depth {r['settings'].get('depth')}, commit `{r['git']['commit'][:10]}`: "
+          f"answer {cell(repr(r['details']['run']['answer']))}, {'correct' if v(r, 'correct') else 'wrong'}; "
+          f"passkey in the final memory: {bool(v(r, 'passkey_in_final_memory'))}"
+          for r in records.all("record_contextual")]])
+
+
+block_contextual.wants_records = True
+
+
 
 
 def block_hmt(rec: dict) -> str:
