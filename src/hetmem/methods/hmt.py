@@ -15,7 +15,7 @@ Processing", arXiv 2405.06067. Per segment of ``--segment-tokens`` tokens:
 
 P_n enters through a learned per-dimension gate initialised at zero, ``P_n = base + gate * (recall Wv)``
 (``base``: a learned input embedding, initially the mean token embedding): a last-layer hidden state is not
-an input embedding (SmolLM2's are ~17x longer), so an untrained HMT prepends a neutral token and training
+an input embedding (far longer), so an untrained HMT prepends a neutral token and training
 opens the gate as far as the recalled memory helps. (An exactly zero input vector is avoided: its RMSNorm
 has no finite gradient.)
 
