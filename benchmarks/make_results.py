@@ -305,7 +305,7 @@ def block_methods(rec: dict) -> str:
                       "(all measured):", "", *rows, "", provenance(rec)])
 
 
-def block_contextual(rec: dict) -> str:
+def block_contextual(rec: dict, records: "Records") -> str:
     s, r = rec["settings"], rec["details"]["run"]
     rows = ["| step | ms | calls |", "|---|---:|---:|"]
     rows += [f"| {st} | {fmt(v(rec, st + '.ms'), 1)} | {v(rec, st + '.calls')} |" for st in ("prepare", "relevancy", "retrieval", "apply")]
@@ -316,19 +316,65 @@ def block_contextual(rec: dict) -> str:
         f"{'correct' if v(rec, 'correct') else 'WRONG'}; passkey in the final memory: {bool(v(rec, 'passkey_in_final_memory'))}.",
         f"{v(rec, 'chunks')} chunks, {v(rec, 'llm_calls')} LLM calls, {fmt(v(rec, 'tokens_read'))} tokens read "
         f"({fmt(v(rec, 'tokens_prefilled'))} prefilled: the prompt prefix's KV is reused), {fmt(v(rec, 'tokens_written'))} "
-        f"written; memory after each chunk: {mem} (all measured).", "", *rows, "", provenance(rec)])
+        f"written; memory after each chunk: {mem} (all measured).", "", *rows, "", provenance(rec), "",
+        "Every recorded run (newest last; the current prompts are those of commit `f695c551b1` on):", "",
+        *[f"- seed {r['settings']['seed']}, passkey at depth {r['settings'].get('depth')}, commit `{r['git']['commit'][:10]}`: "
+          f"answer {cell(repr(r['details']['run']['answer']))}, {'correct' if v(r, 'correct') else 'wrong'}; "
+          f"passkey in the final memory: {bool(v(r, 'passkey_in_final_memory'))}"
+          for r in records.all("record_contextual")]])
+
+
+block_contextual.wants_records = True
+
+
 
 
 def block_hmt(rec: dict) -> str:
     s = rec["settings"]
+    k = s.get("sensory_tokens")
     return "\n".join([
         f"Held-out essay perplexity, {s.get('model_name', s['model'])}, segments of {s['segment_tokens']} tokens, "
         f"{s['held_out_chunks']} chunks of {s['seq_len']} tokens never trained on; HMT trained {s['steps']} steps "
-        f"({fmt(v(rec, 'train_ms') / 1e3, 0)} s, measured):", "",
-        "| segment alone (floor) | HMT untrained | HMT trained | full context (ceiling) | gap closed |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {fmt(v(rec, 'ppl.segment_alone'), 3)} | {fmt(v(rec, 'ppl.hmt_untrained'), 3)} | {fmt(v(rec, 'ppl.hmt_trained'), 3)} "
-        f"| {fmt(v(rec, 'ppl.full_context'), 3)} | {fmt(v(rec, 'gap_closed'), 1, pct=True)} |", "", provenance(rec)])
+        f"at lr {s['lr']} ({fmt(v(rec, 'train_ms') / 1e3, 0)} s, measured)"
+        + (f"; sensory memory: the previous segment's last {k} tokens" if k else "") + ":", "",
+        "| segment alone (floor) | sensory memory only (ablation) | HMT untrained | HMT trained | full context (ceiling) "
+        "| gap closed | of it by the memory embeddings |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {fmt(v(rec, 'ppl.segment_alone'), 3)} | {fmt(v(rec, 'ppl.sensory_only'), 3)} | {fmt(v(rec, 'ppl.hmt_untrained'), 3)} "
+        f"| {fmt(v(rec, 'ppl.hmt_trained'), 3)} | {fmt(v(rec, 'ppl.full_context'), 3)} | {fmt(v(rec, 'gap_closed'), 1, pct=True)} "
+        f"| {fmt(v(rec, 'embeddings_gap_closed'), 1, pct=True)} |", "",
+        "gap closed = (floor - HMT trained) / (floor - ceiling); of it by the memory embeddings = (sensory only - HMT "
+        "trained) / (floor - ceiling).", "", provenance(rec)])
+
+
+def block_contextual_steps(rec: dict) -> str:
+    """record_contextual_profile: per method x step, measured ms and calls, analytic GFLOP and flop/byte; the
+    overhead; the modelled best placement."""
+    s, d = rec["settings"], rec["details"]
+    lines = [f"`hetmem {' '.join(s['hetmem_profile_argv'])}`, then `{d['plan_command']}` "
+             "(times **measured**, whole runs over the context; flops and bytes **analytic**; placements **modelled**):",
+             "", "| method | context | step | ms | calls | GFLOP | flop/byte |", "|---|---:|---|---:|---:|---:|---:|"]
+    notes = []
+    for key in d["runs"]:
+        m, L = key.split("@")
+        for st in ("prepare", "relevancy", "retrieval", "apply", "total"):
+            ms = v(rec, f"{key}.{st}.ms")
+            if ms is None:
+                continue
+            calls = "" if st == "total" else v(rec, f"{key}.{st}.calls")
+            lines.append(f"| {m} | {int(L):,} | {st} | {fmt(ms, 1)} | {calls} | {fmt(v(rec, f'{key}.{st}.gflop'), 3)} "
+                         f"| {fmt(v(rec, f'{key}.{st}.intensity'), 2)} |")
+        best = d.get(f"plan.{key}.best")
+        notes.append(f"- `{m}` @ {int(L):,}: memory-processing overhead {fmt(v(rec, f'{key}.overhead'), 1, True)} "
+                     f"({rec['figures'][f'{key}.overhead'].get('note', '').split(': ', 1)[-1]}); with Apply "
+                     f"{fmt(v(rec, f'{key}.overhead_incl_apply'), 1, True)}"
+                     + (f"; best placement on {s['system']} (modelled): {best}, "
+                        f"{fmt(v(rec, f'plan.{key}.speedup'), 2)}x the all-GPU plan" if best else "")
+                     + (f". {d[f'notes.{key}']}" if d.get(f"notes.{key}") else ""))
+    for k, reason in sorted(d.items()):
+        if k.startswith("skipped."):
+            notes.append(f"- `{k[8:]}`: skipped ({reason})")
+    return "\n".join(lines + [""] + notes + ["", provenance(rec)])
 
 
 def block_limits(rec: dict, records: "Records") -> str:
@@ -435,6 +481,7 @@ def block_disaggregated(rec: dict) -> str:
 BLOCKS = {
     "contextual": ("record_contextual", block_contextual),
     "hmt-perplexity": ("bench_hmt_perplexity", block_hmt),
+    "contextual-steps": ("record_contextual_profile", block_contextual_steps),
     "limits": ("bench_limits", block_limits),
     "decode-flame": ("bench_limits", block_decode_flame),
     "flex": ("bench_flex", block_flex),

@@ -170,3 +170,63 @@ def test_lact_update_aligns_smollm2_kv():
     layer = cache.layers[5]
     k, v = layer.buf_k[0, :, : layer.length], layer.buf_v[0, :, : layer.length]  # [H_kv, T, D] real K and V
     _check_update(k / k.norm(dim=-1, keepdim=True), v / v.norm(dim=-1, keepdim=True))
+
+
+# -- profile and plan ----------------------------------------------------------------------------------------------
+PROFILE_ARTIFACTS = ("profile.json", "summary.md", "overhead.png", "roofline.png", "trace.json")
+
+
+@pytest.fixture()
+def calibrated(tmp_path, monkeypatch):
+    from hetmem.hw.calibrate import calibrate
+
+    monkeypatch.setenv("HETMEM_CACHE", str(tmp_path / "cache"))
+    calibrate("cpu", "float32", quick=True)  # the CLI reuses it
+
+
+def test_profile_and_plan_contextual_methods_real_model(calibrated, tmp_path):
+    from hetmem.testing import save_tiny_model_dir
+
+    d = save_tiny_model_dir(tmp_path / "m", "llama", max_position_embeddings=1024, layers=2)
+    out = tmp_path / "prof"
+    # 1500 tokens is over the tiny model's 1024-token window: the contextual methods read it in bounded calls
+    code = hetmem_main(["profile", "--methods", "memagent,hmt,lact", "--lengths", "200,1500", "--model", str(d),
+                        "--out", str(out), "--no-progress", "--decode-tokens", "2", "--chunk-tokens", "900",
+                        "--memory-tokens", "8", "--segment-tokens", "64", "--threads", str(torch.get_num_threads())])
+    assert code == 0
+    doc = json.loads((out / "profile.json").read_text())
+    runs = {(r["method"], r["length"]): r for r in doc["runs"]}
+    assert all(r["status"] == "ok" for r in runs.values()), [r["reason"] for r in runs.values()]
+    for (m, L), r in runs.items():
+        ph = r["phases"]["context"]
+        assert ph["total_ms"] > 0 and 0 < ph["overhead"] <= ph["overhead_incl_apply"] <= 1
+        assert m in ("lact",) or ph["llm_calls"] >= 2
+    recs = {(r["method"], r["length"], r["step"]): r for r in doc["records"] if r["phase"] == "context"}
+    for m in ("memagent", "hmt", "lact"):
+        for s in STEPS + ("rest", "total"):
+            assert recs[(m, 200, s)]["status"] == "ok" and recs[(m, 200, s)]["ms"] is not None
+        for s in STEPS:
+            assert recs[(m, 200, s)]["bytes_read"] > 0 and recs[(m, 200, s)]["calls"] >= 1  # counted
+    assert recs[("memagent", 1500, "relevancy")]["calls"] > recs[("memagent", 200, "relevancy")]["calls"]
+    assert recs[("lact", 200, "relevancy")]["calls"] == 2  # one chunk x 2 layers (one timed, scaled)
+    for name in PROFILE_ARTIFACTS:
+        assert (out / name).exists()
+    summary = (out / "summary.md").read_text()
+    assert "| memagent | 1500 | ok | context |" in summary and "chunk reads and memory writes" in summary
+    # the planner takes the contextual workloads (per context token)
+    pout = tmp_path / "plan"
+    assert hetmem_main(["plan", "--profile", str(out / "profile.json"), "--out", str(pout)]) == 0
+    plan = json.loads((pout / "plan.json").read_text())
+    got = {(e["method"], e["size"]): e for e in plan["entries"]}
+    assert {("memagent", 200), ("hmt", 200), ("lact", 200)} <= set(got)
+    assert got[("lact", 200)]["unit"].startswith("per context token")
+
+
+def test_profile_sweep_runs_lact_and_skips_model_methods(calibrated, tmp_path):
+    out = tmp_path / "sweep"
+    code = hetmem_main(["profile", "--methods", "lact,memagent", "--lengths", "4k", "--shape", "tiny", "--out", str(out),
+                        "--no-progress", "--threads", str(torch.get_num_threads())])
+    assert code == 0
+    runs = {r["method"]: r for r in json.loads((out / "profile.json").read_text())["runs"]}
+    assert runs["lact"]["status"] == "ok" and runs["lact"]["phases"]["context"]["tokens"] == 4096
+    assert runs["memagent"]["status"] == "skipped" and "--model" in runs["memagent"]["reason"]

@@ -86,7 +86,8 @@ def register(subparsers, run_parser) -> None:  # noqa: ARG001
     p.add_argument("--baseline-system", default=None,
                    help="system whose all-GPU plan is the baseline (default: the same system)")
     p.add_argument("--objective", default="latency", help="latency, energy or edp")
-    p.add_argument("--phase", default="decode", help="profile phase to plan (decode or prefill)")
+    p.add_argument("--phase", default="decode", help="profile phase to plan (decode or prefill; decode also takes the contextual-memory "
+                                                    "methods' one phase, context, per context token)")
     p.add_argument("--methods", default=None, help="only these methods (comma separated)")
     p.add_argument("--kv-dtype", default=None,
                    help="re-target the profile's KV bytes to this dtype (e.g. bfloat16 for a GPU; default: as profiled)")

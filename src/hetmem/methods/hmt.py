@@ -8,13 +8,22 @@ Processing", arXiv 2405.06067. Per segment of ``--segment-tokens`` tokens:
     Relevancy  cross-attention scores of S_n (query projection) over the last ``--memory-entries``
                memory embeddings (key projection)
     Retrieval  softmax-weighted recall of those embeddings (value projection): P_n
-    Apply      run the segment with P_n prepended and a memory token appended; the hidden state at the
-               memory token is the segment's memory embedding M_n, kept for the next segments
+    Apply      run the segment with P_n and the sensory memory (the last ``--sensory-tokens`` tokens of
+               the previous segment, HMT's "sensory memory") prepended and a memory token appended; the
+               hidden state at the memory token is the segment's memory embedding M_n, kept for the next
+               segments
+
+P_n enters through a learned per-dimension gate initialised at zero, ``P_n = base + gate * (recall Wv)``
+(``base``: a learned input embedding, initially the mean token embedding): a last-layer hidden state is not
+an input embedding (far longer), so an untrained HMT prepends a neutral token and training
+opens the gate as far as the recalled memory helps. (An exactly zero input vector is avoided: its RMSNorm
+has no finite gradient.)
 
 The backbone is frozen. The new parameters (memory token, summary prompt, cross-attention projections)
 are trained with ``hetmem train --method hmt`` (train/distill.py's loop) and saved beside the model cache
 (``settings.cache_dir()/hmt/<model>``), where ``hetmem run`` finds them. With no memory entries the
-segment runs alone: its logits are exactly the segment-only baseline's.
+segment runs alone (after its sensory tokens): with ``--sensory-tokens 0`` too, its logits are exactly the
+segment-only baseline's.
 """
 
 from __future__ import annotations
@@ -38,18 +47,19 @@ from hetmem.methods.gates import load_gates
 from hetmem.ops import counts as C
 from hetmem.settings import cache_dir
 
-PARAM_NAMES = ("mem_token", "summary_prompt", "wq", "wk", "wv")
+PARAM_NAMES = ("mem_token", "summary_prompt", "wq", "wk", "wv", "gate", "recall_base")
 
 
 def init_params(hidden: int, attn_dim: int = 64, seed: int = 0, embed: torch.Tensor | None = None) -> dict:
     """Untrained HMT parameters: memory token and summary prompt = the mean token embedding (a neutral
-    input), random query/key projections, identity value projection."""
+    input), random query/key projections, identity value projection, a closed (zero) gate on the recall
+    over a neutral base embedding."""
     g = torch.Generator().manual_seed(seed)
     base = embed.mean(0).detach().float().clone() if embed is not None else torch.zeros(hidden)
     return {"mem_token": base.clone(), "summary_prompt": base.clone(),
             "wq": torch.randn(hidden, attn_dim, generator=g) / hidden**0.5,
             "wk": torch.randn(hidden, attn_dim, generator=g) / hidden**0.5,
-            "wv": torch.eye(hidden)}
+            "wv": torch.eye(hidden), "gate": torch.zeros(hidden), "recall_base": base.clone()}
 
 
 def default_weights_dir(model_name: str) -> Path:
@@ -60,6 +70,8 @@ def load_params(path, hidden: int) -> tuple[dict, dict]:
     tensors, meta = load_gates(path, "hmt")
     if tuple(tensors["mem_token"].shape) != (hidden,):
         raise HetmemError(f"hmt weights {path} are for hidden size {tensors['mem_token'].shape[0]}, this model has {hidden}")
+    if "gate" not in tensors:  # weights from before the gate: the recall entered ungated
+        tensors = {**tensors, "gate": torch.ones(hidden), "recall_base": torch.zeros(hidden)}
     return {k: tensors[k] for k in PARAM_NAMES}, meta
 
 
@@ -79,16 +91,20 @@ def recall_scores(params: dict, summary: torch.Tensor, mems: torch.Tensor) -> to
 
 
 def recall(params: dict, scores: torch.Tensor, mems: torch.Tensor) -> torch.Tensor:
-    """P ``[B, hidden]``: softmax-weighted memory embeddings through the value projection."""
-    return torch.einsum("bn,bnd->bd", torch.softmax(scores, -1), mems) @ params["wv"].to(mems.dtype)
+    """P ``[B, hidden]``: softmax-weighted memory embeddings through the value projection and the gate."""
+    p = torch.einsum("bn,bnd->bd", torch.softmax(scores, -1), mems) @ params["wv"].to(mems.dtype)
+    return params["recall_base"].to(p.dtype) + p * params["gate"].to(p.dtype)
 
 
-def run_segment(model, params: dict, emb: torch.Tensor, recalled: torch.Tensor | None):
-    """Logits at the segment's positions ``[B, L, vocab]`` and the new memory embedding ``[B, hidden]``."""
+def run_segment(model, params: dict, emb: torch.Tensor, recalled: torch.Tensor | None,
+                sensory: torch.Tensor | None = None):
+    """Logits at the segment's positions ``[B, L, vocab]`` and the new memory embedding ``[B, hidden]``.
+    The input is [P_n, sensory tokens' embeddings, segment, memory token]."""
     B, L = emb.shape[:2]
-    parts = ([recalled[:, None]] if recalled is not None else []) + [emb, params["mem_token"].to(emb.dtype).expand(B, 1, -1)]
+    pre = ([recalled[:, None]] if recalled is not None else []) + ([sensory] if sensory is not None else [])
+    parts = pre + [emb, params["mem_token"].to(emb.dtype).expand(B, 1, -1)]
     out = model(inputs_embeds=torch.cat(parts, 1), output_hidden_states=True)
-    off = 1 if recalled is not None else 0
+    off = sum(p.shape[1] for p in pre)
     return out.logits[:, off : off + L], out.hidden_states[-1][:, -1]
 
 
@@ -116,6 +132,7 @@ class SegmentSummaryPrepare:
         if memory is None:
             memory = Memory(kind="hmt-embeddings", tensors={"M": emb.new_zeros(emb.shape[0], 0, emb.shape[-1])},
                             unit_size=raw.ids.shape[1])
+        memory.meta["sensory"] = memory.meta.get("next_sensory")  # the previous segment's last tokens
         memory.meta["emb"] = emb
         memory.meta["summary"] = summarise(raw.model, raw.params, emb, min(self.summary_len, emb.shape[1]))
         return memory
@@ -180,28 +197,34 @@ class SoftmaxRecallRetrieval:
 @register_impl("hmt-segment", role="apply")
 @dataclass
 class PrependSegmentApply:
-    """Apply: run the segment with the recalled embedding prepended; append its memory embedding to M.
+    """Apply: run the segment with the recalled embedding and the sensory memory (the previous segment's last
+    ``sensory_tokens`` token embeddings) prepended; append its memory embedding to M.
     ``target`` is the Memory; returns the segment's logits ``[B, L, vocab]``."""
 
+    sensory_tokens: int = 0
     device: str = "cpu"
     name: str = "prepend-and-run-segment"
 
     def apply(self, raw: Segment, selection, target: Memory) -> torch.Tensor:
-        logits, m_new = run_segment(raw.model, raw.params, target.meta["emb"], selection)
+        emb = target.meta["emb"]
+        logits, m_new = run_segment(raw.model, raw.params, emb, selection, target.meta.get("sensory"))
         target.tensors["M"] = torch.cat([target.tensors["M"], m_new[:, None]], 1)
         target.n_units = target.tensors["M"].shape[1]
+        target.meta["next_sensory"] = emb[:, emb.shape[1] - min(self.sensory_tokens, emb.shape[1]):] if self.sensory_tokens else None
         return logits
 
     def op_counts(self, raw: Segment, selection, target: Memory):
         e = next(raw.model.parameters()).element_size()
-        n = raw.ids.shape[1] + 1 + (selection is not None)
+        sens = target.meta.get("sensory")
+        n = raw.ids.shape[1] + 1 + (selection is not None) + (0 if sens is None else sens.shape[1])
         return {"apply": forward_counts(model_dims_of(raw.model.config), n, 0, e, logits=raw.ids.shape[1])}
 
 
-def hmt_pipeline(params: dict, segment_tokens: int, memory_entries: int, device: str = "cpu", timer=None):
+def hmt_pipeline(params: dict, segment_tokens: int, memory_entries: int, device: str = "cpu", timer=None,
+                 sensory_tokens: int = 0):
     return MemoryPipeline(SegmentSummaryPrepare(max(1, segment_tokens // 2), device),
                           CrossAttentionRelevancy(memory_entries, params, device), SoftmaxRecallRetrieval(params, device),
-                          PrependSegmentApply(device), timer or StepTimer(enabled=False))
+                          PrependSegmentApply(sensory_tokens, device), timer or StepTimer(enabled=False))
 
 
 def process_segments(pipe, model, params: dict, ids: torch.Tensor, segment_tokens: int, memory: Memory | None = None):
@@ -224,11 +247,13 @@ class HMT(ContextualMethod):
 
     segment_tokens: int = param(256, "tokens per segment", low=4)
     memory_entries: int = param(32, "memory embeddings the cross-attention recalls over (the most recent)", low=0)
+    sensory_tokens: int = param(32, "the previous segment's last tokens prepended to each segment (HMT's sensory memory)",
+                                low=0)
     hmt_weights: str | None = param(None, "directory of trained HMT weights (default: found beside the model cache)")
 
     def pipeline(self, device, timer, layer_idx: int = 0, lm=None, stats=None):
         params = self.params_for(lm)[0] if lm is not None else None
-        return hmt_pipeline(params, self.segment_tokens, self.memory_entries, device, timer)
+        return hmt_pipeline(params, self.segment_tokens, self.memory_entries, device, timer, self.sensory_tokens)
 
     def params_for(self, lm) -> tuple[dict, dict]:
         """(parameters, info): trained weights from --hmt-weights or beside the model cache, else untrained."""
@@ -272,7 +297,8 @@ class HMT(ContextualMethod):
         memory = pipe.build(raw, memory)
         sel = pipe.select(memory, Query(text=request.question))
         with timer.step("apply", pipe.apply.device):
-            out_ids, ms = _generate_prepended(model, memory.meta["emb"], sel, request.max_new_tokens, eos_ids(tok, model))
+            out_ids, ms = _generate_prepended(model, memory.meta["emb"], sel, request.max_new_tokens, eos_ids(tok, model),
+                                              memory.meta.get("sensory"))
         st["prefill_ms"] += ms[0]
         st["decode_ms"] += ms[1]
         st["llm_calls"] += 1
@@ -286,9 +312,9 @@ class HMT(ContextualMethod):
                                           "embedding_norm": round(float(M[0, i].float().norm()), 4)} for i in range(n_seg)]}
 
 
-def _generate_prepended(model, emb, recalled, max_new: int, eos: set[int]):
+def _generate_prepended(model, emb, recalled, max_new: int, eos: set[int], sensory=None):
     t0 = time.perf_counter()
-    x = torch.cat(([recalled[:, None]] if recalled is not None else []) + [emb], 1)
+    x = torch.cat(([recalled[:, None]] if recalled is not None else []) + ([sensory] if sensory is not None else []) + [emb], 1)
     out = model(inputs_embeds=x, use_cache=True)
     t1 = time.perf_counter()
     cache, logits, ids = out.past_key_values, out.logits[:, -1], []

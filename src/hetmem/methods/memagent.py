@@ -34,16 +34,16 @@ from hetmem.methods.base import param, register
 from hetmem.methods.contextual_common import (ContextRequest, ContextualMethod, decode_counts, forward_counts,
                                               model_dims_of)
 
-READ_INTRO = ("You are reading a long document one section at a time. You keep notes, and the notes are the only "
-              "thing you will have when you answer the question below, so they must hold every fact from the "
-              "document that may help answer it (exact names and numbers included).\n\n")
-READ_MEMORY = "Your notes so far:\n"
-NO_MEMORY = "(no notes yet)"
-READ_SECTION = "\n\nThe next section of the document:\n"
-READ_CLOSE = ("\n\nNow write your updated notes for the question: {question}\nCopy word for word every sentence of "
-              "this section that helps answer it, keep the notes that still matter, and leave out everything else. "
-              "Reply with the notes only.")
-ANSWER_INTRO = "Answer the question using only these notes, taken while reading a long document.\n\nNotes:\n"
+READ_INTRO = ("You are given a question, your memory so far and the next section of a long document. Update the "
+              "memory with the information from the section that is relevant to the question, and keep what in "
+              "the previous memory still matters. The memory is all you will have when you answer.\n\n")
+READ_MEMORY = "Previous memory:\n"
+NO_MEMORY = "(empty)"
+READ_SECTION = "\n\nSection:\n"
+READ_CLOSE = ("\n\nQuestion: {question}\nIf the section holds information that answers the question, copy those "
+              "sentences exactly, together with the relevant facts of the previous memory. Otherwise write the "
+              "previous memory unchanged. Write only the updated memory.")
+ANSWER_INTRO = "Answer the question from your memory of a long document.\n\nMemory:\n"
 ANSWER_CLOSE = "\n\nAnswer briefly."
 SENTINEL = "\u2063HETMEM_SLOT\u2063"
 

@@ -21,6 +21,8 @@ STEP_COLOURS = {
     "rest": "#b8b8b8",
 }
 PLOT_STEPS = ("prepare", "relevancy", "retrieval", "apply.gather", "attention", "rest")
+# "context": the contextual-memory methods' whole run (profiling/contextual.py)
+PHASES = ("prefill", "decode", "context")
 
 
 def _fmt_len(n: int) -> str:
@@ -80,6 +82,9 @@ def summary_md(doc: dict) -> str:
     lines += [
         "- overhead = (prepare + relevancy + retrieval + apply.gather) / end-to-end; "
         "incl. apply = (prepare + relevancy + retrieval + apply) / end-to-end",
+        "- phase `context` (contextual-memory methods): the whole run over the context; memory processing is "
+        "prepare + relevancy + retrieval (memagent: chunk reads and memory writes; the final answer, apply, is "
+        "inference)",
         "",
         "## Runs",
         "",
@@ -90,7 +95,7 @@ def summary_md(doc: dict) -> str:
         if run["status"] != "ok":
             lines.append(f"| {run['method']} | {_fmt_len(run['length'])} | skipped: {run['reason']} | | | | | |")
             continue
-        for ph in ("prefill", "decode"):
+        for ph in PHASES:
             p = run["phases"].get(ph) or {}
             if p.get("total_ms") is None:
                 continue
@@ -134,7 +139,7 @@ def overhead_png(doc: dict, path: Path) -> None:
     plt = _plt()
     idx = _idx(doc)
     runs = sorted((r for r in doc["runs"] if r["status"] == "ok"), key=lambda r: (r["length"], r["method"]))
-    phases = [ph for ph in ("prefill", "decode") if any(_phase_parts(idx, r["method"], r["length"], ph) for r in runs)]
+    phases = [ph for ph in PHASES if any(_phase_parts(idx, r["method"], r["length"], ph) for r in runs)]
     phases = phases or ["decode"]
     fig, axes = plt.subplots(1, len(phases), figsize=(max(8.5, 1.1 * max(len(runs), 1) * len(phases) + 3), 4.8), squeeze=False)
     for ax, ph in zip(axes[0], phases):
@@ -155,7 +160,7 @@ def overhead_png(doc: dict, path: Path) -> None:
             labels.append(f"{r['method']}\n{_fmt_len(r['length'])}")
             bottoms.append(bottom)
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_ylabel("ms per decode token (measured)" if per_tok else "prefill ms (measured)")
+        ax.set_ylabel("ms per decode token (measured)" if per_tok else f"{ph} ms (measured)")
         ax.set_title(f"{ph}: time per step (bar label: memory-processing overhead)", fontsize=9)
         if parts_all:
             ax.set_ylim(0, max(bottoms) * 1.12)
@@ -201,7 +206,7 @@ def _decode_points(doc: dict) -> tuple[dict, dict]:
     series: dict[tuple[str, str], list] = {}
     moves: dict[tuple[str, str], list] = {}
     for r in doc["records"]:
-        if r["status"] != "ok" or r["phase"] != "decode" or r["step"] == "total":
+        if r["status"] != "ok" or r["phase"] not in ("decode", "context") or r["step"] == "total":
             continue
         ms, f, br, bw = r["ms"], r["flops"], r["bytes_read"], r["bytes_written"]
         if not ms or f is None or br is None or br + bw <= 0:
@@ -293,7 +298,8 @@ def roofline_png(doc: dict, path) -> None:
     for h, t in zip(handles, leg.get_texts()):
         if h.get_marker() in (None, "None", "none", "") and h.get_linestyle() in ("None", "none", ""):
             t.set_fontweight("bold")
-    foot = ["One point per decode step, method and context length; times measured, flops and bytes analytic."]
+    foot = ["One point per decode step, method and context length (contextual-memory methods: per step of the whole "
+            "run, phase 'context'); times measured, flops and bytes analytic."]
     for st in sorted({st for _, st in moves}):
         per = ", ".join(f"{m} {min(g):.2g}-{max(g):.2g}" if len(g) > 1 else f"{m} {g[0]:.2g}"
                         for (m, s_), g in sorted(moves.items()) if s_ == st)
@@ -309,7 +315,7 @@ def roofline_png(doc: dict, path) -> None:
 def trace_events(run_label: str, pid: int, events: list[tuple], t_base: float) -> list[dict]:
     """Chrome trace 'X' events (µs) for one run's step calls; one process per run, one thread per phase."""
     out = [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": run_label}}]
-    tids = {"prefill": 1, "decode": 2}
+    tids = {"prefill": 1, "decode": 2, "memory": 3, "answer": 4, "context": 5}
     for ph, tid in tids.items():
         out.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": ph}})
     for name, phase, t0, t1, device in events:

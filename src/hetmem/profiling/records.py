@@ -102,10 +102,10 @@ def _record(base, phase, step, ms, calls, tokens, layers, flops, br, bw, ops, ti
     }
 
 
-def skipped_records(base: dict, steps: list[str], reason: str) -> list[dict]:
+def skipped_records(base: dict, steps: list[str], reason: str, phase: str = "decode") -> list[dict]:
     out = []
     for s in steps:
-        r = _record(base, "decode", s, None, 0, 0, base.get("layers", 0), None, None, None, [], "not run")
+        r = _record(base, phase, s, None, 0, 0, base.get("layers", 0), None, None, None, [], "not run")
         r.update(status="skipped", reason=reason, ms=None)
         out.append(r)
     return out

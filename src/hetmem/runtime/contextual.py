@@ -24,13 +24,17 @@ def check_answering(method, model_name: str) -> None:
 
 
 def answer_contextual(lm, method, context: str, question: str, max_new_tokens: int = 32,
-                      step_timing: bool = True) -> dict:
+                      step_timing: bool = True, timer: StepTimer | None = None, wrap=None) -> dict:
+    """Run ``method`` over the context and answer. ``timer`` (default: a new one) times the steps; ``wrap``
+    (the profiler's op counter) may wrap the pipeline before it runs."""
     check_answering(method, lm.name)
     t0 = time.perf_counter()
-    timer = StepTimer(enabled=step_timing)
+    timer = timer or StepTimer(enabled=step_timing)
     req = ContextRequest(lm, context, question, max_new_tokens)
     device = str(next(lm.model.parameters()).device)
     pipe = method.pipeline(device, timer, lm=lm, stats=req.stats)
+    if wrap is not None:
+        pipe = wrap(pipe)
     own = method.run(req, pipe)
     st = req.stats
     p0 = next(lm.model.parameters())

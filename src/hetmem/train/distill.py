@@ -270,20 +270,22 @@ class HMTObjective:
     method = "hmt"
     default_lr = 5e-3
 
-    def __init__(self, model, segment_tokens: int = 128, memory_entries: int = 32, attn_dim: int = 64):
-        self.L, self.N = segment_tokens, memory_entries
+    def __init__(self, model, segment_tokens: int = 128, memory_entries: int = 32, attn_dim: int = 64,
+                 sensory_tokens: int = 32):
+        self.L, self.N, self.K = segment_tokens, memory_entries, sensory_tokens
         init = init_params(model.config.hidden_size, attn_dim, embed=model.get_input_embeddings().weight)
         self.params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
         self.model = model
 
-    def segment_nll(self, chunk: torch.Tensor, params: dict | None) -> tuple[torch.Tensor, int]:
+    def segment_nll(self, chunk: torch.Tensor, params: dict | None, entries: int | None = None) -> tuple[torch.Tensor, int]:
         """Summed next-token NLL inside each segment (targets 2..L of every segment) and the target count;
-        ``params=None`` runs each segment alone (the floor)."""
+        ``params=None`` runs each segment alone (the floor); ``entries=0`` keeps only the sensory memory."""
         model, L = self.model, self.L
         if params is None:
             segs = [model(input_ids=chunk[:, a : a + L]).logits for a in range(0, chunk.shape[1], L)]
         else:
-            segs, _ = process_segments(hmt_pipeline(params, L, self.N), model, params, chunk, L)
+            n = self.N if entries is None else entries
+            segs, _ = process_segments(hmt_pipeline(params, L, n, sensory_tokens=self.K), model, params, chunk, L)
         nll, n = 0.0, 0
         for i, lg in enumerate(segs):
             tgt = chunk[:, i * L : i * L + lg.shape[1]]
@@ -297,7 +299,8 @@ class HMTObjective:
 
     @torch.no_grad()
     def perplexity(self, chunks: list[torch.Tensor], mode: str) -> float:
-        """Held-out perplexity over the same targets: ``segment`` (alone), ``hmt`` or ``full`` (whole chunk)."""
+        """Held-out perplexity over the same targets: ``segment`` (alone), ``sensory`` (the previous segment's
+        last tokens prepended, no memory embeddings), ``hmt`` or ``full`` (whole chunk)."""
         nll, n = 0.0, 0
         for c in chunks:
             if mode == "full":
@@ -308,7 +311,7 @@ class HMTObjective:
                 nll += float(F.cross_entropy(lg[0, tgt_pos - 1].float(), c[0, tgt_pos], reduction="sum"))
                 n += len(tgt_pos)
             else:
-                a, b = self.segment_nll(c, None if mode == "segment" else self.params)
+                a, b = self.segment_nll(c, None if mode == "segment" else self.params, 0 if mode == "sensory" else None)
                 nll += float(a)
                 n += b
         return math.exp(nll / n)
@@ -320,7 +323,7 @@ class HMTObjective:
         return {k: v.detach().clone() for k, v in self.params.items()}
 
     def meta(self) -> dict:
-        return {"segment_tokens": self.L, "memory_entries": self.N}
+        return {"segment_tokens": self.L, "memory_entries": self.N, "sensory_tokens": self.K}
 
 
 OBJECTIVES = {"seer": SeerObjective, "dsa": DSAObjective, "hmt": HMTObjective}
