@@ -172,6 +172,8 @@ def generate(
     timer: StepTimer | None = None,
     recall: bool = False,
     prefilled: Prefill | None = None,
+    pick=None,
+    on_id=None,
 ) -> GenerationResult:
     """Prefill the prompt (dense, chunked), then decode greedily with ``method`` in every layer.
 
@@ -180,7 +182,11 @@ def generate(
     (as one span, where a fresh prefill runs it per chunk), and decoding starts from its logits. A method whose
     Prepare observes only the last chunk's queries (``observes_last_chunk``: SnapKV) gets all but the last
     chunk copied, and that chunk run through the model. Methods for which sharing is not the same as their own
-    prefill (``prefill_unshareable``) are refused."""
+    prefill (``prefill_unshareable``) are refused.
+
+    ``pick(logits [1, vocab] float32) -> id`` replaces the greedy argmax (a sampler); ``on_id(id) -> bool`` is
+    called with every generated id as it is made, and generation stops after an id for which it returns True
+    (a server streams tokens and checks stop strings with it)."""
     attention.install(model)
     device = _device_name(model)
     timer = timer or StepTimer()
@@ -216,7 +222,7 @@ def generate(
     try:
         with runtime.activate():
             times = _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show,
-                         keep_logits, eos, device, runtime, prefilled, replay_from)
+                         keep_logits, eos, device, runtime, prefilled, replay_from, pick, on_id)
     finally:
         for h in hooks:
             h.remove()
@@ -236,7 +242,8 @@ def generate(
 
 
 def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show, keep_logits, eos,
-         device, runtime, prefilled: Prefill | None = None, replay_from: int | None = None) -> tuple[float, float]:
+         device, runtime, prefilled: Prefill | None = None, replay_from: int | None = None, pick=None,
+         on_id=None) -> tuple[float, float]:
     prompt_len = input_ids.shape[1]
     if True:
         timer.phase = "prefill"
@@ -265,16 +272,17 @@ def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, ma
         timer.phase = "decode"
         bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", file=sys.stderr, disable=not show, leave=False)
         ids, decode_ms = decode_tokens(model, cache, logits, max_new_tokens, eos, keep_logits=logits_kept if keep_logits
-                                       else None, on_token=bar.update)
+                                       else None, on_token=bar.update, pick=pick, on_id=on_id)
         out_ids.extend(ids)
         bar.close()
     return prefill_ms, decode_ms
 
 
 def decode_tokens(model, cache, logits, max_new_tokens: int, eos, keep_logits: list | None = None,
-                  on_token=None) -> tuple[list[int], float]:
+                  on_token=None, pick=None, on_id=None) -> tuple[list[int], float]:
     """Greedy decode from the prefill's ``logits``: up to ``max_new_tokens`` ids (the first from ``logits``, then
-    one forward per further token, stopping at an id in ``eos``). Returns the ids and the measured wall ms."""
+    one forward per further token, stopping at an id in ``eos``). Returns the ids and the measured wall ms.
+    ``pick`` replaces the argmax; ``on_id(id)`` returning True stops after that id (see ``generate``)."""
     device = logits.device
     out_ids: list[int] = []
     t1 = time.perf_counter()
@@ -282,11 +290,12 @@ def decode_tokens(model, cache, logits, max_new_tokens: int, eos, keep_logits: l
         last = logits[:, -1].float()
         if keep_logits is not None:
             keep_logits.append(last.cpu())
-        nxt = int(last.argmax(-1)[0])
+        nxt = int(last.argmax(-1)[0]) if pick is None else int(pick(last))
         out_ids.append(nxt)
         if on_token is not None:
             on_token(1)
-        if nxt in eos or i == max_new_tokens - 1:
+        stop = on_id is not None and on_id(nxt)
+        if stop or nxt in eos or i == max_new_tokens - 1:
             break
         step = torch.tensor([[nxt]], device=device)
         logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
