@@ -324,6 +324,27 @@ def test_16_concurrent_clients(served, oai, front):
     assert ok >= 16
 
 
+def test_memory_nodes_behind_the_front(served, model_dir, front):
+    """--memory-nodes: quest's memory on a Ray memory node (the Ray Serve runs on): same greedy text as in-process,
+    transfers in the report and in /metrics; a node SIGKILLed between requests comes back."""
+    f = build_front(ServeConfig(model=str(model_dir), memory_nodes=1))
+    try:
+        c = TestClient(build_app(f))
+        ref = reference(front, PROMPT, 8, **dict(QUEST))
+        out = completion(c, prompt=PROMPT, max_tokens=8, hetmem=QUEST)
+        assert out["choices"][0]["text"] == ref
+        mn = out["hetmem"]["memory_nodes"]
+        assert mn["n"] == 1 and mn["transfers_total"]["decode"]["bytes_to_node"] > 0
+        cluster = f.engine.cluster
+        cluster.kill(0)
+        assert completion(c, prompt=PROMPT, max_tokens=8, hetmem=QUEST)["choices"][0]["text"] == ref
+        fams = {m.name: m for m in text_string_to_metric_families(c.get("/metrics").text)}
+        moved = {s.labels["direction"]: s.value for s in fams["hetmem_transfer_bytes"].samples if s.name.endswith("_total")}
+        assert moved["head_to_node"] > 0 and moved["node_to_head"] > 0
+    finally:
+        f.close()
+
+
 # -- the CLI -----------------------------------------------------------------------------------------------------
 def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys):
     from hetmem.cli import main
