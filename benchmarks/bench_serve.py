@@ -56,8 +56,8 @@ def ask(client, prompt: str, max_tokens: int, hetmem: dict) -> dict:
                 first = first or time.perf_counter()
                 text.append(ch.choices[0].delta.content)
             extra = ch.model_extra or {}
-            if extra.get("usage"):
-                usage, report = extra["usage"], extra.get("hetmem")
+            if ch.usage is not None:  # the last chunk: usage, and the hetmem report beside it
+                usage, report = ch.usage.model_dump(), extra.get("hetmem")
             if extra.get("error"):
                 raise RuntimeError(extra["error"].get("message"))
         if usage is None:

@@ -309,6 +309,22 @@ def test_errors_over_http(served, oai):
     assert oai.completions.create(model="t", prompt="hi", max_tokens=2).usage.completion_tokens >= 1  # still serving
 
 
+def test_client_disconnect_mid_stream_frees_the_request(served):
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "t", "prompt": "hi", "max_tokens": 480, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, headers=h, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first chunk, then hang up
+    t0, cancelled, running = time.monotonic(), 0, 1
+    while time.monotonic() - t0 < 30 and not (cancelled and not running):
+        time.sleep(0.2)
+        fams = {f.name: f for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)}
+        cancelled = sum(s.value for s in fams["hetmem_requests"].samples
+                        if s.name == "hetmem_requests_total" and s.labels["status"] == "cancelled")
+        running = httpx.get(served.url + "/health").json()["running"]
+    assert cancelled == 1 and running == 0
+
+
 def test_16_concurrent_clients(served, oai, front):
     prompts = [f"{PROMPT} {i}" for i in range(16)]
 
