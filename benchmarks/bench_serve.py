@@ -132,6 +132,11 @@ def main() -> int:
                                                                "page_size": 16}
     rec.setting(hetmem=hetmem)
     reqs = prompts(args.requests)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # a killed benchmark still shuts its Ray Serve down (finally below)
     server = start(ServeConfig(model="smollm2", memory_nodes=args.memory_nodes, port=args.port, threads=threads))
     ok = True
     try:

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from hetmem.llm.generate import generate  # noqa: E402
+from hetmem.llm.prompt import eos_ids  # noqa: E402
 from hetmem.methods import get_method  # noqa: E402
 from hetmem.rag.corpus import load_corpus  # noqa: E402
 from hetmem.rag.store import save_memory  # noqa: E402
@@ -78,8 +79,9 @@ def reference(front, text: str, n: int, **method) -> str:
     lm = front.lm
     ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
     name = method.pop("method", "dense")
-    res = generate(lm.model, ids, get_method(name, **method), n, eos_token_ids=front.engine.eos, progress=False)
-    out = [t for t in res.token_ids if t not in front.engine.eos]
+    eos = eos_ids(lm.tokenizer, lm.model)
+    res = generate(lm.model, ids, get_method(name, **method), n, eos_token_ids=eos, progress=False)
+    out = [t for t in res.token_ids if t not in eos]
     return lm.tokenizer.decode(out, skip_special_tokens=True)
 
 

@@ -277,7 +277,7 @@ class Front:
             self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except HetmemError as e:
             msg = str(e)
-            status = 429 if "queue is full" in msg else 400
+            status = 429 if "queue is full" in msg else 503 if "shutting down" in msg else 400
             raise ApiError(status, msg, param="hetmem" if "--" in msg or "method" in msg else None) from None
         self.pending += 1
         return events
@@ -362,9 +362,11 @@ def build_app(front: Front) -> FastAPI:
                 while True:
                     ev = await events.get()
                     first = first or time.perf_counter()
-                    if ev.error:
-                        front.done(endpoint, "500", t0, first, ev)
-                        return JSONResponse(_err_body(ev.error), status_code=500)
+                    if ev.error:  # a HetmemError after submit is still the request's fault (one line); else ours
+                        status = 500 if ev.error.startswith(("internal error", "the server")) else 400
+                        front.done(endpoint, str(status), t0, first, ev)
+                        return JSONResponse(_err_body(ev.error, "server_error" if status == 500 else
+                                                      "invalid_request_error"), status_code=status)
                     parts.append(ev.text)
                     if ev.finish_reason:
                         break
