@@ -155,6 +155,8 @@ def main() -> int:
                    note=f"{args.concurrency} concurrent clients / 1 sequential client (target >= 4 with batching)")
         same = seq["texts"] == conc["texts"]
         rec.figure("concurrent.outputs_identical", int(same), "1 = identical", note="greedy, vs the sequential run")
+        rec.detail("concurrent_differs", [{"i": i, "sequential": a, "concurrent": b}
+                                          for i, (a, b) in enumerate(zip(seq["texts"], conc["texts"])) if a != b][:10])
         ok = ok and conc["errors"] == 0 and seq["errors"] == 0 and same
         print(f"throughput ratio {ratio:.2f}x; outputs identical: {same}", file=sys.stderr)
         if args.memory_nodes:
@@ -176,6 +178,8 @@ def main() -> int:
             restarts = max((r["memory_nodes"]["restarts"] for r in fault["reports"] if r and r.get("memory_nodes")),
                            default=0)
             rec.figure("fault.node_restarts_seen", restarts, "restarts")
+            rec.detail("fault_differs", [{"i": i, "no_fault": a, "fault": b}
+                                         for i, (a, b) in enumerate(zip(conc["texts"], fault["texts"])) if a != b][:10])
             rec.detail("fault", {"killed_pid": killed.get("pid"), "after_requests": killed.get("at"),
                                  "errors": fault["error_samples"]})
             ok = ok and fault["errors"] == 0 and same_f and bool(killed)
