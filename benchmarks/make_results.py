@@ -60,6 +60,8 @@ BENCHES = [
      "python benchmarks/model_accuracy.py"),
     ("bench_disaggregated", "memory nodes as Ray actors: call overhead, link, decode per layout, bytes per step",
      "python benchmarks/bench_disaggregated.py"),
+    ("bench_serve", "`hetmem serve` under load: 1 sequential vs concurrent clients, and a memory node SIGKILLed",
+     "python benchmarks/bench_serve.py"),
 ]
 
 
@@ -478,6 +480,32 @@ def block_disaggregated(rec: dict) -> str:
         + " (the shared machine's other load makes more threads slower).", "", provenance(rec)])
 
 
+def block_serve(rec: dict) -> str:
+    s = rec["settings"]
+    rows = ["| run | clients | tokens/s | p50 / p99 latency ms | p50 / p99 time to first token ms | errors |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for key, clients in (("sequential", 1), ("concurrent", s["concurrency"]), ("fault", s["concurrency"])):
+        if v(rec, f"{key}.tokens_per_s") is None:
+            continue
+        label = "concurrent, memory node 0 SIGKILLed at half" if key == "fault" else key
+        rows.append(f"| {label} | {clients} | {fmt(v(rec, f'{key}.tokens_per_s'), 1)} "
+                    f"| {fmt(v(rec, f'{key}.p50_latency_ms'), 0)} / {fmt(v(rec, f'{key}.p99_latency_ms'), 0)} "
+                    f"| {fmt(v(rec, f'{key}.ttft_p50_ms'), 0)} / {fmt(v(rec, f'{key}.ttft_p99_ms'), 0)} "
+                    f"| {v(rec, f'{key}.errors')} |")
+    same = {1: "yes", 0: "no", None: "–"}
+    fault = (f" With the fault: outputs identical to the run without it: {same[v(rec, 'fault.outputs_identical')]}."
+             if v(rec, "fault.tokens_per_s") is not None else "")
+    method = s.get("hetmem", {}).get("method", "dense")
+    return "\n".join([
+        f"SmolLM2 through `hetmem serve` (engine: `{s.get('engine')}`), {s['requests']} short chat requests per run, "
+        f"{s['max_tokens']} new tokens each, {method}"
+        f"{', ' + str(s['memory_nodes']) + ' memory node(s)' if s.get('memory_nodes') else ''}, streaming `openai` "
+        f"clients; server with {s.get('server_threads')} torch thread(s). All measured.", "", *rows, "",
+        f"Throughput ratio, {s['concurrency']} concurrent clients / 1: **{fmt(v(rec, 'throughput_ratio'))}x**; "
+        f"concurrent outputs identical to the sequential ones: {same[v(rec, 'concurrent.outputs_identical')]}.{fault}",
+        "", provenance(rec)])
+
+
 BLOCKS = {
     "contextual": ("record_contextual", block_contextual),
     "hmt-perplexity": ("bench_hmt_perplexity", block_hmt),
@@ -496,6 +524,7 @@ BLOCKS = {
     "model-accuracy": ("model_accuracy", block_model_accuracy),
     "methods": ("record_methods", block_methods),
     "disaggregated": ("bench_disaggregated", block_disaggregated),
+    "serve": ("bench_serve", block_serve),
 }
 
 

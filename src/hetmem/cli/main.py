@@ -8,14 +8,14 @@ import sys
 
 import torch
 
-from hetmem.cli import contextual, demo, index, methods, plan, profile, run, train
+from hetmem.cli import contextual, demo, index, methods, plan, profile, run, serve, train
 from hetmem.cli import eval as eval_cmd
 from hetmem.cli.common import Parser
 from hetmem.errors import HetmemError
 from hetmem.settings import default_threads
 
 # Subcommands in help order. ``run`` comes first: the others may add options to its parser.
-SUBCOMMANDS = (demo, methods, index, contextual, profile, plan, train, eval_cmd)
+SUBCOMMANDS = (demo, methods, index, contextual, profile, plan, train, eval_cmd, serve)
 
 
 def build_parser() -> Parser:

@@ -174,6 +174,8 @@ def generate(
     recall: bool = False,
     prefilled: Prefill | None = None,
     kv_dtype: torch.dtype | None = None,
+    pick=None,
+    on_id=None,
 ) -> GenerationResult:
     """Prefill the prompt (dense, chunked), then decode greedily with ``method`` in every layer.
 
@@ -185,7 +187,11 @@ def generate(
     prefill (``prefill_unshareable``) are refused.
 
     ``kv_dtype`` stores the KV cache in that dtype (``PagedKVLayer.kv_dtype``; float32 accumulation), for methods
-    that declare ``low_precision_kv`` (their steps read the cache through ``ops.sparse_attention``)."""
+    that declare ``low_precision_kv`` (their steps read the cache through ``ops.sparse_attention``).
+
+    ``pick(logits [1, vocab] float32) -> id`` replaces the greedy argmax (a sampler); ``on_id(id) -> bool`` is
+    called with every generated id as it is made, and generation stops after an id for which it returns True
+    (a server streams tokens and checks stop strings with it)."""
     _check_kv_dtype(model, method, kv_dtype, recall)
     attention.install(model)
     fast.available()  # load (or build) the compiled kernels now, not inside the first timed decode step
@@ -224,7 +230,7 @@ def generate(
     try:
         with runtime.activate():
             times = _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show,
-                         keep_logits, eos, device, runtime, prefilled, replay_from)
+                         keep_logits, eos, device, runtime, prefilled, replay_from, pick, on_id)
     finally:
         for h in hooks:
             h.remove()
@@ -260,7 +266,8 @@ def _check_kv_dtype(model, method: Method, kv_dtype: torch.dtype | None, recall:
 
 
 def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, max_new_tokens, show, keep_logits, eos,
-         device, runtime, prefilled: Prefill | None = None, replay_from: int | None = None) -> tuple[float, float]:
+         device, runtime, prefilled: Prefill | None = None, replay_from: int | None = None, pick=None,
+         on_id=None) -> tuple[float, float]:
     prompt_len = input_ids.shape[1]
     if True:
         timer.phase = "prefill"
@@ -289,16 +296,17 @@ def _run(model, cache, input_ids, logits_kept, out_ids, timer, prefill_chunk, ma
         timer.phase = "decode"
         bar = tqdm(total=max_new_tokens, desc="decode", unit="tok", file=sys.stderr, disable=not show, leave=False)
         ids, decode_ms = decode_tokens(model, cache, logits, max_new_tokens, eos, keep_logits=logits_kept if keep_logits
-                                       else None, on_token=bar.update)
+                                       else None, on_token=bar.update, pick=pick, on_id=on_id)
         out_ids.extend(ids)
         bar.close()
     return prefill_ms, decode_ms
 
 
 def decode_tokens(model, cache, logits, max_new_tokens: int, eos, keep_logits: list | None = None,
-                  on_token=None) -> tuple[list[int], float]:
+                  on_token=None, pick=None, on_id=None) -> tuple[list[int], float]:
     """Greedy decode from the prefill's ``logits``: up to ``max_new_tokens`` ids (the first from ``logits``, then
-    one forward per further token, stopping at an id in ``eos``). Returns the ids and the measured wall ms."""
+    one forward per further token, stopping at an id in ``eos``). Returns the ids and the measured wall ms.
+    ``pick`` replaces the argmax; ``on_id(id)`` returning True stops after that id (see ``generate``)."""
     device = logits.device
     out_ids: list[int] = []
     t1 = time.perf_counter()
@@ -306,11 +314,12 @@ def decode_tokens(model, cache, logits, max_new_tokens: int, eos, keep_logits: l
         last = logits[:, -1].float()
         if keep_logits is not None:
             keep_logits.append(last.cpu())
-        nxt = int(last.argmax(-1)[0])
+        nxt = int(last.argmax(-1)[0]) if pick is None else int(pick(last))
         out_ids.append(nxt)
         if on_token is not None:
             on_token(1)
-        if nxt in eos or i == max_new_tokens - 1:
+        stop = on_id is not None and on_id(nxt)
+        if stop or nxt in eos or i == max_new_tokens - 1:
             break
         step = torch.tensor([[nxt]], device=device)
         logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits

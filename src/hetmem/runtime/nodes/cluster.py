@@ -39,6 +39,24 @@ def _ray():
     return ray
 
 
+def init_ray(address: str | None = None, num_cpus: int = 2) -> bool:
+    """Start a local Ray (``num_cpus`` logical CPUs, no dashboard) or join the cluster at ``address``, unless this
+    process is already connected. Returns whether it started a local Ray (its owner shuts it down)."""
+    ray = _ray()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+            return False
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure to start or join is one line
+        raise HetmemError(f"could not {'join Ray at ' + address if address else 'start a local Ray'}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def nbytes(x) -> int:
     """Bytes of the arrays in a request or result (what crosses the link, pickling overhead aside)."""
     if isinstance(x, np.ndarray):
@@ -122,18 +140,7 @@ class NodeCluster:
             self.threads["per_node"] = threads_per_node
         self.timeout_s, self.restart_wait_s, self.compiled = timeout_s, restart_wait_s, compiled
         self.address = address
-        self.started_ray = False
-        if not ray.is_initialized():
-            try:
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:
-                    ray.init(num_cpus=max(2, n_nodes), include_dashboard=False, log_to_driver=False,
-                             configure_logging=False)
-                    self.started_ray = True
-            except Exception as e:  # noqa: BLE001 - any failure to start or join is one line
-                raise HetmemError(f"could not {'join Ray at ' + address if address else 'start a local Ray'}: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.started_ray = init_ray(address, max(2, n_nodes))
         if actors is not None:  # the first n nodes of another cluster (tests, the benchmark: one set of processes)
             self.actors = list(actors[:n_nodes])
         else:
