@@ -288,7 +288,8 @@ class BatchEngine:
             steps = [{"method": m, "step": s, "phase": ph, "device": d, "ms": round(v[0], 3), "calls": v[1]}
                      for (m, s, ph, d), v in sorted(self._step_ms.items())]
             pool = self.pools[0]
-            return {"queue_depth": len(self._queue), "prefilling": len(self._joining), "running": len(self._running),
+            return {"queue_depth": len(self._queue), "prefilling": len(self._joining),
+                    "running": sum(1 for s in self._running if not s.done),
                     "steps": self._steps, "tokens": self._tokens, "prompt_tokens": self._prompt_tokens,
                     "finished": self._finished, "decode_ms": round(self._decode_ms, 3), "step_ms": steps,
                     "transfer_bytes": 0, "pool_pages": pool.n_pages, "pool_free_pages": pool.n_free,
@@ -309,8 +310,10 @@ class BatchEngine:
         m = self._methods.get(key)
         if m is None:
             m = get_method(name, **params)
-            m.bind(self.model)
-            why = unbatchable(m, self.n_layers)
+            why = unbatchable(m)
+            if why is None:
+                m.bind(self.model)
+                why = unbatchable(m, self.n_layers)
             if why:
                 raise HetmemError(why)
             if len(self._methods) > 64:
@@ -582,8 +585,9 @@ class BatchEngine:
             pass
 
 
-def unbatchable(method, n_layers: int) -> str | None:
-    """Why ``method`` cannot run in the batching engine (None when it can)."""
+def unbatchable(method, n_layers: int = 0) -> str | None:
+    """Why ``method`` cannot run in the batching engine (None when it can). With ``n_layers`` (after ``bind``), its
+    pipelines are built and looked at too."""
     name = method.name
     if getattr(method, "family", None) not in BATCHED_FAMILIES:
         return (f"method '{name}' ({method.family}) is not run by the batching engine: it makes its own LLM calls "
