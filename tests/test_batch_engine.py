@@ -246,3 +246,27 @@ def test_cancel_frees_pages(engine):
             break
         threading.Event().wait(0.05)
     assert st["running"] == 0 and st["pool_free_pages"] == st["pool_pages"]
+
+
+@pytest.mark.embedded
+def test_smollm2_passkey_through_the_engine_dense_and_quest():
+    from hetmem.llm.models import load_model
+    from hetmem.llm.prompt import build_prompt_ids, eos_ids
+    from hetmem.tasks.haystack import passkey_task
+
+    smol = load_model("smollm2")
+    task = passkey_task(smol.tokenizer, 1200, seed=7, depth=0.5)
+    ids = build_prompt_ids(smol.tokenizer, task.context, task.question)[0].tolist()
+    eng = BatchEngine(smol.model, smol.tokenizer, model_name=smol.name, max_batch=4, pool_tokens=4096,
+                      eos_token_ids=eos_ids(smol.tokenizer, smol.model))
+    try:
+        c = Collector()
+        eng.submit(GenRequest("dense", ids, "dense", {}, Sampling(max_tokens=12)), c)
+        eng.submit(GenRequest("quest", ids, "quest", {"budget": 512}, Sampling(max_tokens=12)), c)
+        got = c.wait(["dense", "quest"], timeout=600)
+    finally:
+        eng.close()
+    assert len(ids) > 1000
+    for name in ("dense", "quest"):
+        assert task.passkey in got[name]["text"], (name, got[name]["text"])
+    assert got["quest"]["report"]["steps"]["relevancy"]["calls"] > 0
