@@ -51,6 +51,12 @@ class PagePool:
         self._stage_k: torch.Tensor | None = None  # the shared scratch of staged logical K/V (see module doc)
         self._stage_v: torch.Tensor | None = None
         self.staged: tuple | None = None  # (view, version, lo, hi) of what the scratch holds now
+        self._fast: bool | None = None  # whether the compiled page attention takes this pool (decided once)
+
+    def fast(self, q: torch.Tensor) -> bool:
+        if self._fast is None:
+            self._fast = fast.available(q, self.k, self.v)
+        return self._fast and q.dtype == self.k.dtype
 
     @property
     def tokens(self) -> int:
@@ -161,6 +167,18 @@ class PooledLayer(CacheLayerMixin):
             self.run_prepare(start, end)
         return start, end
 
+    def next_slot(self) -> int:
+        """The pool slot of the next token (its page taken if needed): for a batch writing one token per row."""
+        self._ensure(self.length + 1)
+        return int(self.slots[self.length])
+
+    def advance(self) -> None:
+        """One token was written at ``next_slot()`` (by ``write_rows``): count it and run Prepare on it."""
+        self.length += 1
+        self.seen += 1
+        self.version += 1
+        self.run_prepare(self.length - 1, self.length)
+
     def run_prepare(self, start: int, end: int) -> None:
         if self.pipeline is None:
             return
@@ -243,7 +261,7 @@ class PooledLayer(CacheLayerMixin):
 
     def _attend_slots(self, target: DecodeTarget, slots: torch.Tensor) -> torch.Tensor:
         q, k, v = target.q, self.pool.k, self.pool.v
-        if fast.available(q, k, v):
+        if self.pool.fast(q):
             out = fast.page_attention(q, k, v, slots, 1, 0, k.shape[2], target.scale, softcap=target.softcap,
                                       sinks=target.sinks)
             return out.to(q.dtype)
@@ -273,6 +291,22 @@ class PooledLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.release()
         self.seen = 0
+
+
+def write_rows(pool: PagePool, views: list, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    """One decode token per sequence: row ``b`` of ``key_states [B, H_kv, 1, D]`` goes to ``views[b]`` (None: a
+    padding row, dropped), all rows in one copy per tensor; then each sequence's Prepare runs on its token."""
+    rows = [b for b, v in enumerate(views) if v is not None]
+    if not rows:
+        return
+    slots = torch.tensor([views[b].next_slot() for b in rows], dtype=torch.long, device=pool.device)
+    sel = torch.tensor(rows, dtype=torch.long, device=key_states.device)
+    k = key_states.index_select(0, sel)[:, :, 0].transpose(0, 1).unsqueeze(0)  # [1, H_kv, n, D]
+    v = value_states.index_select(0, sel)[:, :, 0].transpose(0, 1).unsqueeze(0)
+    pool.k.index_copy_(2, slots, k.to(pool.dtype))
+    pool.v.index_copy_(2, slots, v.to(pool.dtype))
+    for b in rows:
+        views[b].advance()
 
 
 def _gcd(a: int, b: int) -> int:

@@ -41,7 +41,7 @@ from hetmem.core.types import DecodeTarget, Query
 from hetmem.errors import HetmemError
 from hetmem.llm import attention
 from hetmem.llm.arch import describe
-from hetmem.llm.page_pool import PagePool, PooledLayer
+from hetmem.llm.page_pool import PagePool, PooledLayer, write_rows
 from hetmem.methods.base import get_method
 from hetmem.methods.seer import BlockSparseAttention
 from hetmem.methods.shared import DenseAttentionApply, GatherAttention
@@ -79,9 +79,9 @@ class _BatchLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        for b, view in enumerate(self.rows):
-            if view is not None:
-                view.write(key_states[b : b + 1], value_states[b : b + 1])
+        live = [v for v in self.rows if v is not None]
+        if live:
+            write_rows(live[0].pool, self.rows, key_states, value_states)
         return key_states, value_states  # unused: the hook attends over each row's pages
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -263,6 +263,7 @@ class BatchEngine:
         self._hooks = [m.register_forward_pre_hook(self._capture_hidden, with_kwargs=True)
                        for m in attention.attention_modules(model)]
         self._cache = None  # the cache of the forward in flight (for the hidden-state hook)
+        self._need_hidden = False  # whether a sequence in that forward has a method that reads attention inputs
         self._thread = threading.Thread(target=self._loop, name="hetmem-batch-engine", daemon=True)
         self._thread.start()
 
@@ -425,8 +426,9 @@ class BatchEngine:
                 acc[1] += n - prev_n
                 seq.folded[key] = (ms, n)
 
-    def _run_model(self, cache, **kw):
+    def _run_model(self, cache, seqs, **kw):
         self._cache = cache
+        self._need_hidden = any(getattr(s.method, "needs_hidden", False) for s in seqs)
         try:
             return self.model(past_key_values=cache, use_cache=True, **kw).logits[:, -1].float()
         finally:
@@ -434,7 +436,7 @@ class BatchEngine:
 
     def _capture_hidden(self, module, args, kwargs):
         cache = self._cache
-        if cache is None:
+        if cache is None or not self._need_hidden:
             return
         hs = kwargs.get("hidden_states", args[0] if args else None)
         layer = cache.layers[module.layer_idx]
@@ -460,7 +462,7 @@ class BatchEngine:
             x = torch.tensor([ids[a:b]], device=self.device)
             pos = torch.arange(a, b, device=self.device).unsqueeze(0)
             with rt.activate():
-                logits = self._run_model(cache, input_ids=x, position_ids=pos, logits_to_keep=1)
+                logits = self._run_model(cache, [seq], input_ids=x, position_ids=pos, logits_to_keep=1)
         except Exception as exc:  # a failing method must not stop the engine
             with self._cv:
                 self._joining.remove(seq)
@@ -493,7 +495,7 @@ class BatchEngine:
         t0 = time.perf_counter()
         try:
             with PooledRuntime(cache, self.device).activate():
-                logits = self._run_model(cache, input_ids=ids.to(self.device), position_ids=pos.to(self.device))
+                logits = self._run_model(cache, rows, input_ids=ids.to(self.device), position_ids=pos.to(self.device))
         except Exception as exc:
             with self._cv:
                 self._running = []
