@@ -58,6 +58,8 @@ BENCHES = [
      "python benchmarks/model_accuracy.py"),
     ("bench_disaggregated", "memory nodes as Ray actors: call overhead, link, decode per layout, bytes per step",
      "python benchmarks/bench_disaggregated.py"),
+    ("bench_engine", "continuous-batching engine: tokens/s of 1 sequence vs 16 concurrent ones on SmolLM2 (page pool)",
+     "python benchmarks/bench_engine.py"),
 ]
 
 

@@ -250,6 +250,7 @@ class BatchEngine:
         self.eos = eos
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self._methods: dict = {}
+        self._mlock = threading.Lock()  # submit() may be called from several threads: one bind at a time
         self._queue: collections.deque[_Seq] = collections.deque()
         self._joining: list[_Seq] = []
         self._running: list[_Seq] = []
@@ -269,7 +270,8 @@ class BatchEngine:
 
     # -- the Engine interface ----------------------------------------------------------------------------
     def submit(self, req: GenRequest, on_event: OnEvent) -> None:
-        seq = self._make_seq(req, on_event)
+        with self._mlock:
+            seq = self._make_seq(req, on_event)
         with self._cv:
             if self._closed:
                 raise HetmemError("the engine is shut down")
