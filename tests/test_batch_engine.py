@@ -270,3 +270,19 @@ def test_smollm2_passkey_through_the_engine_dense_and_quest():
     for name in ("dense", "quest"):
         assert task.passkey in got[name]["text"], (name, got[name]["text"])
     assert got["quest"]["report"]["steps"]["relevancy"]["calls"] > 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(engine, monkeypatch):
+    import hetmem.runtime.batch_engine as be
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(be, "decode_attend", boom)
+    bad = run_alone(engine, GenRequest("bad", _prompt(30, 1), sampling=Sampling(max_tokens=5)))
+    assert bad["finish"] == "error" and "injected" in bad["error"] and "\n" not in bad["error"]
+    monkeypatch.undo()
+    good = run_alone(engine, GenRequest("good", _prompt(30, 1), sampling=Sampling(max_tokens=5)))
+    assert good["finish"] == "length" and len(good["ids"]) == 5
+    st = engine.stats()
+    assert st["pool_free_pages"] == st["pool_pages"]

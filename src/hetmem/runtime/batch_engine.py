@@ -2,8 +2,8 @@
 
 One thread runs steps. A submitted request waits in a queue until a batch slot and its pages (prompt +
 ``max_tokens``, reserved up front, so a running sequence never waits for memory) are free; it then joins:
-its prompt is prefilled on its own (B=1, in chunks interleaved with the running batch's decode steps)
-straight into pool pages (``llm.page_pool``), and from the next step on it decodes with the others.
+its prompt is prefilled on its own (B=1, in chunks of ``prefill_chunk`` tokens; about that many prompt tokens
+between two of the running batch's decode steps) straight into pool pages (``llm.page_pool``), and from the next step on it decodes with the others.
 
 A decode step is ONE model forward over every running sequence: ``input_ids [B, 1]`` with each row's own
 ``position_ids``, through a ``transformers.cache_utils.Cache`` whose layer writes each row's new K/V into that
@@ -376,9 +376,12 @@ class BatchEngine:
                         break
                     self._apply_cancels()
                     self._admit()
-                    joining = self._joining[0] if self._joining else None
-                if joining is not None:
-                    self._prefill_step(joining)
+                    joining = list(self._joining)
+                budget = self.prefill_chunk  # prompt tokens prefilled between two decode steps (about)
+                for seq in joining:
+                    if budget <= 0:
+                        break
+                    budget -= self._prefill_step(seq)
                 if self._running:
                     self._decode_step()
         with self._cv:
@@ -449,9 +452,10 @@ class BatchEngine:
         else:
             layer.hidden = hs
 
-    def _prefill_step(self, seq: _Seq) -> None:
+    def _prefill_step(self, seq: _Seq) -> int:
         """One chunk of a joining sequence's prompt (B=1) into its pages; the last chunk's logits give its first
-        token, and it joins the running batch."""
+        token, and it joins the running batch. Returns the tokens prefilled. Chunks always start at multiples of
+        ``prefill_chunk`` (whatever else is joining), so a prompt is computed the same way alone or batched."""
         ids = seq.req.prompt_ids
         a = seq.prefill_pos
         b = min(len(ids), a + self.prefill_chunk)
@@ -469,11 +473,11 @@ class BatchEngine:
             with self._cv:
                 self._joining.remove(seq)
             self._fail(seq, f"prefill failed: {type(exc).__name__}: {exc}")
-            return
+            return b - a
         seq.prefill_ms += (time.perf_counter() - t0) * 1e3
         seq.prefill_pos = b
         if b < len(ids):
-            return
+            return b - a
         with self._cv:
             self._joining.remove(seq)
             self._prompt_tokens += len(ids)
@@ -482,6 +486,7 @@ class BatchEngine:
         if self._take_token(seq, logits[0]):
             with self._cv:
                 self._running.append(seq)
+        return b - a
 
     def _decode_step(self) -> None:
         rows = list(self._running)
