@@ -286,3 +286,13 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(engine, 
     assert good["finish"] == "length" and len(good["ids"]) == 5
     st = engine.stats()
     assert st["pool_free_pages"] == st["pool_pages"]
+
+
+def test_step_observations_for_histograms(engine):
+    engine.observations()
+    run_alone(engine, GenRequest("o", _prompt(40, 2), "quest", {"budget": 32, "dense_layers": 0},
+                                 Sampling(max_tokens=4)))
+    obs = engine.observations()
+    steps = {(m, s, ph) for m, s, ph, d, ms in obs}
+    assert {("quest", "relevancy", "decode"), ("quest", "apply", "prefill"), ("quest", "apply", "decode")} <= steps
+    assert all(ms >= 0 and d == "cpu" for *_, d, ms in obs) and engine.observations() == []

@@ -261,6 +261,8 @@ class BatchEngine:
         self._steps = self._tokens = self._prompt_tokens = self._finished = 0
         self._decode_ms = 0.0
         self._step_ms: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0])
+        # One (method, step, phase, device, ms) per request per engine step (its layers summed), for histograms.
+        self._observed: collections.deque = collections.deque(maxlen=100_000)
         self._hooks = [m.register_forward_pre_hook(self._capture_hidden, with_kwargs=True)
                        for m in attention.attention_modules(model)]
         self._cache = None  # the cache of the forward in flight (for the hidden-state hook)
@@ -297,6 +299,15 @@ class BatchEngine:
                     "finished": self._finished, "decode_ms": round(self._decode_ms, 3), "step_ms": steps,
                     "transfer_bytes": 0, "pool_pages": pool.n_pages, "pool_free_pages": pool.n_free,
                     "page_tokens": pool.page_size}
+
+    def observations(self) -> list[tuple[str, str, str, str, float]]:
+        """The step times observed since the last call, and clears them: one ``(method, step, phase, device, ms)``
+        per request per engine step (a prefill chunk or a decode step), its layers summed. For /metrics histograms
+        (``stats()["step_ms"]`` holds the running sums and counts)."""
+        with self._cv:
+            out = list(self._observed)
+            self._observed.clear()
+        return out
 
     def close(self) -> None:
         with self._cv:
@@ -426,9 +437,11 @@ class BatchEngine:
             prev_ms, prev_n = seq.folded.get(key, (0.0, 0))
             n = t.calls.get(key, 0)
             if n != prev_n:
-                acc = self._step_ms[(name, key[0], key[1], t.devices.get(key[0], "cpu"))]
+                label = (name, key[0], key[1], t.devices.get(key[0], "cpu"))
+                acc = self._step_ms[label]
                 acc[0] += ms - prev_ms
                 acc[1] += n - prev_n
+                self._observed.append((*label, ms - prev_ms))
                 seq.folded[key] = (ms, n)
 
     def _run_model(self, cache, seqs, **kw):
