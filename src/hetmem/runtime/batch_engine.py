@@ -160,7 +160,7 @@ class PooledRuntime(attention.SparseRuntime):
 
 
 # -- one request ----------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)  # compared by identity (list membership, removal)
 class _Seq:
     req: GenRequest
     on_event: OnEvent
