@@ -62,6 +62,8 @@ BENCHES = [
      "python benchmarks/bench_disaggregated.py"),
     ("bench_serve", "`hetmem serve` under load: 1 sequential vs concurrent clients, and a memory node SIGKILLed",
      "python benchmarks/bench_serve.py"),
+    ("bench_engine", "continuous-batching engine: tokens/s of 1 sequence vs 16 concurrent ones on SmolLM2 (page pool)",
+     "python benchmarks/bench_engine.py"),
 ]
 
 
