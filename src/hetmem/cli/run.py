@@ -45,6 +45,10 @@ def cmd_run_nodes(args) -> int:
     n = args.memory_nodes if args.memory_nodes is not None else 1
     if n < 1:
         raise HetmemError(f"--memory-nodes must be at least 1 (got {n})")
+    if method.family == "rag":  # a sharded memory's shards on the nodes (cli/index.run_rag)
+        if args.layout:
+            raise HetmemError("--layout is for sparse-attention methods; a RAG memory's nodes hold its shards")
+        return RUNNERS["rag"](args, method)
     if method.family != "sparse-attention":
         raise HetmemError(f"--memory-nodes runs sparse-attention methods; '{method.name}' is {method.family}")
     if args.device != "cpu":
@@ -104,7 +108,8 @@ def register(sub):
     r.add_argument("--recall", action="store_true",
                    help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
     r.add_argument("--memory-nodes", type=int, default=None, metavar="N",
-                   help="run the method's memory on N Ray memory nodes (a local Ray; default: in-process)")
+                   help="run the method's memory on N Ray memory nodes (a local Ray; default: in-process); "
+                        "RAG: the shards of a memory built with 'hetmem index --shards'")
     r.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="with --memory-nodes: index (nodes select, K/V on the head), kv (nodes hold K/V too and "
                         "return the selected pages) or attention (nodes attend, the head merges; default)")

@@ -15,6 +15,9 @@ numpy arrays and plain values (numpy crosses Ray's channels far faster than pick
     gather  K/V of the selected pages it holds (``kv`` layout)
     attend  attention over the selected pages it holds -> partial output and log-sum-exp (``attention``)
     drop    forget a sequence group
+    rag_load    load a shard of a sharded RAG memory from the saved memory (``rag.shards.RagShard``)
+    rag_search  a question's BM25 and/or dense top candidates in a loaded shard (global ids, scores)
+    rag_drop    forget a RAG memory's shards
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Query
 from hetmem.llm.paged_cache import PagedKVLayer
 from hetmem.ops.sparse_attention import gather_pages
+from hetmem.rag.shards import RagShard
 from hetmem.runtime.nodes.shard import local_topk
 
 
@@ -60,11 +64,12 @@ class MemoryNode:
         self.node = node
         self.threads = threads
         self.shards: dict[tuple[str, int], _Shard] = {}
+        self.rag: dict[tuple[str, int], RagShard] = {}
         self.fail_after: int | None = None  # tests: exit hard after this many more calls
 
     def info(self) -> dict:
         return {"node": self.node, "pid": os.getpid(), "host": socket.gethostname(), "threads": torch.get_num_threads(),
-                "shards": len(self.shards)}
+                "shards": len(self.shards), "rag_shards": sorted(s for _, s in self.rag)}
 
     def call(self, batch: list[dict]) -> dict:
         t0 = time.perf_counter()
@@ -161,6 +166,18 @@ class MemoryNode:
         p = torch.exp(w - lse.unsqueeze(-1)).nan_to_num(nan=0.0)
         out = torch.matmul(p.to(v.dtype), v)
         return {"out": _np(out.float()), "lse": _np(lse)}
+
+    def _rag_load(self, req):
+        self.rag[(req["key"], req["shard"])] = RagShard.load(req["path"], req["meta"], req["shard"])
+        return None
+
+    def _rag_search(self, req):
+        return self.rag[(req["key"], req["shard"])].search(req)
+
+    def _rag_drop(self, req):
+        for key in [k for k in self.rag if k[0] == req["key"]]:
+            del self.rag[key]
+        return None
 
     def _crash(self, req):  # tests and the benchmark: die the way a killed process dies
         os.kill(os.getpid(), 9)

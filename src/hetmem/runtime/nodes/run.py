@@ -24,7 +24,19 @@ def annotate(rec: dict, nm: NodeMethod, cluster: NodeCluster) -> dict:
             s["note"] = "partial attention on each node, merged on the head by log-sum-exp (timed inside apply)"
         if step in ("prepare", "relevancy") and getattr(nm, "dense_layers", 0):
             s["note"] = f"the first {nm.dense_layers} layers are dense (no memory): they run on the head"
-    rec["memory_nodes"] = {**cluster.record(), "layout": nm.layout, "head_threads": torch.get_num_threads(),
+    annotate_cluster(rec, cluster)
+    rec["memory_nodes"]["layout"] = nm.layout
+    return rec
+
+
+def annotate_cluster(rec: dict, cluster: NodeCluster, remote_steps: tuple[str, ...] = ()) -> dict:
+    """Add to a run record the nodes (threads, restarts) and the measured transfers; ``remote_steps``: the
+    steps that ran on the nodes (the rest ran on the head)."""
+    for step in remote_steps:
+        s = rec.get("steps", {}).get(step)
+        if s and s.get("calls"):
+            s["ran_on"] = [f"node{i}" for i in range(cluster.n)]
+    rec["memory_nodes"] = {**cluster.record(), "head_threads": torch.get_num_threads(),
                            "transfers_total": cluster.ledger.summary(),
                            "source": "measured: bytes of the arrays sent and returned; ms = call round trip minus "
                                      "the node's own compute"}
