@@ -163,3 +163,31 @@ def test_smollm2_through_two_nodes(nodes):
     finally:
         sub.close()
     assert got == want
+
+
+def test_planned_schedule_runs_its_layout_on_nodes(nodes, tmp_path, capsys):
+    """A host+memnode schedule (as hetmem plan --system host+memnode writes it) runs through --placement: the rule
+    for the prompt's size picks the layout and the node count; the answer is the in-process one."""
+    import json
+
+    from hetmem.cli import main
+    from hetmem.testing import save_tiny_model_dir
+
+    model = save_tiny_model_dir(tmp_path / "m", "llama", max_position_embeddings=512)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("Alpha beta gamma delta. The code word is kiwi. " * 6, encoding="utf-8")
+    sch = {"schema": "hetmem.schedule/1", "system": "host+memnode", "rules": {"quest": [
+        {"max_size": 100, "devices": {"prepare": "nodes"}, "layout": "index", "memory_nodes": 1},
+        {"max_size": None, "devices": {"prepare": "nodes", "relevancy": "nodes", "apply": "nodes"},
+         "layout": "attention", "memory_nodes": 1, "predicted_latency_us": 1.0}]}}
+    (tmp_path / "schedule.json").write_text(json.dumps(sch))
+    base = ["run", "--method", "quest", "--budget", "64", "--page-size", "8", "--dense-layers", "0", "--model",
+            str(model), "--context", str(ctx), "--question", "What?", "--max-new-tokens", "3", "--json"]
+    capsys.readouterr()
+    assert main(base) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(base + ["--placement", str(tmp_path / "schedule.json")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["answer"] == want["answer"]
+    assert got["placement_rule"]["layout"] == "attention" and got["memory_nodes"]["n"] == 1
+    assert got["memory_nodes"]["layout"] == "attention" and got["steps"]["apply"]["ran_on"] == ["node0"]

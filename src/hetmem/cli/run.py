@@ -7,6 +7,7 @@ import sys
 
 from hetmem.cli.common import RUNNERS, add_method_options, method_from_args, model_args, validated_context
 from hetmem.errors import HetmemError
+from hetmem.hw.memnode import SYSTEM as MEMNODE_SYSTEM
 from hetmem.llm.models import load_model
 from hetmem.llm.prompt import build_prompt_ids
 from hetmem.llm.run import answer_question
@@ -69,8 +70,39 @@ def cmd_run_nodes(args) -> int:
     return 0
 
 
+def cmd_run_planned_nodes(args, schedule: dict) -> int:
+    """A ``hetmem plan --system host+memnode`` schedule: the rule for the prompt's size names the layout and
+    the node count; the run is ``--memory-nodes N --layout L`` (``--layout``/``--memory-nodes`` override it)."""
+    method = method_from_args(args)
+    pick_rule(schedule, method.name, 1)  # the method has rules: fail before loading a model
+    if args.device != "cpu":
+        raise HetmemError("--memory-nodes runs the model on cpu (the nodes exchange host memory)")
+    context = validated_context(args, method)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    size = build_prompt_ids(lm.tokenizer, context, args.question).shape[1]
+    rule = pick_rule(schedule, method.name, size)
+    layout = args.layout or rule.get("layout")
+    n = args.memory_nodes if args.memory_nodes is not None else rule.get("memory_nodes")
+    if layout not in LAYOUTS or not isinstance(n, int) or n < 1:
+        raise HetmemError(f"placement file {args.placement}: a {MEMNODE_SYSTEM} rule needs a 'layout' "
+                          f"({', '.join(LAYOUTS)}) and 'memory_nodes' (a positive integer)")
+    rec = answer_on_nodes(lm, method, context, args.question, n_nodes=n, layout=layout, address=args.ray_address,
+                          max_new_tokens=args.max_new_tokens, step_timing=not args.no_step_timing)
+    rec["placement_rule"] = {"file": str(args.placement), "size": size, "max_size": rule.get("max_size"),
+                             "layout": layout, "memory_nodes": n,
+                             "predicted_latency_us": rule.get("predicted_latency_us"), "source": "modelled"}
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        print(rec["answer"])
+        print(step_table({method.name: rec}), file=sys.stderr)
+    return 0
+
+
 def cmd_run_placed(args) -> int:
     schedule = read_schedule(args.placement)
+    if schedule.get("system") == MEMNODE_SYSTEM:
+        return cmd_run_planned_nodes(args, schedule)
     method = method_from_args(args)
     if method.family in RUNNERS:
         raise HetmemError(f"--placement runs in-model attention methods; '{method.name}' ({method.family}) is not one yet")

@@ -33,6 +33,7 @@ import torch
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Scores, Selection
 from hetmem.errors import HetmemError
+from hetmem.hw.memnode import layout_bytes
 from hetmem.ops.topk import candidate_range
 from hetmem.runtime.nodes.shard import merge_candidates, merge_partials, split_tokens
 
@@ -277,25 +278,7 @@ class RemoteAttentionApply:
         return merge_partials(outs, lses, target.sinks, dtype=target.q.dtype)
 
 
-def modelled_decode_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_dim: int, budget_pages: int,
-                          page_size: int, batch: int = 1, elem: int = 4) -> dict:
-    """Bytes one decode step moves per sparse layer (all nodes together), by the layout: the model the
-    benchmark compares with the measured transfers. Arrays only (as ``cluster.nbytes`` counts them).
-
-    every layout: the new token's K (and V unless ``index``) to its owner, an empty append to the others;
-    the query ``[B, H_kv, G, D]`` to every node; each node's ``budget`` candidates back (int64 id + float32).
-    kv: the selection ``[B, H_kv, budget]`` (int64) to every node, the selected pages' K and V back.
-    attention: the selection and the query to every node, ``[B, H_kv, G, D]`` float32 + its lse back from each."""
-    B, H, G, D, k = batch, kv_heads, group, head_dim, budget_pages
-    tok = B * H * D * elem * (1 if layout == "index" else 2)
-    q = B * H * G * D * elem
-    cand = n_nodes * B * H * k * (8 + 4)  # a node with fewer pages returns fewer
-    to_node = tok + n_nodes * q
-    to_head = cand
-    if layout == "kv":
-        to_node += n_nodes * B * H * k * 8
-        to_head += B * H * k * page_size * D * elem * 2
-    elif layout == "attention":
-        to_node += n_nodes * (B * H * k * 8 + q)
-        to_head += n_nodes * (B * H * G * D * 4 + B * H * G * 4)
-    return {"to_node": to_node, "to_head": to_head, "total": to_node + to_head}
+def modelled_decode_bytes(layout: str, n_nodes: int, **dims) -> dict:
+    """Bytes (and calls, arrays) one decode step moves per sparse layer by the layout: ``hw.memnode.layout_bytes``,
+    the model the planner and the benchmark use."""
+    return layout_bytes(layout, n_nodes, **dims)

@@ -179,5 +179,8 @@ class MemoryNode:
             del self.rag[key]
         return None
 
+    def _echo(self, req):  # the link calibration (runtime.nodes.linkcal): the arrays straight back
+        return req.get("x")
+
     def _crash(self, req):  # tests and the benchmark: die the way a killed process dies
         os.kill(os.getpid(), 9)

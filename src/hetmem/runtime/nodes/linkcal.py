@@ -1,0 +1,79 @@
+"""Calibrating the head<->node link on this machine (cached by ``hw.memnode``, like the CPU calibration).
+
+Calls of the compiled graph to ``n`` nodes (the calls a run makes) with payloads that span what a decode
+step sends: empty batches (the per-call latency), one array of 1 KiB .. 4 MiB (bandwidth), and 4 .. 64
+small arrays (the per-array serialisation cost), each to the nodes and echoed back. The median round trip
+(trimmed mean) of each payload is one point of ``hw.memnode.fit_link``. A plain actor call's empty round trip is measured
+beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+from hetmem.hw.memnode import cached_link, fit_link, link_key, save_link
+from hetmem.runtime.nodes.cluster import NodeCluster, _ray, nbytes
+
+
+def _mean_ms(cluster: NodeCluster, batches, repeats: int) -> float:
+    """Mean round trip (the slowest and fastest 10% left out: a run's transfers are sums of calls, so the
+    mean is what predicts them; the trim keeps a shared machine's rare stalls out)."""
+    cluster.call(batches)  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        cluster.call(batches)
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    cut = len(ts) // 10
+    return statistics.mean(ts[cut: len(ts) - cut] or ts) * 1e3
+
+
+def payloads() -> list[list[np.ndarray]]:
+    out = [[]]
+    out += [[np.zeros(kib * 256, dtype=np.float32)] for kib in (1, 16, 256, 1024, 4096)]
+    out += [[np.zeros(64, dtype=np.float32) for _ in range(m)] for m in (4, 16, 64)]
+    out += [[np.zeros(16 * 1024, dtype=np.float32) for _ in range(16)]]
+    return out
+
+
+def measure_link(cluster: NodeCluster, repeats: int = 30) -> dict:
+    """Points and fit of the link model for ``cluster`` (its compiled graph to all its nodes)."""
+    points = []
+    for arrays in payloads():
+        batches = [[{"op": "echo", "x": arrays}] for _ in range(cluster.n)]
+        ms = _mean_ms(cluster, batches, repeats)
+        # both ways: the arrays go to every node and come back from every node
+        points.append({"arrays": 2 * cluster.n * len(arrays), "bytes": 2 * cluster.n * nbytes(arrays), "ms": round(ms, 4)})
+    cluster.release_graph()
+    plain = NodeCluster(cluster.n, actors=cluster.actors, compiled=False)
+    plain_ms = _mean_ms(plain, [[] for _ in range(cluster.n)], repeats)
+    plain.close()
+    return {"points": points, "fit": fit_link(points), "plain_call_ms": round(plain_ms, 4)}
+
+
+def calibrate_link(n_nodes: int, force: bool = False, cluster: NodeCluster | None = None, repeats: int = 30) -> dict:
+    """The link calibration for ``n_nodes`` local nodes: the cached entry whose key equals this machine's,
+    else (or with ``force``) measured now (starting the nodes unless ``cluster`` is given) and cached.
+    Carries ``key``, ``key_id``, ``measured_at`` and ``cached``."""
+    key = link_key(n_nodes, _ray().__version__, torch.__version__)
+    if not force:
+        e = cached_link(key)
+        if e is not None:
+            return dict(e, cached=True)
+    own = cluster is None
+    cluster = cluster or NodeCluster(n_nodes)
+    try:
+        m = measure_link(cluster, repeats)
+    finally:
+        if own:
+            cluster.close()
+    entry = {"key": key, "source": "measured", "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "statistic": f"mean of {repeats} calls per payload, 10% trimmed each side", **m}
+    return dict(save_link(entry), cached=False)
+
