@@ -25,6 +25,8 @@ def cmd_run(args) -> int:
         return cmd_run_nodes(args)
     if args.layout:
         raise HetmemError("--layout needs --memory-nodes N (or --ray-address)")
+    if args.split_budget:
+        raise HetmemError("--split-budget needs --memory-nodes N (or --ray-address)")
     method = method_from_args(args)
     if method.family in RUNNERS:
         return RUNNERS[method.family](args, method)
@@ -49,6 +51,8 @@ def cmd_run_nodes(args) -> int:
     if method.family == "rag":  # a sharded memory's shards on the nodes (cli/index.run_rag)
         if args.layout:
             raise HetmemError("--layout is for sparse-attention methods; a RAG memory's nodes hold its shards")
+        if args.split_budget:
+            raise HetmemError("--split-budget is for sparse-attention methods (a RAG top-k is merged exactly on the head)")
         return RUNNERS["rag"](args, method)
     if method.family != "sparse-attention":
         raise HetmemError(f"--memory-nodes runs sparse-attention methods; '{method.name}' is {method.family}")
@@ -58,7 +62,7 @@ def cmd_run_nodes(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     rec = answer_on_nodes(lm, method, context, args.question, n_nodes=n, layout=args.layout or "attention",
                           address=args.ray_address, max_new_tokens=args.max_new_tokens,
-                          step_timing=not args.no_step_timing)
+                          step_timing=not args.no_step_timing, split_budget=args.split_budget, recall=args.recall)
     if args.json:
         print(json.dumps(rec))
     else:
@@ -145,6 +149,10 @@ def register(sub):
     r.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="with --memory-nodes: index (nodes select, K/V on the head), kv (nodes hold K/V too and "
                         "return the selected pages) or attention (nodes attend, the head merges; default)")
+    r.add_argument("--split-budget", action="store_true",
+                   help="with --memory-nodes, attention layout: one round per layer instead of two; each node selects "
+                        "budget/N of its pages and attends at once (approximate: with --recall the record holds its "
+                        "attention-mass recall and the exact mode's)")
     r.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join the Ray cluster at ADDR (started with `ray start --head`) instead of a local Ray")
     model_args(r)

@@ -35,6 +35,7 @@ from hetmem.core.types import Query
 from hetmem.llm.paged_cache import PagedKVLayer
 from hetmem.ops.sparse_attention import gather_pages
 from hetmem.rag.shards import RagShard
+from hetmem.ops.topk import topk_indices
 from hetmem.runtime.nodes.shard import local_topk
 
 
@@ -178,6 +179,39 @@ class MemoryNode:
         for key in [k for k in self.rag if k[0] == req["key"]]:
             del self.rag[key]
         return None
+
+    def _select_attend(self, req):
+        """Split budget: this node's share ``m`` of the budget (the global sink and recent pages it holds
+        first, then its best-scoring pages), attended at once. With ``candidates`` > 0 also its local top
+        ``candidates`` (as ``score`` returns them: the head measures the exact mode's selection)."""
+        sh = self.shards[(req["cache"], req["layer"])]
+        mem = sh.layer.memory
+        q = _t(req["q"])
+        B, H, G, _ = q.shape
+        n_local = mem.n_units if mem is not None else 0
+        out = {}
+        if n_local == 0:
+            e = np.zeros((B, H, 0), dtype=np.int64)
+            out = {"ids": e, "out": np.zeros((B, H, G, sh.layer.buf_v.shape[-1] if sh.layer.buf_v is not None else 0),
+                                              dtype=np.float32),
+                   "lse": np.full((B, H, G), -np.inf, dtype=np.float32)}
+            if req.get("candidates"):
+                out.update(cand_ids=e, cand_vals=e.astype(np.float32))
+            return out
+        query = Query(vectors=q, meta={"hidden": None, "layer": req["layer"], "scale": req["scale"],
+                                       "softcap": req.get("softcap"), "sinks": _t(req.get("sinks"))})
+        scores = sh.relevancy.score(mem, query)
+        if req.get("candidates"):
+            ci, cv = local_topk(scores.values, scores.offset, req["candidates"], self.node, sh.n_nodes)
+            out.update(cand_ids=_np(ci), cand_vals=_np(cv.float()))
+        full = torch.full((B, H, n_local), float("-inf"))
+        full[..., scores.offset: scores.offset + scores.values.shape[-1]] = scores.values.float()
+        gid = torch.arange(n_local) * sh.n_nodes + self.node
+        forced = (gid < req["sink"]) | (gid >= req["n_pages"] - req["recent"])
+        full[..., forced] = float("inf")
+        ids = topk_indices(full, min(req["m"], n_local)) * sh.n_nodes + self.node
+        att = self._attend({**req, "ids": _np(ids)})
+        return {**out, "ids": _np(ids), **att}
 
     def _echo(self, req):  # the link calibration (runtime.nodes.linkcal): the arrays straight back
         return req.get("x")
