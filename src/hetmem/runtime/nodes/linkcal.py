@@ -2,8 +2,9 @@
 
 Calls of the compiled graph to ``n`` nodes (the calls a run makes) with payloads that span what a decode
 step sends: empty batches (the per-call latency), one array of 1 KiB .. 4 MiB (bandwidth), and 4 .. 64
-small arrays (the per-array serialisation cost), each to the nodes and echoed back. The median round trip
-(trimmed mean) of each payload is one point of ``hw.memnode.fit_link``. A plain actor call's empty round trip is measured
+small arrays (the per-array serialisation cost), each to the nodes and echoed back. The payloads are
+called in turn (interleaved, so a change of the machine's load touches each alike); the trimmed mean round
+trip of each is one point of ``hw.memnode.fit_link``. A plain actor call's empty round trip is measured
 beside it.
 """
 
@@ -20,18 +21,18 @@ from hetmem.hw.memnode import cached_link, fit_link, link_key, save_link
 from hetmem.runtime.nodes.cluster import NodeCluster, _ray, nbytes
 
 
-def _mean_ms(cluster: NodeCluster, batches, repeats: int) -> float:
-    """Mean round trip (the slowest and fastest 10% left out: a run's transfers are sums of calls, so the
-    mean is what predicts them; the trim keeps a shared machine's rare stalls out)."""
-    cluster.call(batches)  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        cluster.call(batches)
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    cut = len(ts) // 10
-    return statistics.mean(ts[cut: len(ts) - cut] or ts) * 1e3
+def _trimmed_mean(ts: list[float]) -> float:
+    """Mean without the slowest and fastest 20%: a run's transfers are sums of calls, so a mean predicts them;
+    the trim keeps a shared machine's stalls out."""
+    ts = sorted(ts)
+    cut = len(ts) // 5
+    return statistics.mean(ts[cut: len(ts) - cut] or ts)
+
+
+def _time_ms(cluster: NodeCluster, batches) -> float:
+    t = time.perf_counter()
+    cluster.call(batches)
+    return (time.perf_counter() - t) * 1e3
 
 
 def payloads() -> list[list[np.ndarray]]:
@@ -44,15 +45,22 @@ def payloads() -> list[list[np.ndarray]]:
 
 def measure_link(cluster: NodeCluster, repeats: int = 30) -> dict:
     """Points and fit of the link model for ``cluster`` (its compiled graph to all its nodes)."""
-    points = []
-    for arrays in payloads():
-        batches = [[{"op": "echo", "x": arrays}] for _ in range(cluster.n)]
-        ms = _mean_ms(cluster, batches, repeats)
-        # both ways: the arrays go to every node and come back from every node
-        points.append({"arrays": 2 * cluster.n * len(arrays), "bytes": 2 * cluster.n * nbytes(arrays), "ms": round(ms, 4)})
+    loads = payloads()
+    batches = [[[{"op": "echo", "x": arrays}] for _ in range(cluster.n)] for arrays in loads]
+    for b in batches:  # warm-up: the graph's channels grow to the largest payload once
+        cluster.call(b)
+    ts: list[list[float]] = [[] for _ in loads]
+    for _ in range(repeats):  # interleaved: a change of the machine's load touches every payload alike
+        for i, b in enumerate(batches):
+            ts[i].append(_time_ms(cluster, b))
+    # both ways: the arrays go to every node and come back from every node
+    points = [{"arrays": 2 * cluster.n * len(a), "bytes": 2 * cluster.n * nbytes(a), "ms": round(_trimmed_mean(t), 4)}
+              for a, t in zip(loads, ts)]
     cluster.release_graph()
     plain = NodeCluster(cluster.n, actors=cluster.actors, compiled=False)
-    plain_ms = _mean_ms(plain, [[] for _ in range(cluster.n)], repeats)
+    empty = [[] for _ in range(cluster.n)]
+    plain.call(empty)
+    plain_ms = _trimmed_mean([_time_ms(plain, empty) for _ in range(repeats)])
     plain.close()
     return {"points": points, "fit": fit_link(points), "plain_call_ms": round(plain_ms, 4)}
 
@@ -74,6 +82,6 @@ def calibrate_link(n_nodes: int, force: bool = False, cluster: NodeCluster | Non
         if own:
             cluster.close()
     entry = {"key": key, "source": "measured", "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-             "statistic": f"mean of {repeats} calls per payload, 10% trimmed each side", **m}
+             "statistic": f"mean of {repeats} calls per payload (interleaved), 20% trimmed each side", **m}
     return dict(save_link(entry), cached=False)
 

@@ -165,6 +165,9 @@ class MemoryNode:
         w = w.float().masked_fill(~valid.unsqueeze(2), float("-inf"))
         lse = torch.logsumexp(w, dim=-1)  # [B, H, G]
         p = torch.exp(w - lse.unsqueeze(-1)).nan_to_num(nan=0.0)
+        # a partial last page's tail (and unfilled buffer) is uninitialised memory: a NaN there would turn
+        # its zero weight into NaN, so those values are zeroed, not just weighted 0
+        v = torch.where(valid.unsqueeze(-1), v, 0.0)
         out = torch.matmul(p.to(v.dtype), v)
         return {"out": _np(out.float()), "lse": _np(lse)}
 
