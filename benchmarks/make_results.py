@@ -386,7 +386,10 @@ def _link_lines(rec: dict) -> list[str]:
     return [f"Link calibrated through the compiled graph per node count (`runtime.nodes.linkcal`, as `hetmem plan "
             f"--system host+memnode` calibrates it): {fits}. The link model's MAPE against the measured link time "
             f"(round trip minus the slowest node's compute) of every decode (layer, step): "
-            f"**{fmt(v(rec, 'link_model_mape'), 1)}%** over {fmt(v(rec, 'link_model_entries'))} entries (modelled vs measured)."]
+            f"**{fmt(v(rec, 'link_model_mape'), 1)}%** over {fmt(v(rec, 'link_model_entries'))} entries (modelled vs measured"
+            + (f"; the link calibrated again right before each run, as the shared machine's load drifts: against the one "
+               f"calibration at the start of the benchmark it is {fmt(v(rec, 'link_model_mape_start_calibration'), 1)}%"
+               if v(rec, "link_model_mape_start_calibration") is not None else "") + ")."]
 
 
 def _split_lines(rec: dict) -> list[str]:
