@@ -11,7 +11,8 @@ The link model (what a call really costs, fitted by least squares on calibration
     link_ms(call) = latency_ms(N) + arrays * per_array_ms + bytes / bandwidth
 
 ``latency_ms`` is the compiled graph's empty round trip to all ``N`` nodes (measured per N: a graph over
-two actors is not a graph over one); ``per_array_ms`` is the serialisation cost of each numpy array a
+two actors is not a graph over one) when it follows some milliseconds of work on the head, as every decode
+call does (the nodes have gone idle; waking them costs several times a back-to-back call); ``per_array_ms`` is the serialisation cost of each numpy array a
 request or result carries (Ray pickles each with its header; many small arrays cost more than their
 bytes); ``bandwidth`` is the shared-memory channel's bytes per ms, both directions together. A plain actor
 call's empty round trip is kept beside it (the calls a run falls back to after a node restart).
@@ -38,7 +39,7 @@ from hetmem.settings import cache_dir
 
 LAYOUTS = ("index", "kv", "attention")
 SYSTEM = "host+memnode"
-LINK_SCHEMA = "hetmem.link-calibration/1"
+LINK_SCHEMA = "hetmem.link-calibration/2"  # 2: calls measured after head work (1: back to back)
 
 
 # ----------------------------------------------------------------------------------------- bytes per layout

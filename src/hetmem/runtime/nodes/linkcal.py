@@ -2,7 +2,9 @@
 
 Calls of the compiled graph to ``n`` nodes (the calls a run makes) with payloads that span what a decode
 step sends: empty batches (the per-call latency), one array of 1 KiB .. 4 MiB (bandwidth), and 4 .. 64
-small arrays (the per-array serialisation cost), each to the nodes and echoed back. The payloads are
+small arrays (the per-array serialisation cost), each to the nodes and echoed back, each call after 3 ms
+of computing on the head (a decode call follows the layer's compute; the nodes have gone idle and are
+woken by it, which costs several times a back-to-back call on a shared machine). The payloads are
 called in turn (interleaved, so a change of the machine's load touches each alike); the trimmed mean round
 trip of each is one point of ``hw.memnode.fit_link``. A plain actor call's empty round trip is measured
 beside it.
@@ -29,7 +31,19 @@ def _trimmed_mean(ts: list[float]) -> float:
     return statistics.mean(ts[cut: len(ts) - cut] or ts)
 
 
-def _time_ms(cluster: NodeCluster, batches) -> float:
+_WORK = torch.randn(128, 128)
+
+
+def head_work(ms: float) -> None:
+    """Keep this process computing for ``ms`` (as the head computes a layer between two calls)."""
+    t = time.perf_counter()
+    while (time.perf_counter() - t) * 1e3 < ms:
+        _WORK @ _WORK
+
+
+def _time_ms(cluster: NodeCluster, batches, gap_ms: float = 0.0) -> float:
+    if gap_ms:
+        head_work(gap_ms)
     t = time.perf_counter()
     cluster.call(batches)
     return (time.perf_counter() - t) * 1e3
@@ -43,8 +57,14 @@ def payloads() -> list[list[np.ndarray]]:
     return out
 
 
-def measure_link(cluster: NodeCluster, repeats: int = 30) -> dict:
-    """Points and fit of the link model for ``cluster`` (its compiled graph to all its nodes)."""
+HEAD_GAP_MS = 3.0
+
+
+def measure_link(cluster: NodeCluster, repeats: int = 30, gap_ms: float = HEAD_GAP_MS) -> dict:
+    """Points and fit of the link model for ``cluster`` (its compiled graph to all its nodes). Each call comes
+    after ``gap_ms`` of computing on the head, as a decode call comes after the layer's compute: idle nodes
+    are woken by it, and a call that follows head work costs several times one made back to back (measured
+    here: ``back_to_back_call_ms``)."""
     loads = payloads()
     batches = [[[{"op": "echo", "x": arrays}] for _ in range(cluster.n)] for arrays in loads]
     for b in batches:  # warm-up: the graph's channels grow to the largest payload once
@@ -52,17 +72,19 @@ def measure_link(cluster: NodeCluster, repeats: int = 30) -> dict:
     ts: list[list[float]] = [[] for _ in loads]
     for _ in range(repeats):  # interleaved: a change of the machine's load touches every payload alike
         for i, b in enumerate(batches):
-            ts[i].append(_time_ms(cluster, b))
+            ts[i].append(_time_ms(cluster, b, gap_ms))
     # both ways: the arrays go to every node and come back from every node
     points = [{"arrays": 2 * cluster.n * len(a), "bytes": 2 * cluster.n * nbytes(a), "ms": round(_trimmed_mean(t), 4)}
               for a, t in zip(loads, ts)]
+    hot = _trimmed_mean([_time_ms(cluster, batches[0]) for _ in range(repeats)])
     cluster.release_graph()
     plain = NodeCluster(cluster.n, actors=cluster.actors, compiled=False)
     empty = [[] for _ in range(cluster.n)]
     plain.call(empty)
-    plain_ms = _trimmed_mean([_time_ms(plain, empty) for _ in range(repeats)])
+    plain_ms = _trimmed_mean([_time_ms(plain, empty, gap_ms) for _ in range(repeats)])
     plain.close()
-    return {"points": points, "fit": fit_link(points), "plain_call_ms": round(plain_ms, 4)}
+    return {"points": points, "fit": fit_link(points), "plain_call_ms": round(plain_ms, 4), "head_gap_ms": gap_ms,
+            "back_to_back_call_ms": round(hot, 4)}
 
 
 def calibrate_link(n_nodes: int, force: bool = False, cluster: NodeCluster | None = None, repeats: int = 30) -> dict:
