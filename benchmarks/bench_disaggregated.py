@@ -4,13 +4,20 @@ All figures are measured on this machine (head and nodes share its cores), excep
 link model's predictions, which are modelled and compared with the measured transfers:
 
 1. round-trip overhead per call of a tiny batch to 2 nodes: plain actor calls vs a Ray Compiled Graph;
-2. the link, calibrated: round trip of the compiled graph for payloads of 1 KiB .. 4 MiB, fitted to
-   ``latency + bytes / bandwidth`` (least squares);
+2. the link, calibrated per node count as ``hetmem plan --system host+memnode`` calibrates it
+   (``runtime.nodes.linkcal``: compiled-graph calls with payloads from empty to 4 MiB and 4 .. 64 small
+   arrays, echoed), fitted to ``latency(N) + arrays * per_array + bytes / bandwidth`` (and cached for the
+   planner);
 3. decode ms/token with SmolLM2 at ``--tokens`` of context: in-process vs 1 and 2 nodes for each layout
    (quest at ``--budget``), and the bytes per decode step per layout, measured vs
    ``runtime.nodes.client.modelled_decode_bytes``; the generated tokens must equal the in-process run's;
-4. the link model's MAPE: each measured transfer entry's link ms (round trip minus node compute) against
-   ``calls * latency + bytes / bandwidth``.
+4. the link model's MAPE: for each (layer, step) of decode, the measured link ms of its calls (round trip
+   minus the slowest node's compute) against the model with that node count's calibration, the calls, and
+   the arrays and bytes all nodes exchanged; the link is calibrated again right before each run (the
+   shared machine's load drifts over minutes), and the MAPE against the calibration at the start is
+   recorded beside it;
+5. the split-budget single-round mode (attention layout, 2 nodes): decode ms/token and its attention-mass
+   recall next to the exact mode's (measured from the same calls, ``llm/recall.py``).
 
     python benchmarks/bench_disaggregated.py [--tokens 8192] [--budget 1024] [--new 16]
 """
@@ -27,7 +34,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -36,8 +42,11 @@ from hetmem.llm.arch import describe  # noqa: E402
 from hetmem.llm.generate import generate  # noqa: E402
 from hetmem.llm.models import load_model  # noqa: E402
 from hetmem.methods import get_method  # noqa: E402
+from hetmem.hw.memnode import LinkModel  # noqa: E402
+from hetmem.llm.recall import RecallMeter  # noqa: E402
 from hetmem.runtime.nodes.client import LAYOUTS, NodeMethod, modelled_decode_bytes  # noqa: E402
 from hetmem.runtime.nodes.cluster import NodeCluster, cores  # noqa: E402
+from hetmem.runtime.nodes.linkcal import calibrate_link  # noqa: E402
 
 
 def per_call_us(cluster: NodeCluster, batches, n: int) -> float:
@@ -48,6 +57,25 @@ def per_call_us(cluster: NodeCluster, batches, n: int) -> float:
         cluster.call(batches, phase="bench", step="noop")
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e6
+
+
+def recalibrate(cl: NodeCluster, n: int, args) -> LinkModel:
+    """The link calibrated again on ``cl`` right before a run: on a shared machine the load (and with it
+    every round trip) drifts over minutes, so the model is compared with the calibration made at the time."""
+    return LinkModel.of(calibrate_link(n, force=True, cluster=cl, repeats=max(10, args.calls // 10)))
+
+
+def link_errors(ledger, link: LinkModel) -> list[float]:
+    """|model - measured| / measured of each decode (layer, step): the calls' link ms (the same on every node:
+    round trip minus the slowest node's compute) against the model with all nodes' arrays and bytes."""
+    agg: dict = {}
+    for (node, layer, phase, step), r in ledger.rows.items():
+        if phase != "decode":
+            continue
+        a = agg.setdefault((layer, step), {"calls": r["calls"], "ms": r["link_ms"], "arrays": 0, "bytes": 0})
+        a["arrays"] += r["arrays"]
+        a["bytes"] += r["to_node"] + r["to_head"]
+    return [abs(link.ms(a["calls"], a["arrays"], a["bytes"]) - a["ms"]) / a["ms"] for a in agg.values() if a["ms"] > 0]
 
 
 def prompt_ids(tok, n: int) -> torch.Tensor:
@@ -80,22 +108,23 @@ def main() -> int:
     rec.figure("call_overhead_ratio", round(us_plain / us_cg, 2), "x", note="plain / compiled")
     print(f"per call: plain {us_plain:.0f} us, compiled graph {us_cg:.0f} us ({us_plain / us_cg:.1f}x)", flush=True)
 
-    # 2. link calibration: 1 node, payloads 1 KiB .. 4 MiB (float32 arrays through the graph and back empty)
-    one = NodeCluster(1, actors=nodes.actors)
-    xs, ys = [], []
-    for kib in (1, 16, 64, 256, 1024, 4096):
-        a = np.zeros(kib * 256, dtype=np.float32)
-        t = per_call_us(one, [[{"op": "drop", "cache": "none", "x": a}]], max(10, args.calls // 10))
-        xs.append(a.nbytes)
-        ys.append(t / 1e3)
-    one.close()
-    A = np.stack([np.ones(len(xs)), np.array(xs, dtype=float)], 1)
-    (lat_ms, ms_per_byte), *_ = np.linalg.lstsq(A, np.array(ys), rcond=None)
-    bw_gbs = 1 / ms_per_byte / 1e6 if ms_per_byte > 0 else float("inf")
-    rec.figure("link.latency_us", round(lat_ms * 1e3, 1), "us", note="fitted round trip at 0 bytes (compiled graph)")
-    rec.figure("link.bandwidth_gbs", round(bw_gbs, 3), "GB/s", note="fitted head->node bandwidth")
-    rec.detail("link_points", [{"bytes": x, "ms": round(y, 4)} for x, y in zip(xs, ys)])
-    print(f"link: {lat_ms * 1e3:.0f} us + bytes / {bw_gbs:.2f} GB/s", flush=True)
+    # 2. link calibration per node count (what hetmem plan --system host+memnode uses; refreshed in its cache)
+    links = {}
+    for n in (1, 2):
+        sub = NodeCluster(n, actors=nodes.actors)
+        e = calibrate_link(n, force=True, cluster=sub, repeats=max(10, args.calls // 10))
+        sub.close()
+        links[n] = LinkModel.of(e)
+        lk = links[n]
+        rec.figure(f"link.{n}node.latency_us", round(lk.latency_ms * 1e3, 1), "us",
+                   note="fitted compiled-graph round trip at 0 arrays, 0 bytes")
+        rec.figure(f"link.{n}node.per_array_us", round(lk.per_array_ms * 1e3, 2), "us", note="fitted, per numpy array")
+        rec.figure(f"link.{n}node.bandwidth_gbs", round(lk.bandwidth_gbs, 3), "GB/s", note="fitted, both directions")
+        rec.figure(f"link.{n}node.fit_mape", round(e["fit"]["mape_pct"], 1), "%", source="modelled",
+                   note="the fit against its own calibration calls")
+        rec.detail(f"link_points_{n}node", e["points"])
+        print(f"link, {n} node(s): {lk.latency_ms * 1e3:.0f} us + {lk.per_array_ms * 1e3:.1f} us/array + bytes / "
+              f"{lk.bandwidth_gbs:.2f} GB/s (fit MAPE {e['fit']['mape_pct']:.0f}%)", flush=True)
 
     # 3. decode, in-process vs nodes
     lm = load_model("smollm2")
@@ -119,11 +148,12 @@ def main() -> int:
     rec.figure("decode_ms_per_token.in_process", round(base_ms, 2), "ms/token", note=f"the faster: {best} thread(s)")
     method = get_method("quest", **params)
     sparse_layers = arch.n_layers - method.dense_layers
-    errs = []
+    errs, errs_start = [], []
     for n in (1, 2):
         cl = NodeCluster(n, actors=nodes.actors)
         torch.set_num_threads(cl.threads["head"])
         for layout in LAYOUTS:
+            now = recalibrate(cl, n, args)
             cl.ledger.rows.clear()
             nm = NodeMethod(get_method("quest", **params), cl, layout)
             res = generate(lm.model, ids, nm, args.new, progress=False)
@@ -143,19 +173,53 @@ def main() -> int:
             rec.figure(f"bytes_per_layer_step.{key}", round(measured), "B", note="measured, per sparse layer")
             rec.figure(f"bytes_per_layer_step_model.{key}", model, "B", source="modelled")
             rec.figure(f"tokens_identical.{key}", int(same), "1 = identical")
-            for tr in cl.ledger.transfers():
-                if tr["phase"] == "decode" and tr["direction"] == "node->head" and tr["ms"] > 0:
-                    b = sum(x["bytes"] for x in cl.ledger.transfers() if x["phase"] == "decode" and x["node"] == tr["node"]
-                            and x["layer"] == tr["layer"] and x["step"] == tr["step"])
-                    pred = tr["calls"] * lat_ms + b * ms_per_byte
-                    errs.append(abs(pred - tr["ms"]) / tr["ms"])
+            errs += link_errors(cl.ledger, now)
+            errs_start += link_errors(cl.ledger, links[n])
+            e_run = link_errors(cl.ledger, now)
+            rec.figure(f"link_model_mape.{key}", round(100 * statistics.mean(e_run), 1) if e_run else None, "%",
+                       source="modelled", note="calibrated just before this run")
             print(f"{n} node(s) {layout:<9}: {ms:.1f} ms/token ({ms / base_ms:.2f}x), {measured:.0f} B/layer/step "
                   f"(model {model}), tokens identical: {same}", flush=True)
+        if n == 2:  # 5. split budget: one round per layer; its recall next to the exact mode's
+            now = recalibrate(cl, n, args)
+            nm = NodeMethod(get_method("quest", **params), cl, "attention", split_budget=True)
+            cl.ledger.rows.clear()
+            res = generate(lm.model, ids, nm, args.new, progress=False)
+            nm.close_session()
+            steps = max(1, len(res.token_ids) - 1)
+            ms = res.decode_ms / steps
+            dec = cl.ledger.summary().get("decode", {})
+            measured = (dec.get("bytes_to_node", 0) + dec.get("bytes_to_head", 0)) / steps / sparse_layers
+            errs += link_errors(cl.ledger, now)
+            errs_start += link_errors(cl.ledger, links[n])
+            exact = RecallMeter(arch.n_layers)
+            nm = NodeMethod(get_method("quest", **params), cl, "attention", split_budget=True, exact_meter=exact)
+            rr = generate(lm.model, ids, nm, args.new, progress=False, recall=True)
+            nm.close_session()
+            r_split = rr.recall["attention_mass_recall"]
+            r_exact = exact.summary()["attention_mass_recall"]
+            rec.figure("decode_ms_per_token.attention_split.2node", round(ms, 2), "ms/token")
+            rec.figure("decode_ratio.attention_split.2node", round(ms / base_ms, 3), "x", note="nodes / in-process")
+            rec.figure("bytes_per_layer_step.attention_split.2node", round(measured), "B", note="measured, per sparse layer")
+            rec.figure("calls_per_layer_step.attention_split.2node", round(dec.get("calls", 0) / steps / sparse_layers, 3),
+                       "calls", note="measured (the exact attention layout makes 2)")
+            rec.figure("recall.attention_split.2node", r_split, "attention-mass recall",
+                       note="split budget's selections, llm/recall.py")
+            rec.figure("recall.exact.2node", r_exact, "attention-mass recall",
+                       note="the exact mode's selections at the same steps (from the same calls)")
+            print(f"2 node(s) attention, split budget: {ms:.1f} ms/token ({ms / base_ms:.2f}x), {measured:.0f} "
+                  f"B/layer/step; recall {r_split:.4f} vs exact {r_exact:.4f}", flush=True)
         cl.close()
     mape = 100 * statistics.mean(errs) if errs else None
     rec.figure("link_model_mape", None if mape is None else round(mape, 1), "%", source="modelled",
-               note="link model vs measured link ms of every decode transfer entry")
-    print(f"link model MAPE vs measured decode transfers: {mape:.1f}%", flush=True)
+               note="link model (per node count: latency + arrays + bytes) vs the measured link ms of every decode "
+                    "(layer, step)")
+    rec.figure("link_model_entries", len(errs), "entries")
+    rec.figure("link_model_mape_start_calibration", round(100 * statistics.mean(errs_start), 1) if errs_start else None,
+               "%", source="modelled", note="the same entries against the calibration made once at the start")
+    print(f"link model MAPE vs measured decode transfers: {mape:.1f}% over {len(errs)} (layer, step) entries "
+          f"(calibrated before each run; {100 * statistics.mean(errs_start):.1f}% with the calibration at the start)",
+          flush=True)
     nodes.close()
     ray.shutdown()
     rec.write(ok)

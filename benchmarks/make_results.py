@@ -454,6 +454,36 @@ def block_flex(rec: dict) -> str:
     return "\n".join(out)
 
 
+def _link_lines(rec: dict) -> list[str]:
+    if v(rec, "link.latency_us") is not None:  # records before the per-node-count calibration
+        return [f"Link calibrated through the compiled graph: {fmt(v(rec, 'link.latency_us'), 0)} us + bytes / "
+                f"{fmt(v(rec, 'link.bandwidth_gbs'))} GB/s; its MAPE against every measured decode transfer: "
+                f"{fmt(v(rec, 'link_model_mape'), 1)}% (modelled vs measured)."]
+    fits = "; ".join(f"{n} node(s): {fmt(v(rec, f'link.{n}node.latency_us'), 0)} us per call + "
+                     f"{fmt(v(rec, f'link.{n}node.per_array_us'), 1)} us per array + bytes / "
+                     f"{fmt(v(rec, f'link.{n}node.bandwidth_gbs'))} GB/s" for n in (1, 2)
+                     if v(rec, f"link.{n}node.latency_us") is not None)
+    return [f"Link calibrated through the compiled graph per node count (`runtime.nodes.linkcal`, as `hetmem plan "
+            f"--system host+memnode` calibrates it): {fits}. The link model's MAPE against the measured link time "
+            f"(round trip minus the slowest node's compute) of every decode (layer, step): "
+            f"**{fmt(v(rec, 'link_model_mape'), 1)}%** over {fmt(v(rec, 'link_model_entries'))} entries (modelled vs measured"
+            + (f"; the link calibrated again right before each run, as the shared machine's load drifts: against the one "
+               f"calibration at the start of the benchmark it is {fmt(v(rec, 'link_model_mape_start_calibration'), 1)}%"
+               if v(rec, "link_model_mape_start_calibration") is not None else "") + ")."]
+
+
+def _split_lines(rec: dict) -> list[str]:
+    if v(rec, "recall.attention_split.2node") is None:
+        return []
+    return ["", f"Split budget (`--split-budget`, attention layout, 2 nodes, one round per layer: "
+                f"{fmt(v(rec, 'calls_per_layer_step.attention_split.2node'))} calls per layer per step): "
+                f"{fmt(v(rec, 'decode_ms_per_token.attention_split.2node'), 1)} ms/token "
+                f"({fmt(v(rec, 'decode_ratio.attention_split.2node'))}x in-process), "
+                f"{fmt(v(rec, 'bytes_per_layer_step.attention_split.2node'))} B per layer per step; attention-mass "
+                f"recall **{fmt(v(rec, 'recall.attention_split.2node'), 4)}** against the exact mode's "
+                f"**{fmt(v(rec, 'recall.exact.2node'), 4)}** at the same steps (measured, `llm/recall.py`)."]
+
+
 def block_disaggregated(rec: dict) -> str:
     s = rec["settings"]
     rows = ["| layout | nodes | decode ms/token | vs in-process | bytes per layer per step: measured / modelled "
@@ -470,16 +500,14 @@ def block_disaggregated(rec: dict) -> str:
     return "\n".join([
         f"Per call to 2 nodes (median, empty batch): plain actor call {fmt(v(rec, 'call_us.plain_actor'), 0)} us, "
         f"compiled graph {fmt(v(rec, 'call_us.compiled_graph'), 0)} us (**{fmt(v(rec, 'call_overhead_ratio'))}x**). "
-        f"Link calibrated through the compiled graph: {fmt(v(rec, 'link.latency_us'), 0)} us + bytes / "
-        f"{fmt(v(rec, 'link.bandwidth_gbs'))} GB/s; its MAPE against every measured decode transfer: "
-        f"{fmt(v(rec, 'link_model_mape'), 1)}% (modelled vs measured).", "",
+        + " ".join(_link_lines(rec)), "",
         f"SmolLM2, quest at budget {s['budget']}, {s.get('prompt_tokens', s['tokens']):,}-token prompt, {s['new']} new "
         f"tokens; in-process with {s.get('in_process_threads', '?')} torch threads; with nodes the head and each node "
         "get the threads of `memory_nodes.threads` in the run record. All measured except the modelled column.", "",
         *rows, "", "In-process per torch thread count: " + ", ".join(
             f"{k.rsplit('_', 1)[-1].replace('thread', '')} thread(s) {fmt(f['value'], 1)} ms/token"
             for k, f in sorted(rec["figures"].items()) if k.startswith("decode_ms_per_token.in_process_"))
-        + " (the shared machine's other load makes more threads slower).", "", provenance(rec)])
+        + " (the shared machine's other load makes more threads slower).", *_split_lines(rec), "", provenance(rec)])
 
 
 def block_serve(rec: dict) -> str:

@@ -163,3 +163,91 @@ def test_smollm2_through_two_nodes(nodes):
     finally:
         sub.close()
     assert got == want
+
+
+def test_planned_schedule_runs_its_layout_on_nodes(nodes, tmp_path, capsys):
+    """A host+memnode schedule (as hetmem plan --system host+memnode writes it) runs through --placement: the rule
+    for the prompt's size picks the layout and the node count; the answer is the in-process one."""
+    import json
+
+    from hetmem.cli import main
+    from hetmem.testing import save_tiny_model_dir
+
+    model = save_tiny_model_dir(tmp_path / "m", "llama", max_position_embeddings=512)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("Alpha beta gamma delta. The code word is kiwi. " * 6, encoding="utf-8")
+    sch = {"schema": "hetmem.schedule/1", "system": "host+memnode", "rules": {"quest": [
+        {"max_size": 100, "devices": {"prepare": "nodes"}, "layout": "index", "memory_nodes": 1},
+        {"max_size": None, "devices": {"prepare": "nodes", "relevancy": "nodes", "apply": "nodes"},
+         "layout": "attention", "memory_nodes": 1, "predicted_latency_us": 1.0}]}}
+    (tmp_path / "schedule.json").write_text(json.dumps(sch))
+    base = ["run", "--method", "quest", "--budget", "64", "--page-size", "8", "--dense-layers", "0", "--model",
+            str(model), "--context", str(ctx), "--question", "What?", "--max-new-tokens", "3", "--json"]
+    capsys.readouterr()
+    assert main(base) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(base + ["--placement", str(tmp_path / "schedule.json")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["answer"] == want["answer"]
+    assert got["placement_rule"]["layout"] == "attention" and got["memory_nodes"]["n"] == 1
+    assert got["memory_nodes"]["layout"] == "attention" and got["steps"]["apply"]["ran_on"] == ["node0"]
+
+
+def test_split_budget_one_round(nodes, model, prompt, monkeypatch):
+    """Split budget: one node selecting the whole budget is the exact selection (tokens identical); with 2 and 3
+    nodes each step's selection holds each node's share, the sink and the recent pages, in one call per layer."""
+    from hetmem.runtime.nodes import client
+
+    tokens, sels = reference(model, prompt, "quest", QUEST)
+    m = get_method("quest", **QUEST)
+    inner = client.SplitRetrieval.select
+    for n in (1, 2, 3):
+        sub = NodeCluster(n, actors=nodes.actors)
+        try:
+            rec = Recorder(get_method("quest", **QUEST))
+
+            def select(self, scores, memory, _rec=rec):
+                sel = inner(self, scores, memory)
+                _rec.selections.append(sel.indices.clone())
+                return sel
+
+            monkeypatch.setattr(client.SplitRetrieval, "select", select)
+            nm = NodeMethod(rec, sub, "attention", split_budget=True)
+            res = generate(model, prompt, nm, NEW, progress=False, prefill_chunk=128)
+            nm.close_session()
+            dec = sub.ledger.summary()["decode"]
+        finally:
+            sub.close()
+        if n == 1:
+            assert same(rec.selections, sels) and res.token_ids == tokens
+        assert dec["calls"] == 2 * (NEW - 1)  # one call per sparse layer per decode step (exact mode: two)
+        for s in rec.selections:
+            pages = s.max().item() + 1
+            assert s.shape[-1] == m.budget_pages
+            for i, b in enumerate(client.node_budgets(m.budget_pages, n)):
+                assert bool(((s % n) == i).sum(-1).eq(b).all())
+            assert bool((s == 0).any(-1).all()) and bool((s == pages - 1).any(-1).all())  # sink and recent kept
+    with pytest.raises(HetmemError, match="--split-budget runs with --layout attention"):
+        NodeMethod(get_method("quest", **QUEST), nodes, "kv", split_budget=True)
+
+
+def test_split_budget_record_reports_both_recalls(nodes, tmp_path):
+    from hetmem.llm.models import load_model
+    from hetmem.runtime.nodes.run import answer_on_nodes
+    from hetmem.testing import save_tiny_model_dir
+
+    lm = load_model(str(save_tiny_model_dir(tmp_path / "m", "llama", max_position_embeddings=1024)))
+    ctx = "Alpha beta gamma delta. The code word is kiwi. " * 8
+    recs = {}
+    for n in (1, 2):
+        sub = NodeCluster(n, actors=nodes.actors)
+        try:
+            recs[n] = answer_on_nodes(lm, get_method("quest", **QUEST), ctx, "What?", n_nodes=n, layout="attention",
+                                      max_new_tokens=4, progress=False, cluster=sub, split_budget=True, recall=True)
+        finally:
+            sub.close()
+    for n, r in recs.items():
+        split, exact = r["recall"]["attention_mass_recall"], r["recall_exact"]["attention_mass_recall"]
+        assert 0 < split <= 1.0 + 1e-6 and 0 < exact <= 1.0 + 1e-6
+        assert r["memory_nodes"]["split_budget"] and r["measurement_ms"]["recall_exact"] >= 0
+    assert recs[1]["recall"]["recall_per_layer"] == recs[1]["recall_exact"]["recall_per_layer"]  # 1 node: exact

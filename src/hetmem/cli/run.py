@@ -7,6 +7,7 @@ import sys
 
 from hetmem.cli.common import RUNNERS, add_method_options, method_from_args, model_args, validated_context
 from hetmem.errors import HetmemError
+from hetmem.hw.memnode import SYSTEM as MEMNODE_SYSTEM
 from hetmem.llm.models import load_model
 from hetmem.llm.prompt import build_prompt_ids
 from hetmem.llm.run import answer_question
@@ -24,6 +25,8 @@ def cmd_run(args) -> int:
         return cmd_run_nodes(args)
     if args.layout:
         raise HetmemError("--layout needs --memory-nodes N (or --ray-address)")
+    if args.split_budget:
+        raise HetmemError("--split-budget needs --memory-nodes N (or --ray-address)")
     method = method_from_args(args)
     if method.family in RUNNERS:
         return RUNNERS[method.family](args, method)
@@ -45,6 +48,12 @@ def cmd_run_nodes(args) -> int:
     n = args.memory_nodes if args.memory_nodes is not None else 1
     if n < 1:
         raise HetmemError(f"--memory-nodes must be at least 1 (got {n})")
+    if method.family == "rag":  # a sharded memory's shards on the nodes (cli/index.run_rag)
+        if args.layout:
+            raise HetmemError("--layout is for sparse-attention methods; a RAG memory's nodes hold its shards")
+        if args.split_budget:
+            raise HetmemError("--split-budget is for sparse-attention methods (a RAG top-k is merged exactly on the head)")
+        return RUNNERS["rag"](args, method)
     if method.family != "sparse-attention":
         raise HetmemError(f"--memory-nodes runs sparse-attention methods; '{method.name}' is {method.family}")
     if args.device != "cpu":
@@ -53,7 +62,7 @@ def cmd_run_nodes(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     rec = answer_on_nodes(lm, method, context, args.question, n_nodes=n, layout=args.layout or "attention",
                           address=args.ray_address, max_new_tokens=args.max_new_tokens,
-                          step_timing=not args.no_step_timing)
+                          step_timing=not args.no_step_timing, split_budget=args.split_budget, recall=args.recall)
     if args.json:
         print(json.dumps(rec))
     else:
@@ -65,8 +74,39 @@ def cmd_run_nodes(args) -> int:
     return 0
 
 
+def cmd_run_planned_nodes(args, schedule: dict) -> int:
+    """A ``hetmem plan --system host+memnode`` schedule: the rule for the prompt's size names the layout and
+    the node count; the run is ``--memory-nodes N --layout L`` (``--layout``/``--memory-nodes`` override it)."""
+    method = method_from_args(args)
+    pick_rule(schedule, method.name, 1)  # the method has rules: fail before loading a model
+    if args.device != "cpu":
+        raise HetmemError("--memory-nodes runs the model on cpu (the nodes exchange host memory)")
+    context = validated_context(args, method)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    size = build_prompt_ids(lm.tokenizer, context, args.question).shape[1]
+    rule = pick_rule(schedule, method.name, size)
+    layout = args.layout or rule.get("layout")
+    n = args.memory_nodes if args.memory_nodes is not None else rule.get("memory_nodes")
+    if layout not in LAYOUTS or not isinstance(n, int) or n < 1:
+        raise HetmemError(f"placement file {args.placement}: a {MEMNODE_SYSTEM} rule needs a 'layout' "
+                          f"({', '.join(LAYOUTS)}) and 'memory_nodes' (a positive integer)")
+    rec = answer_on_nodes(lm, method, context, args.question, n_nodes=n, layout=layout, address=args.ray_address,
+                          max_new_tokens=args.max_new_tokens, step_timing=not args.no_step_timing)
+    rec["placement_rule"] = {"file": str(args.placement), "size": size, "max_size": rule.get("max_size"),
+                             "layout": layout, "memory_nodes": n,
+                             "predicted_latency_us": rule.get("predicted_latency_us"), "source": "modelled"}
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        print(rec["answer"])
+        print(step_table({method.name: rec}), file=sys.stderr)
+    return 0
+
+
 def cmd_run_placed(args) -> int:
     schedule = read_schedule(args.placement)
+    if schedule.get("system") == MEMNODE_SYSTEM:
+        return cmd_run_planned_nodes(args, schedule)
     method = method_from_args(args)
     if method.family in RUNNERS:
         raise HetmemError(f"--placement runs in-model attention methods; '{method.name}' ({method.family}) is not one yet")
@@ -107,10 +147,15 @@ def register(sub):
     r.add_argument("--recall", action="store_true",
                    help="also report attention-mass recall vs the oracle top-k at the same budget (sparse methods)")
     r.add_argument("--memory-nodes", type=int, default=None, metavar="N",
-                   help="run the method's memory on N Ray memory nodes (a local Ray; default: in-process)")
+                   help="run the method's memory on N Ray memory nodes (a local Ray; default: in-process); "
+                        "RAG: the shards of a memory built with 'hetmem index --shards'")
     r.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="with --memory-nodes: index (nodes select, K/V on the head), kv (nodes hold K/V too and "
                         "return the selected pages) or attention (nodes attend, the head merges; default)")
+    r.add_argument("--split-budget", action="store_true",
+                   help="with --memory-nodes, attention layout: one round per layer instead of two; each node selects "
+                        "budget/N of its pages and attends at once (approximate: with --recall the record holds its "
+                        "attention-mass recall and the exact mode's)")
     r.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join the Ray cluster at ADDR (started with `ray start --head`) instead of a local Ray")
     model_args(r)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from hetmem.core.pipeline import MemoryPipeline
@@ -62,7 +63,9 @@ class DenseRelevancy:
         q = emb.encode([query.text])
         vals, ids = search(memory.meta["faiss"], q, self.candidates, ef_search=max(64, self.candidates))
         keep = ids[0] >= 0
-        return CandidateScores(torch.from_numpy(vals[0][keep].copy()), ids=ids[0][keep].astype("int64"))
+        ids, vals = ids[0][keep].astype("int64"), vals[0][keep]
+        order = np.lexsort((ids, -vals.astype(np.float64)))  # equal scores: the lower id first (as a shard merge)
+        return CandidateScores(torch.from_numpy(vals[order].copy()), ids=ids[order])
 
 
 def check_dense_params(index_type: str, batch: int) -> None:

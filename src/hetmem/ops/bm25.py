@@ -78,12 +78,25 @@ def term_counts(docs: list[list[str]], vocab: dict[str, int] | None = None) -> t
     return vocab, tf, doc_len
 
 
-def bm25_weights(tf: sp.csr_matrix, doc_len: np.ndarray, k1: float, b: float) -> sp.csr_matrix:
-    """The term x passage BM25 weight matrix from raw counts (same sparsity pattern as ``tf``)."""
-    n_docs = tf.shape[1]
-    df = np.diff(tf.indptr).astype(np.float64)  # one non-zero per (term, passage): row nnz = document frequency
+def average_length(doc_len: np.ndarray) -> float:
+    """BM25's average passage length (1.0 for an empty or all-empty corpus)."""
+    return float(doc_len.mean()) if doc_len.size and doc_len.mean() > 0 else 1.0
+
+
+def bm25_weights(tf: sp.csr_matrix, doc_len: np.ndarray, k1: float, b: float, *, df: np.ndarray | None = None,
+                 n_docs: int | None = None, avgdl: float | None = None) -> sp.csr_matrix:
+    """The term x passage BM25 weight matrix from raw counts (same sparsity pattern as ``tf``).
+
+    A shard of a corpus passes the corpus's global statistics (``df`` per term, ``n_docs``, ``avgdl``): its
+    weights are then exactly the unsharded build's for its passages (``rag.shards``)."""
+    if n_docs is None:
+        n_docs = tf.shape[1]
+    if df is None:
+        df = np.diff(tf.indptr)  # one non-zero per (term, passage): row nnz = document frequency
+    df = np.asarray(df).astype(np.float64)
     idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))
-    avgdl = float(doc_len.mean()) if n_docs and doc_len.mean() > 0 else 1.0
+    if avgdl is None:
+        avgdl = average_length(doc_len)
     norm = k1 * (1.0 - b + b * doc_len.astype(np.float64) / avgdl)  # per passage
     t = tf.data.astype(np.float64)
     term_of_entry = np.repeat(np.arange(tf.shape[0]), np.diff(tf.indptr))

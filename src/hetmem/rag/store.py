@@ -10,6 +10,9 @@ A memory directory holds
       bm25_tf.npz      BM25 term x passage counts (scipy.sparse CSR)  } rag-bm25, rag-hybrid
       bm25_meta.npz    passage lengths and the vocabulary             }
       dense.faiss      the FAISS index of passage embeddings          } rag-dense, rag-hybrid
+    or, for a memory built with ``--shards N`` (memory.json's "shards" lists each shard's passage range):
+      passages.jsonl, bm25_global.npz (the global BM25 statistics), shard<i>/ (bm25_tf.npz, bm25_meta.npz,
+      dense.faiss: shard i's own counts and FAISS index); see ``rag.shards``
     .hetmem.lock       a writer holds an exclusive flock(2) on it for the whole save
 
 Term counts rather than weights are stored, so a run may use other ``--k1``/``--b`` without re-indexing.
@@ -49,6 +52,7 @@ from hetmem.files import make_temp_dir, pid_alive, write_json_atomic
 from hetmem.rag.corpus import Corpus, Passage
 from hetmem.ops.bm25 import Bm25Stats, bm25_weights
 from hetmem.rag.embed import resolve_embed_model
+from hetmem.rag.shards import GLOBAL_FILE, is_shard_file, partition, read_vocab, shard_dir, write_shards
 
 try:
     import fcntl
@@ -66,8 +70,9 @@ STALE_S = 3600  # a previous release's temporary sibling older than this is aban
 _VERSION = re.compile(r"v([0-9]{1,9})")
 
 
-def save_memory(out: str | Path, method, corpus: Corpus, memory: Memory, build_ms: float) -> Path:
+def save_memory(out: str | Path, method, corpus: Corpus, memory: Memory, build_ms: float, shards: int = 1) -> Path:
     out = Path(out).expanduser()
+    ranges = partition([p.source for p in corpus.passages], shards) if shards > 1 else None
     if out.exists() and not (out.is_dir() and (_is_memory_dir(out) or not any(out.iterdir()))):
         raise HetmemError(f"refusing to write the memory to {out}: it exists and is not a hetmem memory directory")
     try:
@@ -79,11 +84,13 @@ def save_memory(out: str | Path, method, corpus: Corpus, memory: Memory, build_m
             new = out / name
             tmp = make_temp_dir(out, f"{TMP_PREFIX}{os.getpid()}-")
             try:
-                sums = _write_data(tmp, corpus, memory)
+                sums = _write_data(tmp, corpus, memory, ranges)
                 _fsync_dir(tmp)
                 os.rename(tmp, new)
                 _fsync_dir(out)
                 meta = _meta(method, corpus, memory, build_ms, name, sums)
+                if ranges:
+                    meta["shards"] = [list(r) for r in ranges]
                 write_json_atomic(out / META, meta, fsync=True)  # the commit
                 _fsync_dir(out)
             except BaseException:
@@ -117,12 +124,18 @@ def _meta(method, corpus: Corpus, memory: Memory, build_ms: float, data_dir: str
     }
 
 
-def _write_data(d: Path, corpus: Corpus, memory: Memory) -> dict[str, str]:
-    """Write the data files into ``d``; return each file's sha256 (each is flushed to disk)."""
+def _write_data(d: Path, corpus: Corpus, memory: Memory, ranges=None) -> dict[str, str]:
+    """Write the data files into ``d`` (``ranges``: a sharded memory's shards); return each file's sha256
+    (each is flushed to disk)."""
     with open(d / "passages.jsonl", "w", encoding="utf-8") as fh:
         for p in corpus.passages:
             fh.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
     files = ["passages.jsonl"]
+    if ranges:
+        files += write_shards(d, memory, ranges)
+        for i in range(len(ranges)):
+            _fsync_dir(d / shard_dir(i))
+        return {f: _sha256(d / f, fsync=True) for f in files}
     if "bm25" in memory.meta:
         st = memory.meta["bm25"]
         sp.save_npz(d / "bm25_tf.npz", st.tf)
@@ -330,7 +343,9 @@ def _read_meta_file(d: Path, path) -> dict:
         raise HetmemError(f"memory {path} has format version {meta.get('format_version')}, this hetmem reads "
                           f"versions {' and '.join(map(str, READ_VERSIONS))}: rebuild it with 'hetmem index'")
     files = meta.get("files", [])
-    if not isinstance(files, list) or any(f not in DATA_FILES for f in files) or (
+    sharded = "shards" in meta
+    if not isinstance(files, list) or any(f not in DATA_FILES and not (sharded and is_shard_file(f)) for f in files) or (
+            sharded and not _valid_shards(meta)) or (
             meta["format_version"] >= 2 and (not isinstance(meta.get("data_dir"), str)
                                             or not _VERSION.fullmatch(meta["data_dir"])
                                             or not isinstance(meta.get("sha256"), dict)
@@ -338,6 +353,15 @@ def _read_meta_file(d: Path, path) -> dict:
         raise HetmemError(f"memory {path} has a damaged {META}: its data folder, file list or sha256 entries "
                           "are not what hetmem writes (rebuild it with 'hetmem index')")
     return meta
+
+
+def _valid_shards(meta: dict) -> bool:
+    sh = meta.get("shards")
+    n = meta.get("n_passages")
+    if not isinstance(sh, list) or not sh or not isinstance(n, int):
+        return False
+    ok = all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) for r in sh)
+    return ok and sh[0][0] == 0 and sh[-1][1] == n and all(a[1] == b[0] for a, b in zip(sh, sh[1:]))
 
 
 def check_compatible(path, meta: dict, method, explicit: set[str]) -> None:
@@ -391,8 +415,11 @@ def _load(path, d: Path, meta: dict) -> tuple[Corpus, Memory]:
     missing = [f for f in meta.get("files", []) if not (d / f).is_file()]
     if missing:
         raise _Replaced(", ".join(missing))
+    sharded = "shards" in meta  # the head holds the passages and the vocabulary; a shard checks its own files
     try:
         for f, want in meta.get("sha256", {}).items():
+            if sharded and f not in ("passages.jsonl", GLOBAL_FILE):
+                continue
             if _sha256(d / f) != want:
                 raise HetmemError(f"memory {path} is damaged: {f} does not match its sha256 in {META} "
                                   "(rebuild it with 'hetmem index')")
@@ -405,7 +432,14 @@ def _load(path, d: Path, meta: dict) -> tuple[Corpus, Memory]:
         if n != meta["n_passages"]:
             raise ValueError(f"{n} passages, memory.json says {meta['n_passages']}")
         mem = Memory(kind={"rag-bm25": "bm25", "rag-dense": "dense"}.get(meta["method"], "hybrid"), n_units=n)
-        if "bm25_tf.npz" in meta["files"]:
+        if sharded:
+            mem.meta["sharded"] = {"path": str(Path(path).expanduser().resolve()), "meta": dict(meta),
+                                   "n_shards": len(meta["shards"]),
+                                   "vocab": read_vocab(path, meta) if GLOBAL_FILE in meta["files"] else None}
+            if "embedding_model" in meta and meta.get("embedding_model"):
+                mem.meta.update(embed_model=meta["embedding_model"], dim=meta.get("embedding_dim"),
+                                index_type=meta["params"].get("dense_index", "flat"))
+        elif "bm25_tf.npz" in meta["files"]:
             tf = sp.load_npz(d / "bm25_tf.npz").tocsr()
             with np.load(d / "bm25_meta.npz", allow_pickle=False) as z:
                 doc_len, terms = z["doc_len"], z["terms"]

@@ -17,6 +17,7 @@ from hetmem.core.types import Query
 from hetmem.methods.rag_common import RagOutput, RagRequest, RankedSelection, log
 from hetmem.core.timer import StepTimer
 from hetmem.rag.corpus import Corpus
+from hetmem.runtime.rag_shards import LocalShards, sharded_info, sharded_pipeline
 
 
 @dataclasses.dataclass
@@ -29,6 +30,17 @@ class RagSession:
     device: str = "cpu"
     build_steps: dict | None = None  # StepTimer.summary() of the build (None when loaded from disk)
     memory_info: dict = dataclasses.field(default_factory=dict)
+    shards: object = None  # a sharded memory's shards (rag_shards.LocalShards | NodeShards); in-process by default
+
+    def __post_init__(self):
+        if self.memory is not None and "sharded" in self.memory.meta:
+            if self.shards is None:
+                self.shards = LocalShards(self.memory)
+            self.memory_info = {**self.memory_info, "sharded": sharded_info(self.memory, self.shards)}
+
+    def _pipeline(self, method, timer: StepTimer) -> MemoryPipeline:
+        pipe = method.pipeline(self.device, timer)
+        return pipe if self.shards is None else sharded_pipeline(pipe, self.shards)
 
     @classmethod
     def build(cls, method, corpus: Corpus, device: str = "cpu") -> "RagSession":
@@ -42,7 +54,7 @@ class RagSession:
         return cls(method, corpus, memory, device, timer.summary(), info)
 
     def _pipelines(self, timer: StepTimer) -> tuple[MemoryPipeline, MemoryPipeline]:
-        pipe = self.method.pipeline(self.device, timer)
+        pipe = self._pipeline(self.method, timer)
         m = self.method
         if not m.active:
             return pipe, pipe
@@ -50,7 +62,7 @@ class RagSession:
         deeper = {"top_k": m.top_k + m.max_rounds * m.new_per_round}
         if hasattr(m, "candidates"):
             deeper["candidates"] = max(m.candidates, deeper["top_k"])
-        return pipe, dataclasses.replace(m, **deeper).pipeline(self.device, timer)
+        return pipe, self._pipeline(dataclasses.replace(m, **deeper), timer)
 
     def _apply(self, pipe: MemoryPipeline, sel: RankedSelection, req: RagRequest) -> RagOutput:
         with pipe.timer.step("apply", pipe.apply.device):
@@ -128,4 +140,4 @@ class RagSession:
         """Passage indices retrieved for ``question`` (best first), without generating: for recall tests."""
         m = self.method if k is None else dataclasses.replace(self.method, top_k=k, **(
             {"candidates": max(k, self.method.candidates)} if hasattr(self.method, "candidates") else {}))
-        return m.pipeline(self.device, StepTimer(enabled=False)).select(self.memory, Query(text=question)).ids
+        return self._pipeline(m, StepTimer(enabled=False)).select(self.memory, Query(text=question)).ids

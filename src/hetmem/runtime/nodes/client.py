@@ -17,6 +17,14 @@ cache) calls the same ``MemoryPipeline`` as always, but its steps are proxies:
                attention: RemoteAttentionApply: each node attends over the selected pages it holds and
                returns a partial output and its log-sum-exp; the head merges them (``shard.merge_partials``).
 
+Split budget (opt-in, ``split_budget=True``, attention layout): one round instead of two. Each node selects
+its share of the budget locally (``budget // N``, the remainder to the lower nodes; the sink and recent
+pages it holds always among them) and attends over those pages in the same call
+(``SplitRelevancy`` -> ``SplitRetrieval`` -> ``SplitAttentionApply``, the merge as above). The selection is
+no longer the global top-k (a node's best pages may outrank another's kept ones): its attention-mass recall
+is reported next to the exact mode's (``exact_meter``: the nodes then also return their candidates, and
+the head measures the selection the exact mode would have made, from the same call).
+
 Supported: methods whose Relevancy ranks pages between a sink and a recent window under a page budget
 (``sink_pages``, ``recent_pages``, ``budget_pages``: quest, seer's top-k mode). The node runs that step
 with the three set to 0 (it scores every page it holds; the head knows the candidate range).
@@ -33,6 +41,7 @@ import torch
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Scores, Selection
 from hetmem.errors import HetmemError
+from hetmem.hw.memnode import layout_bytes
 from hetmem.ops.topk import candidate_range
 from hetmem.runtime.nodes.shard import merge_candidates, merge_partials, split_tokens
 
@@ -61,9 +70,12 @@ class _Session:
 class NodeMethod:
     """``method`` with its sparse layers' steps on the memory nodes of ``cluster``, laid out as ``layout``."""
 
-    def __init__(self, method, cluster, layout: str = "attention"):
+    def __init__(self, method, cluster, layout: str = "attention", split_budget: bool = False, exact_meter=None):
         if layout not in LAYOUTS:
             raise HetmemError(f"--layout must be one of {', '.join(LAYOUTS)} (got '{layout}')")
+        if split_budget and layout != "attention":
+            raise HetmemError(f"--split-budget runs with --layout attention (each node attends over its own share); "
+                              f"got --layout {layout}")
         if getattr(method, "family", None) != "sparse-attention":
             raise HetmemError(f"--memory-nodes runs sparse-attention methods; '{method.name}' is {method.family}")
         if getattr(method, "threshold", 0) and method.threshold > 0:
@@ -72,6 +84,8 @@ class NodeMethod:
         self._method = method
         self.cluster = cluster
         self.layout = layout
+        self.split_budget = split_budget
+        self.exact_meter = exact_meter  # split budget: a RecallMeter for the exact mode's selections, or None
         self.session: _Session | None = None
         cluster.rehydrate = self._rehydrate
 
@@ -96,6 +110,9 @@ class NodeMethod:
                               f"{getattr(pipe.apply, 'kind', '?')}: use --layout index")
         sh = LayerShard(self, layer_idx, pipe)
         self.session.layers[layer_idx] = sh
+        if self.split_budget:
+            return MemoryPipeline(RemotePrepare(sh), SplitRelevancy(sh), SplitRetrieval(sh), SplitAttentionApply(sh),
+                                  timer)
         apply = {"index": pipe.apply, "kv": RemoteGatherApply(sh, pipe.apply),
                  "attention": RemoteAttentionApply(sh)}[self.layout]
         return MemoryPipeline(RemotePrepare(sh), RemoteRelevancy(sh), pipe.retrieval, apply, timer)
@@ -134,7 +151,10 @@ class LayerShard:
         self.store_v = owner.layout != "index"
         self.layer = None  # the head's paged layer: its K/V are the copy a restarted node is re-hydrated from
         self.memory: Memory | None = None
+        self.head_retrieval = pipe.retrieval
         self.sent_end = 0  # global tokens sent to the nodes
+        self.partials = None  # split budget: the nodes' (outs, lses) of this step
+        self.exact_selection = None  # split budget with an exact meter: the exact mode's selection of this step
         self.set_up = False
         self.pending: list[list[dict]] = [[] for _ in range(self.cluster.n)]
 
@@ -277,25 +297,74 @@ class RemoteAttentionApply:
         return merge_partials(outs, lses, target.sinks, dtype=target.q.dtype)
 
 
-def modelled_decode_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_dim: int, budget_pages: int,
-                          page_size: int, batch: int = 1, elem: int = 4) -> dict:
-    """Bytes one decode step moves per sparse layer (all nodes together), by the layout: the model the
-    benchmark compares with the measured transfers. Arrays only (as ``cluster.nbytes`` counts them).
+def node_budgets(budget_pages: int, n_nodes: int) -> list[int]:
+    """Split budget: node ``i`` selects ``budget // N`` pages, the first ``budget % N`` nodes one more."""
+    return [budget_pages // n_nodes + (1 if i < budget_pages % n_nodes else 0) for i in range(n_nodes)]
 
-    every layout: the new token's K (and V unless ``index``) to its owner, an empty append to the others;
-    the query ``[B, H_kv, G, D]`` to every node; each node's ``budget`` candidates back (int64 id + float32).
-    kv: the selection ``[B, H_kv, budget]`` (int64) to every node, the selected pages' K and V back.
-    attention: the selection and the query to every node, ``[B, H_kv, G, D]`` float32 + its lse back from each."""
-    B, H, G, D, k = batch, kv_heads, group, head_dim, budget_pages
-    tok = B * H * D * elem * (1 if layout == "index" else 2)
-    q = B * H * G * D * elem
-    cand = n_nodes * B * H * k * (8 + 4)  # a node with fewer pages returns fewer
-    to_node = tok + n_nodes * q
-    to_head = cand
-    if layout == "kv":
-        to_node += n_nodes * B * H * k * 8
-        to_head += B * H * k * page_size * D * elem * 2
-    elif layout == "attention":
-        to_node += n_nodes * (B * H * k * 8 + q)
-        to_head += n_nodes * (B * H * G * D * 4 + B * H * G * 4)
-    return {"to_node": to_node, "to_head": to_head, "total": to_node + to_head}
+
+@dataclasses.dataclass
+class SplitScores(Scores):
+    ids: torch.Tensor | None = None  # the pages the nodes selected, [B, H_kv, total], ascending
+
+
+@dataclasses.dataclass
+class SplitRelevancy:
+    """Split budget: one call per node selects its share of the budget and attends over it (the partials wait
+    on the shard for Apply). Its time is the whole round trip: selection and attention on the nodes."""
+
+    shard: LayerShard
+    device: str = "memory-node"
+    name: str = "split-select-attend"
+
+    def score(self, memory: Memory, query) -> Scores:
+        sh = self.shard
+        rel = sh.head_relevancy
+        meta = query.meta
+        sinks = meta.get("sinks")
+        exact = sh.owner.exact_meter is not None
+        base = {"op": "select_attend", "cache": sh.owner.session.id, "layer": sh.layer_idx, "q": _np(query.vectors),
+                "sink": rel.sink_pages, "recent": rel.recent_pages, "n_pages": memory.n_units,
+                "scale": meta.get("scale"), "softcap": meta.get("softcap"), "length": memory.meta["length"],
+                "sinks": None if sinks is None else _np(sinks), "candidates": rel.budget_pages if exact else 0}
+        reqs = [dict(base, m=m) for m in node_budgets(rel.budget_pages, sh.cluster.n)]
+        res = sh.call(reqs, "relevancy", _timer_of(sh).phase)
+        sh.partials = ([_t(r["out"]) for r in res], [_t(r["lse"]) for r in res])
+        ids = torch.cat([_t(r["ids"]) for r in res], dim=-1).sort(dim=-1).values
+        if exact:  # what the exact mode would have selected, from the same call (measurement only)
+            lo, hi = candidate_range(memory.n_units, rel.sink_pages, rel.recent_pages, rel.budget_pages, 0)
+            cand = merge_candidates([_t(r["cand_ids"]) for r in res], [_t(r["cand_vals"]) for r in res], lo, hi)
+            sh.exact_selection = sh.head_retrieval.select(Scores(cand, offset=lo), memory)
+        return SplitScores(ids.float(), ids=ids)
+
+
+@dataclasses.dataclass
+class SplitRetrieval:
+    shard: LayerShard
+    device: str = "memory-node"
+    name: str = "split-local-topk"
+
+    def select(self, scores: SplitScores, memory: Memory) -> Selection:
+        return Selection(indices=scores.ids, n_units=memory.n_units, unit_size=self.shard.page_size,
+                         length=memory.meta["length"], start=0)
+
+
+@dataclasses.dataclass
+class SplitAttentionApply:
+    shard: LayerShard
+    device: str = "memory-node"
+    name: str = "split-merge"
+
+    def apply(self, raw, selection: Selection, target):
+        sh = self.shard
+        meter = sh.owner.exact_meter
+        if meter is not None and sh.exact_selection is not None:
+            meter.measure(sh.layer_idx, target, raw, sh.exact_selection)
+        outs, lses = sh.partials
+        sh.partials = sh.exact_selection = None
+        return merge_partials(outs, lses, target.sinks, dtype=target.q.dtype)
+
+
+def modelled_decode_bytes(layout: str, n_nodes: int, **dims) -> dict:
+    """Bytes (and calls, arrays) one decode step moves per sparse layer by the layout: ``hw.memnode.layout_bytes``,
+    the model the planner and the benchmark use."""
+    return layout_bytes(layout, n_nodes, **dims)

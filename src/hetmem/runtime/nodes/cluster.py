@@ -68,6 +68,18 @@ def nbytes(x) -> int:
     return 0
 
 
+def narrays(x) -> int:
+    """Numpy arrays in a request or result (each is serialised with its own header: the link model's
+    per-array cost)."""
+    if isinstance(x, np.ndarray):
+        return 1
+    if isinstance(x, dict):
+        return sum(narrays(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(narrays(v) for v in x)
+    return 0
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -85,30 +97,34 @@ def thread_plan(n_nodes: int, total: int | None = None) -> dict:
 
 
 class Ledger:
-    """Measured transfers per (node, layer, phase, step): bytes each way, calls, round-trip ms and the node's
-    own compute ms (the link's share is the difference)."""
+    """Measured transfers per (node, layer, phase, step): bytes and arrays each way, calls, round-trip ms, the
+    node's own compute ms, and the link's share of the round trip: the round trip minus the slowest node's
+    compute (a call to all nodes returns when the last one answers, so node i's wait for node j is not link
+    time)."""
 
     def __init__(self):
         self.rows: dict[tuple, dict] = defaultdict(lambda: {"calls": 0, "to_node": 0, "to_head": 0, "rt_ms": 0.0,
-                                                             "node_ms": 0.0})
+                                                             "node_ms": 0.0, "link_ms": 0.0, "arrays": 0})
 
-    def add(self, node, layer, phase, step, to_node, to_head, rt_ms, node_ms) -> None:
+    def add(self, node, layer, phase, step, to_node, to_head, rt_ms, node_ms, link_ms=None, arrays=0) -> None:
         r = self.rows[(node, layer, phase, step)]
         r["calls"] += 1
         r["to_node"] += to_node
         r["to_head"] += to_head
         r["rt_ms"] += rt_ms
         r["node_ms"] += node_ms
+        r["link_ms"] += max(0.0, rt_ms - node_ms) if link_ms is None else link_ms
+        r["arrays"] += arrays
 
     def transfers(self) -> list[dict]:
         out = []
         for (node, layer, phase, step), r in sorted(self.rows.items(), key=lambda kv: tuple(map(str, kv[0]))):
-            link = max(0.0, r["rt_ms"] - r["node_ms"])
             for direction, b in (("head->node", r["to_node"]), ("node->head", r["to_head"])):
                 out.append({"node": node, "layer": layer, "phase": phase, "step": step, "direction": direction,
                             "bytes": int(b), "calls": r["calls"]})
-            out[-1]["ms"] = out[-2]["ms"] = round(link, 4)  # the round trip's link time (both directions)
+            out[-1]["ms"] = out[-2]["ms"] = round(r["link_ms"], 4)  # the round trip's link time (both directions)
             out[-1]["node_ms"] = out[-2]["node_ms"] = round(r["node_ms"], 4)
+            out[-1]["arrays"] = out[-2]["arrays"] = r["arrays"]  # both directions together
         return out
 
     def summary(self) -> dict:
@@ -255,8 +271,10 @@ class NodeCluster:
             return self._fail(e, step)
         rt = (time.perf_counter() - t0) * 1e3
         if phase:  # housekeeping calls (drop) are not transfers of a phase
+            link = max(0.0, rt - max(r["node_ms"] for r in res))
             for i, (b, r) in enumerate(zip(batches, res)):
-                self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), rt, r["node_ms"])
+                self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), rt, r["node_ms"], link,
+                                narrays(b) + narrays(r["results"]))
         return [r["results"] for r in res]
 
     def _fail(self, e: Exception, step: str):
@@ -290,7 +308,8 @@ class NodeCluster:
             self._teardown()
             raise HetmemError(f"memory node call failed again after a restart: {type(e).__name__}") from None
         for i, (b, r) in enumerate(zip(batches, res)):
-            self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), 0.0, r["node_ms"])
+            self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), 0.0, r["node_ms"], 0.0,
+                            narrays(b) + narrays(r["results"]))
         return [r["results"] for r in res]
 
     def wait_alive(self, only: set[int] | None = None) -> list[int]:

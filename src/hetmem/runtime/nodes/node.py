@@ -15,6 +15,9 @@ numpy arrays and plain values (numpy crosses Ray's channels far faster than pick
     gather  K/V of the selected pages it holds (``kv`` layout)
     attend  attention over the selected pages it holds -> partial output and log-sum-exp (``attention``)
     drop    forget a sequence group
+    rag_load    load a shard of a sharded RAG memory from the saved memory (``rag.shards.RagShard``)
+    rag_search  a question's BM25 and/or dense top candidates in a loaded shard (global ids, scores)
+    rag_drop    forget a RAG memory's shards
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Query
 from hetmem.llm.paged_cache import PagedKVLayer
 from hetmem.ops.sparse_attention import gather_pages
+from hetmem.rag.shards import RagShard
+from hetmem.ops.topk import topk_indices
 from hetmem.runtime.nodes.shard import local_topk
 
 
@@ -60,11 +65,12 @@ class MemoryNode:
         self.node = node
         self.threads = threads
         self.shards: dict[tuple[str, int], _Shard] = {}
+        self.rag: dict[tuple[str, int], RagShard] = {}
         self.fail_after: int | None = None  # tests: exit hard after this many more calls
 
     def info(self) -> dict:
         return {"node": self.node, "pid": os.getpid(), "host": socket.gethostname(), "threads": torch.get_num_threads(),
-                "shards": len(self.shards)}
+                "shards": len(self.shards), "rag_shards": sorted(s for _, s in self.rag)}
 
     def call(self, batch: list[dict]) -> dict:
         t0 = time.perf_counter()
@@ -159,8 +165,59 @@ class MemoryNode:
         w = w.float().masked_fill(~valid.unsqueeze(2), float("-inf"))
         lse = torch.logsumexp(w, dim=-1)  # [B, H, G]
         p = torch.exp(w - lse.unsqueeze(-1)).nan_to_num(nan=0.0)
+        # a partial last page's tail (and unfilled buffer) is uninitialised memory: a NaN there would turn
+        # its zero weight into NaN, so those values are zeroed, not just weighted 0
+        v = torch.where(valid.unsqueeze(-1), v, 0.0)
         out = torch.matmul(p.to(v.dtype), v)
         return {"out": _np(out.float()), "lse": _np(lse)}
+
+    def _rag_load(self, req):
+        self.rag[(req["key"], req["shard"])] = RagShard.load(req["path"], req["meta"], req["shard"])
+        return None
+
+    def _rag_search(self, req):
+        return self.rag[(req["key"], req["shard"])].search(req)
+
+    def _rag_drop(self, req):
+        for key in [k for k in self.rag if k[0] == req["key"]]:
+            del self.rag[key]
+        return None
+
+    def _select_attend(self, req):
+        """Split budget: this node's share ``m`` of the budget (the global sink and recent pages it holds
+        first, then its best-scoring pages), attended at once. With ``candidates`` > 0 also its local top
+        ``candidates`` (as ``score`` returns them: the head measures the exact mode's selection)."""
+        sh = self.shards[(req["cache"], req["layer"])]
+        mem = sh.layer.memory
+        q = _t(req["q"])
+        B, H, G, _ = q.shape
+        n_local = mem.n_units if mem is not None else 0
+        out = {}
+        if n_local == 0:
+            e = np.zeros((B, H, 0), dtype=np.int64)
+            out = {"ids": e, "out": np.zeros((B, H, G, sh.layer.buf_v.shape[-1] if sh.layer.buf_v is not None else 0),
+                                              dtype=np.float32),
+                   "lse": np.full((B, H, G), -np.inf, dtype=np.float32)}
+            if req.get("candidates"):
+                out.update(cand_ids=e, cand_vals=e.astype(np.float32))
+            return out
+        query = Query(vectors=q, meta={"hidden": None, "layer": req["layer"], "scale": req["scale"],
+                                       "softcap": req.get("softcap"), "sinks": _t(req.get("sinks"))})
+        scores = sh.relevancy.score(mem, query)
+        if req.get("candidates"):
+            ci, cv = local_topk(scores.values, scores.offset, req["candidates"], self.node, sh.n_nodes)
+            out.update(cand_ids=_np(ci), cand_vals=_np(cv.float()))
+        full = torch.full((B, H, n_local), float("-inf"))
+        full[..., scores.offset: scores.offset + scores.values.shape[-1]] = scores.values.float()
+        gid = torch.arange(n_local) * sh.n_nodes + self.node
+        forced = (gid < req["sink"]) | (gid >= req["n_pages"] - req["recent"])
+        full[..., forced] = float("inf")
+        ids = topk_indices(full, min(req["m"], n_local)) * sh.n_nodes + self.node
+        att = self._attend({**req, "ids": _np(ids)})
+        return {**out, "ids": _np(ids), **att}
+
+    def _echo(self, req):  # the link calibration (runtime.nodes.linkcal): the arrays straight back
+        return req.get("x")
 
     def _crash(self, req):  # tests and the benchmark: die the way a killed process dies
         os.kill(os.getpid(), 9)

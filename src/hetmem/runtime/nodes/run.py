@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hetmem.llm.recall import RecallMeter
 from hetmem.llm.run import answer_question
 from hetmem.runtime.nodes.client import NodeMethod
 from hetmem.runtime.nodes.cluster import NodeCluster
@@ -24,7 +25,19 @@ def annotate(rec: dict, nm: NodeMethod, cluster: NodeCluster) -> dict:
             s["note"] = "partial attention on each node, merged on the head by log-sum-exp (timed inside apply)"
         if step in ("prepare", "relevancy") and getattr(nm, "dense_layers", 0):
             s["note"] = f"the first {nm.dense_layers} layers are dense (no memory): they run on the head"
-    rec["memory_nodes"] = {**cluster.record(), "layout": nm.layout, "head_threads": torch.get_num_threads(),
+    annotate_cluster(rec, cluster)
+    rec["memory_nodes"]["layout"] = nm.layout
+    return rec
+
+
+def annotate_cluster(rec: dict, cluster: NodeCluster, remote_steps: tuple[str, ...] = ()) -> dict:
+    """Add to a run record the nodes (threads, restarts) and the measured transfers; ``remote_steps``: the
+    steps that ran on the nodes (the rest ran on the head)."""
+    for step in remote_steps:
+        s = rec.get("steps", {}).get(step)
+        if s and s.get("calls"):
+            s["ran_on"] = [f"node{i}" for i in range(cluster.n)]
+    rec["memory_nodes"] = {**cluster.record(), "head_threads": torch.get_num_threads(),
                            "transfers_total": cluster.ledger.summary(),
                            "source": "measured: bytes of the arrays sent and returned; ms = call round trip minus "
                                      "the node's own compute"}
@@ -34,15 +47,32 @@ def annotate(rec: dict, nm: NodeMethod, cluster: NodeCluster) -> dict:
 
 def answer_on_nodes(lm, method, context: str, question: str, *, n_nodes: int, layout: str, address: str | None = None,
                     max_new_tokens: int = 32, progress: bool = True, cluster: NodeCluster | None = None,
-                    step_timing: bool = True) -> dict:
+                    step_timing: bool = True, split_budget: bool = False, recall: bool = False) -> dict:
+    """``split_budget``: the single-round mode (``client``); with ``recall`` its record holds the split
+    selections' attention-mass recall (``recall``) and the exact mode's from the same run (``recall_exact``)."""
     own = cluster is None
     cluster = cluster or NodeCluster(n_nodes, address=address)
     try:
         torch.set_num_threads(cluster.threads["head"])
-        nm = NodeMethod(method, cluster, layout)
-        rec = answer_question(lm, nm, context, question, max_new_tokens, progress=progress, step_timing=step_timing)
+        exact = RecallMeter(lm.model.config.num_hidden_layers) if split_budget and recall else None
+        nm = NodeMethod(method, cluster, layout, split_budget=split_budget, exact_meter=exact)
+        rec = answer_question(lm, nm, context, question, max_new_tokens, progress=progress, step_timing=step_timing,
+                              recall=recall)
         nm.close_session()
-        return annotate(rec, nm, cluster)
+        if exact is not None:
+            rec["recall_exact"] = exact.summary()
+            # the exact mode's recall was measured inside decode: its time is measurement, not the method's
+            for k in ("decode_ms", "total_ms"):
+                rec[k] = round(rec[k] - exact.ms, 3)
+            rec["measurement_ms"]["recall_exact"] = round(exact.ms, 3)
+        annotate(rec, nm, cluster)
+        rec["memory_nodes"]["split_budget"] = split_budget
+        if split_budget:
+            rec["memory_nodes"]["split_note"] = (
+                "one round per layer: each node selected its share of the budget and attended at once"
+                + ("; its calls also carried the candidates the exact mode's selection (recall_exact) is measured "
+                   "from" if recall else ""))
+        return rec
     finally:
         if own:
             cluster.close()
