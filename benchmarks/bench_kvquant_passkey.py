@@ -132,7 +132,6 @@ def main(argv=None) -> int:
         (f"kvquant-{b}", lambda b=b: get_method("kvquant", bits=b, group_size=args.group_size, residual=args.residual))
         for b in bits] + ([(f"h2o-{args.h2o}", lambda: get_method("h2o", budget=args.h2o))] if args.h2o else [])
     rows = []
-    t_start = time.perf_counter()
     for n_tokens, seeds in parse_runs(args.runs):
         for seed in range(seeds):
             task = passkey_task(lm.tokenizer, n_tokens, seed=seed)
