@@ -64,6 +64,8 @@ BENCHES = [
      "python benchmarks/bench_serve.py"),
     ("bench_engine", "continuous-batching engine: tokens/s of 1 sequence vs 16 concurrent ones on SmolLM2 (page pool)",
      "python benchmarks/bench_engine.py"),
+    ("bench_kvquant_passkey", "kvquant (KIVI) and h2o next to dense on the passkey: accuracy, KV bytes, attention "
+     "peak extra memory", "python benchmarks/bench_kvquant_passkey.py --runs 4096:1 --h2o 1024 --threads 1"),
 ]
 
 
@@ -536,7 +538,47 @@ def block_serve(rec: dict) -> str:
         "", provenance(rec)])
 
 
+def block_kvquant_passkey(rec: dict, records: "Records") -> str:
+    """bench_kvquant_passkey: per context length and method, the latest record that ran it (runs of one length
+    or one bit width are recorded apart: a long context takes long)."""
+    latest: dict[tuple[int, str], dict] = {}
+    for r in records.all("bench_kvquant_passkey"):
+        for name in r["figures"]:
+            n, label, fig = name.split(".", 2)
+            if fig == "correct":
+                latest[(int(n), label)] = r
+    order = {"dense": 0, "kvquant-8": 1, "kvquant-4": 2, "kvquant-2": 3}
+    rows = ["| filler tokens | method | passkey correct | KV MB | attention peak extra MB | prefill copy MB "
+            "| decode ms/token | attention ms/step | run |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    used: list[dict] = []
+    for (n, label), r in sorted(latest.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][1])):
+        if r not in used:
+            used.append(r)
+        f = lambda x, r=r, n=n, label=label: v(r, f"{n}.{label}.{x}")  # noqa: E731
+        copy = f("prefill_copy_bytes")
+        rows.append(f"| {n:,} | {label} | {f('correct')}/{f('of')} | {fmt(f('kv_bytes') / 1e6, 1)} "
+                    f"| {fmt(f('attn_peak_extra_bytes') / 1e6, 2)} | {fmt(copy / 1e6, 1) if copy else '–'} "
+                    f"| {fmt(f('decode_ms_per_token'), 0)} | {fmt(f('attn_ms_per_step'), 1)} | {used.index(r) + 1} |")
+    notes = []
+    for i, r in enumerate(used, 1):
+        s = r["settings"]
+        notes.append(f"- run {i}: {s['model']}, kvquant group {s['group_size']}, residual {s['residual']}"
+                     f"{', h2o budget ' + str(s['h2o']) if s.get('h2o') else ''}; prefill chunks of "
+                     f"{s['prefill_chunk'] or 'the whole prompt'}, at most {s['max_new_tokens']} new tokens. "
+                     + provenance(r))
+    return "\n".join(["All measured. KV MB: bytes allocated for K/V at the end of the run. Attention peak extra MB: "
+                      "after the run, the bytes one layer's decode Apply allocates on the final cache (allocator "
+                      "events, max over layers). Prefill copy MB (kvquant): the transient float copy of one layer's "
+                      "context a prefill chunk's attention gets. Decode ms/token: the decode loop over its model "
+                      "forwards; attention ms/step: every layer's decode Apply timed alone (best of 3), summed.", "",
+                      *rows, "", *notes])
+
+
+block_kvquant_passkey.wants_records = True
+
+
 BLOCKS = {
+    "kvquant-passkey": ("bench_kvquant_passkey", block_kvquant_passkey),
     "contextual": ("record_contextual", block_contextual),
     "hmt-perplexity": ("bench_hmt_perplexity", block_hmt),
     "contextual-steps": ("record_contextual_profile", block_contextual_steps),

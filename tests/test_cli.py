@@ -145,3 +145,18 @@ def test_no_step_timing_and_recall_is_measurement_not_method_time(capsys, ctx, t
     assert rec["step_timing"]["enabled"] is True and rec["recall"]["attention_mass_recall"] is not None
     m = rec["measurement_ms"]["recall"]
     assert m > 0 and m == pytest.approx(rec["recall"]["measure_ms"], abs=1e-3)
+
+
+def test_a_sigint_after_main_returned_exits_130(tmp_path):
+    """Ctrl-C arriving once the command is done (as Python shuts down) exits 130, not by the signal (-2)."""
+    script = tmp_path / "late_sigint.py"
+    script.write_text("import os, signal, sys, time\n"
+                      "from hetmem.cli import main\n"
+                      "sys.argv = ['hetmem', 'methods']\n"
+                      "code = main()\n"
+                      "os.kill(os.getpid(), signal.SIGINT)  # a late Ctrl-C\n"
+                      "time.sleep(30)\n"
+                      "sys.exit(code)\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, (r.returncode, r.stderr[-500:])
+    assert r.stderr.strip().endswith("hetmem: interrupted") and "Traceback" not in r.stderr

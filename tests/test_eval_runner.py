@@ -120,7 +120,7 @@ def test_line_that_cannot_run_is_skipped_with_its_reason(lm, tmp_path):
     assert by["quest:page_size=64"]["status"] == "skipped"
     assert "smaller than one page" in by["quest:page_size=64"]["reason"]
     assert by["kvquant:group_size=32"]["status"] == "skipped"
-    assert "does not divide the model's cached key dim" in by["kvquant:group_size=32"]["reason"]
+    assert "does not divide the model's cached value dim" in by["kvquant:group_size=32"]["reason"]
 
 
 def test_rag_method_uses_the_context_as_corpus(lm, tmp_path):

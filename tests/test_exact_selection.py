@@ -116,9 +116,14 @@ class RecordingApply:
         if raw.length == L:  # nothing evicted: put the unselected K/V back
             raw.buf_k[:, :, :L][poison] = k_now[poison]
             raw.buf_v[:, :, :L][poison] = v_now[poison]
-        else:  # evicted: the stored tokens are now the kept ones, in order
-            assert selection is not None and raw.length == selection.indices.shape[-1]
-            self.pos = pos.gather(2, selection.indices)
+        else:  # evicted: the stored tokens are now the kept ones (compacted in order, or h2o's moved in place)
+            n = raw.length
+            assert selection is not None and bool((sel_mask.sum(-1) == n).all())
+            kept_pos = pos.masked_select(sel_mask).reshape(B, H, n)
+            cand = self.hist_k.gather(2, kept_pos.unsqueeze(-1).expand(-1, -1, -1, k_now.shape[-1]))
+            match = (raw.buf_k[:, :, :n].unsqueeze(3) == cand.unsqueeze(2)).all(-1)  # [B, H, slot, kept]
+            assert bool((match.sum(-1) == 1).all()) and bool((match.sum(-2) == 1).all()), "not the kept tokens"
+            self.pos = kept_pos.gather(2, match.int().argmax(-1))
             kept = self.pos.unsqueeze(-1).expand(-1, -1, -1, k_now.shape[-1])
             assert torch.equal(raw.buf_k[:, :, : raw.length], self.hist_k.gather(2, kept))
             assert torch.equal(raw.buf_v[:, :, : raw.length], self.hist_v.gather(2, kept))

@@ -159,3 +159,19 @@ op_classes = "assumption"
 ''')
     d = _cat(tmp_path, monkeypatch).device("tgpu")
     assert d.mem_bw_gbs == 900.0 and d.op("gemv").latency_us == 8.0
+
+
+def test_op_fit_is_keyed_by_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    """The fitted op classes are reused only under the same affinity mask (as the calibration), not merely on
+    a machine with the same core count."""
+    import os
+
+    from hetmem.hw import calibrate, host
+
+    monkeypatch.setenv("HETMEM_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    host.save_op_fit({"fit": 1})
+    assert host.load_op_fit() == {"fit": 1}
+    monkeypatch.setattr(calibrate.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert os.cpu_count() == calibrate.machine_info()["cpu_count"]  # same machine, fewer cores available
+    assert host.load_op_fit() is None

@@ -55,13 +55,15 @@ def test_full_budget_reproduces_dense_exactly(setup, name):
 @pytest.mark.parametrize("bits,bound", [(8, 0.02), (4, 0.3)])
 def test_kvquant_reports_its_error_and_shrinks_memory(setup, bits, bound):
     model, ids, dense = setup
-    res = generate(model, ids, full_budget("kvquant", bits=bits), NEW, progress=False, keep_logits=True)
+    res = generate(model, ids, full_budget("kvquant", bits=bits, residual=16, measure_error=1), NEW, progress=False,
+                   keep_logits=True)
     rel = res.memory["kv_quant_rel_error"]
     assert 0 < rel["k"] < (0.01 if bits == 8 else 0.1) and 0 < rel["v"] < (0.01 if bits == 8 else 0.1)
     err = max(float((a - b).norm() / b.norm()) for a, b in zip(res.logits, dense.logits))
     assert 0 < err < bound  # approximate, but close to dense
     # float32 K+V of 16-dim heads: 128 B/token/head; int8 codes + fp16 scale/zero per 8: 48; int4: 32
-    assert res.memory["kv_bytes"] < dense.memory["kv_bytes"] * (0.4 if bits == 8 else 0.27)
+    # (plus the exact tail of 16 to 23 tokens)
+    assert res.memory["kv_bytes"] < dense.memory["kv_bytes"] * (0.5 if bits == 8 else 0.4)
 
 
 def _page_tokens(L: int, budget_pages: int, P: int) -> int:

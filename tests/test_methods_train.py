@@ -105,7 +105,7 @@ def test_cli_methods_json_lists_all_with_defaults(capsys):
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["h2o"]["params"] == {"budget": 1024, "heavy_ratio": 0.5, "sink": 0}
-    assert rows["kvquant"]["params"] == {"bits": 4, "group_size": 32}
+    assert rows["kvquant"]["params"] == {"bits": 4, "group_size": 32, "residual": 128, "measure_error": 0}
     assert rows["dsa"]["params"]["index_heads"] == 4 and rows["seer"]["params"]["gates"] is None
     for name in ("oracle", "streaming", "snapkv"):
         assert rows[name]["family"] in ("sparse-attention", "compressed-kv")
@@ -114,7 +114,8 @@ def test_cli_methods_json_lists_all_with_defaults(capsys):
 def test_cli_run_compressed_method_reports_memory(tmp_path, tiny_dir, capsys):
     ctx = tmp_path / "ctx.txt"
     ctx.write_text("alpha beta gamma delta " * 12, encoding="utf-8")
-    code = main(["run", "--method", "kvquant", "--bits", "8", "--group-size", "8", "--model", str(tiny_dir),
+    code = main(["run", "--method", "kvquant", "--bits", "8", "--group-size", "8", "--residual", "8",
+                 "--measure-error", "1", "--model", str(tiny_dir),
                  "--context", str(ctx), "--question", "q?", "--max-new-tokens", "3", "--json", "--recall"])
     assert code == 0
     rec = json.loads(capsys.readouterr().out)

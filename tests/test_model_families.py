@@ -139,6 +139,41 @@ def test_eviction_leaves_window_layers_to_their_window(row, name, monkeypatch):
         assert "keep their window whole" in res.memory["sliding_window_layers"]["note"]
 
 
+def test_kvquant_residual_covering_the_context_equals_dense(row):
+    """Nothing quantised (the exact tail holds every token): dense's tokens and logits, with the row's windows,
+    soft-capping, sinks and MLA latent cache."""
+    fam, path, lm, ids, dense = row
+    res = generate(lm.model, ids, get_method("kvquant", group_size=4, residual=10**4), NEW, progress=False,
+                   keep_logits=True, prefill_chunk=CHUNK)
+    assert res.memory["tokens_quantized"] == 0
+    assert res.token_ids == dense.token_ids
+    for a, b in zip(res.logits, dense.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_kvquant_quantises_inside_windows_and_the_latent_once(row):
+    """8-bit codes with a short exact tail: close to dense; window layers drop the quantised groups that left
+    the window (memory bounded by it); an MLA layer holds one set of codes (the latent), no value codes."""
+    fam, path, lm, ids, dense = row
+    from hetmem.llm.arch import describe
+
+    cache = []
+    method = get_method("kvquant", bits=8, group_size=4, residual=4)
+    real = method.report
+    method.report = lambda c: (cache.append(c), real(c))[1]
+    res = generate(lm.model, ids, method, NEW, progress=False, keep_logits=True, prefill_chunk=CHUNK)
+    assert res.memory["tokens_quantized"] > 0 and res.memory["kv_bytes"] < dense.memory["kv_bytes"]
+    n = next((i for i, (x, y) in enumerate(zip(res.token_ids, dense.token_ids)) if x != y), NEW - 1)
+    err = max(float((x - y).norm() / y.norm()) for x, y in zip(res.logits[: n + 1], dense.logits[: n + 1]))
+    assert err < 0.05, err  # compared up to the first differing token
+    a = describe(lm.model)
+    for layer, w in zip(cache[0].layers, a.windows):
+        t = layer.memory.tensors
+        assert ("v_codes" in t) == (a.mla_rank is None)
+        if w is not None:  # the window layer keeps at most its window (+ trim slack, tail and a group)
+            assert layer.length <= w + layer._trim_slack() + 4 + 4 < layer.seen
+
+
 @pytest.mark.parametrize("fid", ["phi3", "deepseek_v3", "gemma2"])
 @pytest.mark.parametrize("name", ["seer", "dsa"])
 def test_trained_gates_attach_to_any_projection_layout(tmp_path, fid, name):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import threading
 
 import torch
 
@@ -43,7 +45,32 @@ def set_threads(args) -> None:
     torch.set_num_threads(args.threads)
 
 
+def _exit_interrupted(signum, frame) -> None:
+    """SIGINT after the command has finished (while Python shuts down): exit 130 at once, as any interrupted
+    command does. Python's default would raise KeyboardInterrupt outside ``main`` and, uncaught, the process
+    would die by the signal (exit status -2 to a parent, not 130)."""
+    try:
+        sys.stderr.write("\nhetmem: interrupted\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code. ``argv=None`` (the ``hetmem`` program, ``python -m hetmem.cli``)
+    reads ``sys.argv`` and, once the command is done, makes a late Ctrl-C exit 130 too; a caller passing
+    ``argv`` (tests, scripts) keeps its own SIGINT handling."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # arrived as _main returned, after its own handler
+        print("\nhetmem: interrupted", file=sys.stderr)
+        code = 130
+    if argv is None and threading.current_thread() is threading.main_thread():  # only it may set handlers
+        signal.signal(signal.SIGINT, _exit_interrupted)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -58,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise HetmemError("--device cuda was asked for, but no CUDA device is available")
         code = args.func(args)
+        sys.stdout.flush()
     except HetmemError as exc:
         print(f"hetmem: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -70,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hetmem: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               "(set HETMEM_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
-    sys.stdout.flush()
     return code
 
 

@@ -68,7 +68,10 @@ def machine_info(device: str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda_device": cuda,
     }
-    ident = json.dumps({k: info[k] for k in ("hostname", "cpu", "cpu_count", "torch", "cuda_device")}, sort_keys=True)
+    # keyed by the cores this process may use (as calibration_key), not the machine's count: a fit or figure
+    # made under another affinity mask is not this one's
+    ident = json.dumps({k: info[k] for k in ("hostname", "cpu", "cores_available", "torch", "cuda_device")},
+                       sort_keys=True)
     info["key"] = hashlib.sha1(ident.encode()).hexdigest()[:16]
     return info
 

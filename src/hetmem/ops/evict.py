@@ -3,6 +3,9 @@
 * ``keep_indices``: which tokens to keep under a budget (sink + top-scored + recent window), per KV head.
 * ``attention_column_mass``: attention probability each key receives, summed over queries and the GQA
   group: H2O's accumulated attention and SnapKV's observation-window votes. Computed in query chunks.
+* ``eviction_scores`` / ``lightest_slots`` / ``move_last_into``: H2O's in-place eviction over a cache whose
+  slots are not in position order (each slot carries its token's position): score the evictable slots,
+  pick the lightest, and fill its slot with the last stored token (one token moved per KV head).
 """
 
 from __future__ import annotations
@@ -56,3 +59,25 @@ def attention_column_mass_reference(q, k, scale, q_pos0=None):
             w = torch.softmax((k[:, :, :n].float() @ q[:, :, g, t].float().unsqueeze(-1)).squeeze(-1) * scale, -1)
             out[:, :, :n] += w
     return out
+
+
+def eviction_scores(acc: torch.Tensor, pos: torch.Tensor, seen: int, sink: int, recent: int) -> torch.Tensor:
+    """Scores ``[B, H_kv, L]`` per stored slot: the accumulated attention ``acc``, or ``+inf`` for slots that are
+    never evicted (positions ``< sink`` and the last ``recent`` of the ``seen`` positions)."""
+    forced = (pos < sink) | (pos >= seen - recent)
+    return acc.masked_fill(forced, float("inf"))
+
+
+def lightest_slots(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` lowest-scored slots per row, ``[B, H_kv, n]`` (``n = 1``: the first minimum)."""
+    if n == 1:
+        return scores.argmin(-1, keepdim=True)
+    return torch.topk(scores, n, dim=-1, largest=False).indices
+
+
+def move_last_into(tensors, slots: torch.Tensor, last: int) -> None:
+    """Evict one slot per row in place: overwrite ``slots [B, H_kv, 1]`` with slot ``last`` in every tensor
+    ``[B, H_kv, cap, ...]`` (K, V and per-token statistics stay aligned). Moves one token per row."""
+    for t in tensors:
+        idx = slots.reshape(*slots.shape, *([1] * (t.dim() - 3))).expand(*slots.shape, *t.shape[3:])
+        t.scatter_(2, idx, t[:, :, last : last + 1].clone())
