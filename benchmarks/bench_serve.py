@@ -13,7 +13,7 @@ client, streaming, so that time to first token is seen as a client sees it).
 
     python benchmarks/bench_serve.py [--requests 200] [--concurrency 16] [--max-tokens 16] [--memory-nodes K]
 
-The engine behind the server is whatever ``runtime.seq_engine.make_engine`` returns (recorded as ``engine``).
+The engine behind the server is whatever ``runtime.serve_engine.make_engine`` returns (recorded as ``engine``).
 """
 
 from __future__ import annotations

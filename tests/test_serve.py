@@ -403,7 +403,7 @@ def test_smollm2_passkey_through_hetmem_serve_then_ctrl_c(tmp_path):
             try:
                 c.models.list()
                 break
-            except openai.APIConnectionError:
+            except (openai.APIConnectionError, openai.NotFoundError):  # Ray Serve's proxy answers 404 until the app is up
                 assert proc.poll() is None, proc.stderr.read()
                 time.sleep(0.5)
         msgs = [{"role": "user", "content": f"{task.context.strip()}\n\n{task.question.strip()}"}]
@@ -414,3 +414,13 @@ def test_smollm2_passkey_through_hetmem_serve_then_ctrl_c(tmp_path):
         proc.send_signal(2)  # Ctrl-C
         rc = proc.wait(timeout=90)
     assert rc == 0 and "shutting down" in proc.stderr.read()
+
+
+def test_requests_route_to_the_batch_engine_or_one_at_a_time(client):
+    """make_engine's router: per-step methods run in the continuous-batching engine over the page pool; a method
+    whose Prepare observes prefill queries (snapkv) runs one request at a time, with the same API."""
+    out = completion(client, prompt=PROMPT, max_tokens=4, hetmem=QUEST)
+    assert out["hetmem"]["engine"] == "batch (page pool)"
+    out = completion(client, prompt=PROMPT, max_tokens=4, hetmem={"method": "snapkv", "budget": 32, "window": 8})
+    assert out["hetmem"]["engine"] != "batch (page pool)" and out["usage"]["completion_tokens"] >= 1
+    assert client.get("/health").json()["engine"] == "batch+sequential"

@@ -278,7 +278,7 @@ class BatchEngine:
             if self._closed:
                 raise HetmemError("the engine is shut down")
             if len(self._queue) >= self.max_queue:
-                raise EngineBusy(f"too many queued requests ({self.max_queue})")
+                raise EngineBusy(f"the queue is full ({self.max_queue} requests waiting)")
             self._queue.append(seq)
             self._cv.notify()
 
@@ -590,7 +590,9 @@ class BatchEngine:
 
     def _report(self, seq: _Seq) -> dict:
         now = time.perf_counter()
-        return {"method": seq.method.name, "params": seq.method.params(), "steps": seq.timer.summary(),
+        return {"method": seq.method.name, "params": seq.method.params(), "notes": seq.method.notes(),
+                "model": self.model_name, "device": self.device, "time_source": "measured",
+                "tokens": {"prompt": seq.prompt_len, "generated": len(seq.out_ids)}, "steps": seq.timer.summary(),
                 "prefill_ms": round(seq.prefill_ms, 3), "decode_ms": round(seq.decode_ms, 3),
                 "queue_ms": round(((seq.t_admit or now) - seq.t_submit) * 1e3, 3),
                 "ttft_ms": round(((seq.t_first or now) - seq.t_submit) * 1e3, 3),

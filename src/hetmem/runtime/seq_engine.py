@@ -18,7 +18,7 @@ in every attention layer and the per-step timer on, calling ``on_event`` with on
 - With a ``NodeCluster``, sparse-attention methods keep their memory on the Ray memory nodes
   (``runtime.nodes.client.NodeMethod``); the final event's report then carries the measured transfers.
 
-``make_engine(lm, ...)`` is the one place that chooses the engine the server runs.
+``runtime.serve_engine.make_engine`` chooses the engine the server runs (this one for what the batch engine does not take).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from hetmem.errors import HetmemError
 from hetmem.llm.generate import generate
 from hetmem.llm.prompt import eos_ids
 from hetmem.methods import get_method
-from hetmem.runtime.engine_api import Engine, GenRequest, OnEvent, Sampling, TokenEvent
+from hetmem.runtime.engine_api import GenRequest, OnEvent, Sampling, TokenEvent
 from hetmem.runtime.nodes.client import NodeMethod
 from hetmem.runtime.nodes.run import annotate
 
@@ -276,10 +276,3 @@ class SeqEngine:
             report.pop("transfers", None)  # per-layer rows: the totals stay (memory_nodes.transfers_total)
         usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(res.token_ids)}
         self._safe(on_event, TokenEvent(req.request_id, tid, text, finish_reason=finish, usage=usage, report=report))
-
-
-
-def make_engine(lm, *, cluster=None, layout: str = "attention", max_queue: int = 256, step_timing: bool = True) -> Engine:
-    """The engine ``hetmem serve`` runs. Today: ``SeqEngine`` (one request at a time). The batch engine, once
-    merged, plugs in here (and hands what it does not take to a ``SeqEngine``)."""
-    return SeqEngine(lm, cluster=cluster, layout=layout, max_queue=max_queue, step_timing=step_timing)

@@ -23,7 +23,7 @@ import torch
 from hetmem.errors import HetmemError
 from hetmem.llm.models import load_model
 from hetmem.runtime.nodes.cluster import NodeCluster, init_ray
-from hetmem.runtime.seq_engine import make_engine
+from hetmem.runtime.serve_engine import make_engine
 from hetmem.serve.app import MAX_BODY_BYTES, MAX_PENDING, Front, build_app
 from hetmem.serve.memories import load_rag_memory
 
