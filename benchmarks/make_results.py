@@ -512,7 +512,21 @@ def block_disaggregated(rec: dict) -> str:
         + " (the shared machine's other load makes more threads slower).", *_split_lines(rec), "", provenance(rec)])
 
 
-def block_serve(rec: dict) -> str:
+def block_serve(rec: dict, records: "Records") -> str:
+    """The latest in-process run (the batch engine's throughput), then the latest run with memory nodes (the
+    SIGKILL fault), when it is a different record."""
+    local = records.latest("bench_serve", lambda r: not r["settings"].get("memory_nodes")) or rec
+    nodes = records.latest("bench_serve", lambda r: bool(r["settings"].get("memory_nodes")))
+    parts = [_serve_run(local)]
+    if nodes is not None and nodes is not local:
+        parts += ["", "With memory nodes (requests on nodes run one at a time):", "", _serve_run(nodes)]
+    return "\n".join(parts)
+
+
+block_serve.wants_records = True
+
+
+def _serve_run(rec: dict) -> str:
     s = rec["settings"]
     rows = ["| run | clients | tokens/s | p50 / p99 latency ms | p50 / p99 time to first token ms | errors |",
             "|---|---:|---:|---:|---:|---:|"]
