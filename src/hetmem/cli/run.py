@@ -18,6 +18,18 @@ from hetmem.runtime.nodes.client import LAYOUTS
 from hetmem.runtime.nodes.run import answer_on_nodes
 
 
+def emit(args, method, rec: dict, note: str | None = None) -> None:
+    """The run's output: its JSON record with --json, else the answer on stdout and the step table (and ``note``)
+    on stderr."""
+    if args.json:
+        print(json.dumps(rec))
+        return
+    print(rec["answer"])
+    print(step_table({method.name: rec}), file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
+
+
 def cmd_run(args) -> int:
     if getattr(args, "placement", None):
         return cmd_run_placed(args)
@@ -34,11 +46,7 @@ def cmd_run(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     rec = answer_question(lm, method, context, args.question, args.max_new_tokens, recall=args.recall,
                           step_timing=not args.no_step_timing, kv_dtype=args.kv_dtype)
-    if args.json:
-        print(json.dumps(rec))
-    else:
-        print(rec["answer"])
-        print(step_table({method.name: rec}), file=sys.stderr)
+    emit(args, method, rec)
     return 0
 
 
@@ -63,14 +71,9 @@ def cmd_run_nodes(args) -> int:
     rec = answer_on_nodes(lm, method, context, args.question, n_nodes=n, layout=args.layout or "attention",
                           address=args.ray_address, max_new_tokens=args.max_new_tokens,
                           step_timing=not args.no_step_timing, split_budget=args.split_budget, recall=args.recall)
-    if args.json:
-        print(json.dumps(rec))
-    else:
-        print(rec["answer"])
-        print(step_table({method.name: rec}), file=sys.stderr)
-        mn = rec["memory_nodes"]
-        print(f"memory nodes: {mn['n']} ({mn['layout']} layout, {mn['calls']}), threads: head {mn['head_threads']}, "
-              f"{mn['threads']['per_node']} per node; restarts: {mn['restarts']}", file=sys.stderr)
+    mn = rec["memory_nodes"]
+    emit(args, method, rec, f"memory nodes: {mn['n']} ({mn['layout']} layout, {mn['calls']}), threads: head "
+                            f"{mn['head_threads']}, {mn['threads']['per_node']} per node; restarts: {mn['restarts']}")
     return 0
 
 
@@ -95,11 +98,7 @@ def cmd_run_planned_nodes(args, schedule: dict) -> int:
     rec["placement_rule"] = {"file": str(args.placement), "size": size, "max_size": rule.get("max_size"),
                              "layout": layout, "memory_nodes": n,
                              "predicted_latency_us": rule.get("predicted_latency_us"), "source": "modelled"}
-    if args.json:
-        print(json.dumps(rec))
-    else:
-        print(rec["answer"])
-        print(step_table({method.name: rec}), file=sys.stderr)
+    emit(args, method, rec)
     return 0
 
 
