@@ -251,6 +251,9 @@ class BatchEngine:
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self._methods: dict = {}
         self._mlock = threading.Lock()  # submit() may be called from several threads: one bind at a time
+        # One forward on the model at a time: another engine on the same model (make_engine's one-at-a-time engine)
+        # shares this lock, so their forward hooks (hidden-state capture) never see each other's forwards.
+        self.model_lock = threading.Lock()
         self._queue: collections.deque[_Seq] = collections.deque()
         self._joining: list[_Seq] = []
         self._running: list[_Seq] = []
@@ -445,12 +448,13 @@ class BatchEngine:
                 seq.folded[key] = (ms, n)
 
     def _run_model(self, cache, seqs, **kw):
-        self._cache = cache
-        self._need_hidden = any(getattr(s.method, "needs_hidden", False) for s in seqs)
-        try:
-            return self.model(past_key_values=cache, use_cache=True, **kw).logits[:, -1].float()
-        finally:
-            self._cache = None
+        with self.model_lock:  # shared with any other engine on this model (runtime.serve_engine.make_engine)
+            self._cache = cache
+            self._need_hidden = any(getattr(s.method, "needs_hidden", False) for s in seqs)
+            try:
+                return self.model(past_key_values=cache, use_cache=True, **kw).logits[:, -1].float()
+            finally:
+                self._cache = None
 
     def _capture_hidden(self, module, args, kwargs):
         cache = self._cache

@@ -132,6 +132,7 @@ class SeqEngine:
     def __init__(self, lm, *, cluster=None, layout: str = "attention", max_queue: int = 256, step_timing: bool = True):
         self.lm = lm
         self.model_name = lm.name
+        self.model_lock = threading.Lock()  # one forward on the model at a time (see BatchEngine.model_lock)
         self.max_context = lm.max_context
         self.cluster, self.layout = cluster, layout
         self.max_queue = max_queue
@@ -253,8 +254,9 @@ class SeqEngine:
             self.cluster is not None and method.family == "sparse-attention") else method
         timer = StepTimer(enabled=self.step_timing)
         ids = torch.tensor([req.prompt_ids], dtype=torch.long)
-        res = generate(lm.model, ids, run_method, s.max_tokens, eos_token_ids=self.eos, progress=False, timer=timer,
-                       pick=sampler(s), on_id=on_id)
+        with self.model_lock:  # shared with the batch engine on the same model (serve_engine.make_engine)
+            res = generate(lm.model, ids, run_method, s.max_tokens, eos_token_ids=self.eos, progress=False,
+                           timer=timer, pick=sampler(s), on_id=on_id)
         if run_method is not method:
             run_method.close_session()
         finish = state["finish"] or "length"

@@ -93,4 +93,5 @@ def make_engine(lm, *, cluster=None, layout: str = "attention", max_queue: int =
                          max_queue=max_queue)
     except HetmemError as exc:  # a sliding-window or MLA model: every request one at a time
         return RoutingEngine(seq, None, str(exc))
+    be.model_lock = seq.model_lock  # the two engines share the model: one forward at a time
     return RoutingEngine(seq, be)
