@@ -426,8 +426,19 @@ def _cpu_flags() -> str:
     return platform.machine() + platform.processor()
 
 
+def _avx512() -> bool:
+    """The AVX-512 paths are opt-in (HETMEM_AVX512=1): two fresh-clone test runs of this build crashed the
+    interpreter (SIGSEGV) at random later tests after the hypothesis tests over these ops, and the cause was not
+    found; the portable loops (the previous, long-tested kernels) are the default until it is."""
+    return os.environ.get("HETMEM_AVX512", "") == "1"
+
+
+def _cflags() -> list[str]:
+    return ["-O3", "-march=native", "-fopenmp-simd"] + ([] if _avx512() else ["-mno-avx512f"])
+
+
 def _build_dir() -> str:
-    tag = hashlib.sha1((_CPP + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:12]
+    tag = hashlib.sha1((_CPP + torch.__version__ + _cpu_flags() + " ".join(_cflags())).encode()).hexdigest()[:12]
     d = kernel_dir() / f"hetmem_fast_{tag}"
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
@@ -448,7 +459,7 @@ def _lib():
 
         d = _build_dir()
         return load_inline(name=os.path.basename(d), cpp_sources=_CPP, functions=_FUNCTIONS, build_directory=d,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+                           extra_cflags=_cflags(), verbose=False)
     except Exception as exc:  # no ninja, a compiler error, a read-only cache: fall back to torch
         _why = f"build failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         return None
