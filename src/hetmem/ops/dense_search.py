@@ -53,6 +53,8 @@ def search(index, queries: np.ndarray, k: int, ef_search: int | None = None) -> 
     out_i = np.full((q.shape[0], k), -1, dtype=np.int64)
     for r in range(q.shape[0]):
         cand = ids[r][ids[r] >= 0].astype(np.int64)
+        if not len(cand):
+            continue
         vecs = np.stack([index.reconstruct(int(i)) for i in cand]).astype(np.float64)  # (one id at a time)
         exact = (vecs * q[r].astype(np.float64)[None, :]).sum(axis=1).astype(np.float32)
         order = np.lexsort((cand, -exact.astype(np.float64)))[:k]
