@@ -63,7 +63,8 @@ def partition(sources: list[str], n_shards: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(n_shards)]
 
 
-def _sha256(path: Path, fsync: bool = False) -> str:
+def file_sha256(path: Path, fsync: bool = False) -> str:
+    """The file's sha256 (read in 4 MiB blocks); with ``fsync`` it is also forced to disk."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -137,7 +138,7 @@ class RagShard:
         mine = [f for f in meta["files"] if f.startswith(shard_dir(i) + "/")]
         try:
             for f in mine + ([GLOBAL_FILE] if GLOBAL_FILE in meta["files"] else []):
-                if _sha256(d / f) != sums.get(f):
+                if file_sha256(d / f) != sums.get(f):
                     raise HetmemError(f"memory {path} is damaged: {f} does not match its sha256 in memory.json "
                                       "(rebuild it with 'hetmem index')")
             sh = cls(i, a, b)

@@ -33,7 +33,6 @@ Format 1 (files next to memory.json, no hashes) is still read, and replaced by f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -52,7 +51,7 @@ from hetmem.files import make_temp_dir, pid_alive, write_json_atomic
 from hetmem.rag.corpus import Corpus, Passage
 from hetmem.ops.bm25 import Bm25Stats, bm25_weights
 from hetmem.rag.embed import resolve_embed_model
-from hetmem.rag.shards import GLOBAL_FILE, is_shard_file, partition, read_vocab, shard_dir, write_shards
+from hetmem.rag.shards import GLOBAL_FILE, file_sha256, is_shard_file, partition, read_vocab, shard_dir, write_shards
 
 try:
     import fcntl
@@ -135,7 +134,7 @@ def _write_data(d: Path, corpus: Corpus, memory: Memory, ranges=None) -> dict[st
         files += write_shards(d, memory, ranges)
         for i in range(len(ranges)):
             _fsync_dir(d / shard_dir(i))
-        return {f: _sha256(d / f, fsync=True) for f in files}
+        return {f: file_sha256(d / f, fsync=True) for f in files}
     if "bm25" in memory.meta:
         st = memory.meta["bm25"]
         sp.save_npz(d / "bm25_tf.npz", st.tf)
@@ -149,17 +148,7 @@ def _write_data(d: Path, corpus: Corpus, memory: Memory, ranges=None) -> dict[st
 
         faiss.write_index(memory.meta["faiss"], str(d / "dense.faiss"))
         files.append("dense.faiss")
-    return {f: _sha256(d / f, fsync=True) for f in files}
-
-
-def _sha256(path: Path, fsync: bool = False) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-        if fsync:
-            os.fsync(fh.fileno())
-    return h.hexdigest()
+    return {f: file_sha256(d / f, fsync=True) for f in files}
 
 
 def _fsync_dir(d: Path) -> None:
@@ -420,7 +409,7 @@ def _load(path, d: Path, meta: dict) -> tuple[Corpus, Memory]:
         for f, want in meta.get("sha256", {}).items():
             if sharded and f not in ("passages.jsonl", GLOBAL_FILE):
                 continue
-            if _sha256(d / f) != want:
+            if file_sha256(d / f) != want:
                 raise HetmemError(f"memory {path} is damaged: {f} does not match its sha256 in {META} "
                                   "(rebuild it with 'hetmem index')")
         passages = []
