@@ -78,9 +78,9 @@ def reference(model, prompt, name, params):
     return res.token_ids, rec.selections
 
 
-def on_nodes(model, prompt, cluster, layout, name, params, **kw):
+def on_nodes(model, prompt, cluster, layout, name, params, rounds=1, **kw):
     rec = Recorder(get_method(name, **params), **kw)
-    nm = NodeMethod(rec, cluster, layout)
+    nm = NodeMethod(rec, cluster, layout, rounds=rounds)
     res = generate(model, prompt, nm, NEW, progress=False, prefill_chunk=128)
     nm.close_session()
     return res.token_ids, rec.selections
@@ -96,10 +96,10 @@ def test_every_layout_matches_in_process(nodes, model, prompt, n):
     assert len(sels) == 2 * (NEW - 1)
     sub = NodeCluster(n, actors=nodes.actors)  # the first n of the module's nodes
     try:
-        for layout in LAYOUTS:
-            t, s = on_nodes(model, prompt, sub, layout, "quest", QUEST)
-            assert same(s, sels), (n, layout)
-            assert t == tokens, (n, layout)
+        for layout, rounds in [(lay, 1) for lay in LAYOUTS] + [("attention", 2)]:
+            t, s = on_nodes(model, prompt, sub, layout, "quest", QUEST, rounds=rounds)
+            assert same(s, sels), (n, layout, rounds)
+            assert t == tokens, (n, layout, rounds)
         # every node held a shard and answered: bytes went both ways on each
         moved = {tr["node"] for tr in sub.ledger.transfers() if tr["direction"] == "node->head" and tr["bytes"]}
         assert moved == set(range(n))
@@ -251,3 +251,60 @@ def test_split_budget_record_reports_both_recalls(nodes, tmp_path):
         assert 0 < split <= 1.0 + 1e-6 and 0 < exact <= 1.0 + 1e-6
         assert r["memory_nodes"]["split_budget"] and r["measurement_ms"]["recall_exact"] >= 0
     assert recs[1]["recall"]["recall_per_layer"] == recs[1]["recall_exact"]["recall_per_layer"]  # 1 node: exact
+
+
+def test_single_round_attention_makes_one_call_per_layer(nodes, model, prompt):
+    """The default attention layout: the decode step's only call per layer carries the scores and the candidate
+    pages' partials (no 'apply' round trip), and the result is the in-process one (checked above)."""
+    sub = NodeCluster(2, actors=nodes.actors)
+    try:
+        on_nodes(model, prompt, sub, "attention", "quest", QUEST)
+        rows = [t for t in sub.ledger.transfers() if t["phase"] == "decode" and t["direction"] == "head->node"]
+    finally:
+        sub.close()
+    assert {t["step"] for t in rows} == {"relevancy"}
+    assert {(t["node"], t["layer"]): t["calls"] for t in rows} == {(i, j): NEW - 1 for i in range(2) for j in range(2)}
+
+
+def test_batch_engine_on_nodes_batches_sequences(nodes, model):
+    """The serving engine with memory nodes: eight sequences (quest at three budgets, one in the two-round
+    mode's engine below, and dense in-process) decode together; each sequence's greedy tokens equal its
+    in-process ``generate``, and a decode step makes ONE call per layer per node for all the node-backed
+    sequences (calls per layer = engine steps, fewer than the sequences' decode tokens)."""
+    from hetmem.runtime.batch_engine import BatchEngine
+    from hetmem.runtime.engine_api import GenRequest, Sampling
+    from hetmem.testing import char_tokenizer
+
+    from test_batch_engine import Collector
+
+    g = torch.Generator().manual_seed(5)
+    specs = [("quest", dict(QUEST, budget=b)) for b in (32, 48, 64)] * 2 + [("dense", {})] * 2
+    prompts = [torch.randint(3, 100, (150 + 17 * i,), generator=g).tolist() for i in range(len(specs))]
+    refs = [generate(model, torch.tensor([p]), get_method(n, **kw), 6, progress=False, eos_token_ids={127}).token_ids
+            for p, (n, kw) in zip(prompts, specs)]
+    for rounds in (1, 2):
+        sub = NodeCluster(2, actors=nodes.actors)
+        eng = BatchEngine(model, char_tokenizer(), model_name="tiny", max_batch=8, pool_tokens=8 * 512,
+                          prefill_chunk=512, eos_token_ids={127}, cluster=sub, rounds=rounds)
+        try:
+            c = Collector()
+            reqs = [GenRequest(f"r{i}", p, n, kw, Sampling(max_tokens=6)) for i, (p, (n, kw)) in
+                    enumerate(zip(prompts, specs))]
+            for r in reqs:
+                eng.submit(r, c)
+            got = c.wait([r.request_id for r in reqs])
+            for r, ref in zip(reqs, refs):
+                assert got[r.request_id]["error"] is None, got[r.request_id]["error"]
+                assert got[r.request_id]["ids"] == ref, (rounds, r.method, r.params)
+            eng.close()  # (its step count is final once its loop stopped)
+            steps = eng.stats()["steps"]
+            calls = {}
+            for t in sub.ledger.transfers():
+                if t["phase"] == "decode" and t["direction"] == "head->node" and t["step"] == "relevancy":
+                    calls[(t["node"], t["layer"])] = t["calls"]
+        finally:
+            eng.close()
+            sub.close()
+        assert set(calls) == {(i, j) for i in range(2) for j in range(2)}
+        node_tokens = 6 * 5  # six quest sequences, 5 decode steps each after the prefill's token
+        assert all(n <= steps < node_tokens for n in calls.values()), (rounds, calls, steps)

@@ -7,7 +7,8 @@ import torch
 
 from hetmem.ops.sparse_attention import grouped_decode_attention
 from hetmem.ops.topk import budget_page_indices, candidate_range
-from hetmem.runtime.nodes.shard import local_tokens, local_topk, merge_candidates, merge_partials, split_tokens
+from hetmem.runtime.nodes.shard import (local_tokens, local_topk, merge_candidates, merge_page_partials, merge_partials,
+                                       split_tokens)
 
 
 def test_split_tokens_by_page_and_local_counts():
@@ -57,6 +58,40 @@ def test_log_sum_exp_merge_is_attention():
         outs.append(p @ v[:, :, part])
         lses.append(lse)
     torch.testing.assert_close(merge_partials(outs, lses, sinks), want, rtol=1e-5, atol=1e-6)
+
+
+def test_page_partials_merge_is_attention_over_exactly_the_selected_pages():
+    """The single-round attention layout's merge: per-page partials of more pages than selected (padding -1
+    included, a partial last page), merged for a different selection per KV head, equal dense attention masked
+    to exactly the selected tokens (with a sink logit); a selected page without a partial gives None."""
+    g = torch.Generator().manual_seed(2)
+    B, H, G, D, P, n_pages, length = 1, 2, 3, 8, 4, 9, 34  # page 8 holds 2 tokens
+    q = torch.randn(B, H, G, D, generator=g)
+    k = torch.randn(B, H, n_pages * P, D, generator=g)
+    v = torch.randn(B, H, n_pages * P, D, generator=g)
+    sinks = torch.randn(H, G, generator=g)
+    pages = torch.tensor([[[0, 8, 3, 5, 6, -1], [1, 8, 2, 4, 7, 5]]])  # what the nodes attended, per KV head
+    C = pages.shape[-1]
+    outs = torch.zeros(B, H, C, G, D)
+    lses = torch.full((B, H, C, G), float("-inf"))
+    for h in range(H):
+        for c in range(C):
+            p = int(pages[0, h, c])
+            if p < 0:
+                continue
+            toks = [t for t in range(p * P, (p + 1) * P) if t < length]
+            w = (q[0, h] @ k[0, h, toks].T) * 0.3
+            lse = torch.logsumexp(w, -1)
+            lses[0, h, c] = lse
+            outs[0, h, c] = torch.exp(w - lse.unsqueeze(-1)) @ v[0, h, toks]
+    selected = torch.tensor([[[0, 3, 8], [2, 5, 8]]])
+    got = merge_page_partials(pages, outs, lses, selected, sinks)
+    for h in range(H):
+        toks = [t for p in selected[0, h].tolist() for t in range(p * P, (p + 1) * P) if t < length]
+        want = grouped_decode_attention(q[:, h : h + 1], k[:, h : h + 1, toks], v[:, h : h + 1, toks], 0.3,
+                                        sinks=sinks[h : h + 1])
+        torch.testing.assert_close(got[:, h : h + 1], want, rtol=1e-5, atol=1e-6)
+    assert merge_page_partials(pages, outs, lses, torch.tensor([[[0, 3, 8], [2, 3, 8]]]), sinks) is None
 
 
 def test_cli_refuses_bad_node_options_in_one_line(tmp_path, capsys):

@@ -39,6 +39,8 @@ def cmd_run(args) -> int:
         raise HetmemError("--layout needs --memory-nodes N (or --ray-address)")
     if args.split_budget:
         raise HetmemError("--split-budget needs --memory-nodes N (or --ray-address)")
+    if args.attention_rounds != 1:
+        raise HetmemError("--attention-rounds needs --memory-nodes N (or --ray-address)")
     method = method_from_args(args)
     if method.family in RUNNERS:
         return RUNNERS[method.family](args, method)
@@ -70,7 +72,8 @@ def cmd_run_nodes(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     rec = answer_on_nodes(lm, method, context, args.question, n_nodes=n, layout=args.layout or "attention",
                           address=args.ray_address, max_new_tokens=args.max_new_tokens,
-                          step_timing=not args.no_step_timing, split_budget=args.split_budget, recall=args.recall)
+                          step_timing=not args.no_step_timing, split_budget=args.split_budget, recall=args.recall,
+                          rounds=args.attention_rounds)
     mn = rec["memory_nodes"]
     emit(args, method, rec, f"memory nodes: {mn['n']} ({mn['layout']} layout, {mn['calls']}), threads: head "
                             f"{mn['head_threads']}, {mn['threads']['per_node']} per node; restarts: {mn['restarts']}")
@@ -94,7 +97,8 @@ def cmd_run_planned_nodes(args, schedule: dict) -> int:
         raise HetmemError(f"placement file {args.placement}: a {MEMNODE_SYSTEM} rule needs a 'layout' "
                           f"({', '.join(LAYOUTS)}) and 'memory_nodes' (a positive integer)")
     rec = answer_on_nodes(lm, method, context, args.question, n_nodes=n, layout=layout, address=args.ray_address,
-                          max_new_tokens=args.max_new_tokens, step_timing=not args.no_step_timing)
+                          max_new_tokens=args.max_new_tokens, step_timing=not args.no_step_timing,
+                          rounds=args.attention_rounds)
     rec["placement_rule"] = {"file": str(args.placement), "size": size, "max_size": rule.get("max_size"),
                              "layout": layout, "memory_nodes": n,
                              "predicted_latency_us": rule.get("predicted_latency_us"), "source": "modelled"}
@@ -151,9 +155,13 @@ def register(sub):
     r.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="with --memory-nodes: index (nodes select, K/V on the head), kv (nodes hold K/V too and "
                         "return the selected pages) or attention (nodes attend, the head merges; default)")
+    r.add_argument("--attention-rounds", type=int, choices=(1, 2), default=1,
+                   help="with --memory-nodes, attention layout, exact selection: 1 (default) = one call per layer, the "
+                        "nodes return every candidate page's attention and the head merges the selected ones; 2 = the "
+                        "nodes return candidates, then attend over the selection (fewer bytes, two round trips)")
     r.add_argument("--split-budget", action="store_true",
-                   help="with --memory-nodes, attention layout: one round per layer instead of two; each node selects "
-                        "budget/N of its pages and attends at once (approximate: with --recall the record holds its "
+                   help="with --memory-nodes, attention layout: each node selects budget/N of its own pages and attends "
+                        "at once, in one round with few bytes (approximate: with --recall the record holds its "
                         "attention-mass recall and the exact mode's)")
     r.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join the Ray cluster at ADDR (started with `ray start --head`) instead of a local Ray")

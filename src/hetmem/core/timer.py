@@ -71,6 +71,15 @@ class StepTimer:
             return _NULL
         return _Timed(self, name, device)
 
+    def add(self, name: str, device: str, ms: float) -> None:
+        """Charge ``ms`` measured elsewhere (a share of a call made for several sequences at once) as one call."""
+        if not self.enabled:
+            return
+        key = (name, self.phase)
+        self.ms[key] += ms
+        self.calls[key] += 1
+        self.devices[name] = device
+
     def reset(self) -> None:
         self.ms.clear()
         self.calls.clear()

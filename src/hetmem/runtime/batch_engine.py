@@ -46,6 +46,8 @@ from hetmem.methods.base import get_method
 from hetmem.methods.seer import BlockSparseAttention
 from hetmem.methods.shared import DenseAttentionApply, GatherAttention
 from hetmem.runtime.engine_api import GenRequest, OnEvent, Sampling, TokenEvent
+from hetmem.runtime.nodes.client import NodeMethod, decode_rows, is_remote
+from hetmem.runtime.nodes.run import annotate
 
 BATCHED_FAMILIES = ("baseline", "sparse-attention", "compressed-kv")
 
@@ -113,20 +115,25 @@ def pooled_apply(step, view: PooledLayer, selection, target: DecodeTarget) -> to
     return step.apply(view, selection, target)
 
 
+def _row_inputs(module, view: PooledLayer, query: torch.Tensor, scale: float, softcap, sinks):
+    """One sequence's decode query ``[1, H, 1, D]`` as the pipeline's Query and Apply's DecodeTarget."""
+    Hkv = view.pool.k.shape[1]
+    q = query.reshape(1, Hkv, query.shape[1] // Hkv, query.shape[-1])
+    sk = sinks.reshape(Hkv, -1) if sinks is not None else None
+    target = DecodeTarget(q, scale, softcap=softcap, sinks=sk)
+    qobj = Query(vectors=q, meta={"hidden": view.hidden, "layer": module.layer_idx, "scale": scale,
+                                  "softcap": softcap, "sinks": sk})
+    return qobj, target
+
+
 def decode_attend(module, view: PooledLayer, query: torch.Tensor, scale: float, softcap, sinks) -> torch.Tensor:
     """One sequence's decode attention through its layer's pipeline: ``query [1, H, 1, D]`` -> ``[1, H, 1, Dv]``."""
     pipe = view.pipeline
     H = query.shape[1]
-    Hkv = view.pool.k.shape[1]
-    G = H // Hkv
-    q = query.reshape(1, Hkv, G, query.shape[-1])
-    sk = sinks.reshape(Hkv, G) if sinks is not None else None
-    target = DecodeTarget(q, scale, softcap=softcap, sinks=sk)
+    qobj, target = _row_inputs(module, view, query, scale, softcap, sinks)
     if pipe is None:
         out = view.attend_all(target)
     else:
-        qobj = Query(vectors=q, meta={"hidden": view.hidden, "layer": module.layer_idx, "scale": scale,
-                                      "softcap": softcap, "sinks": sk})
         selection = pipe.select(view.memory, qobj) if view.memory is not None else None
         pipe.last_selection = selection
         with pipe.timer.step("apply", pipe.apply.device):
@@ -134,9 +141,23 @@ def decode_attend(module, view: PooledLayer, query: torch.Tensor, scale: float, 
     return out.reshape(1, H, 1, -1)
 
 
+def decode_on_nodes(module, views: list[PooledLayer], query: torch.Tensor, scale: float, softcap,
+                    sinks) -> list[torch.Tensor]:
+    """Several sequences' decode attention of one layer on the memory nodes, one call per node per round for
+    all of them (``runtime.nodes.client.decode_rows``): ``query [n, H, 1, D]`` -> n outputs ``[1, H, 1, Dv]``."""
+    H = query.shape[1]
+    rows = []
+    for b, view in enumerate(views):
+        qobj, target = _row_inputs(module, view, query[b : b + 1], scale, softcap, sinks)
+        rows.append((view.pipeline, view.memory, qobj, view, target))
+    outs = decode_rows(rows, lambda i, step, sel: pooled_apply(step, views[i], sel, rows[i][4]))
+    return [o.reshape(1, H, 1, -1) for o in outs]
+
+
 class PooledRuntime(attention.SparseRuntime):
     """``SparseRuntime`` over pooled layers: prefill as usual (dense, timed as Apply); decode, of one sequence or
-    a batch, per row through that row's own pipeline, reading its pages in place."""
+    a batch, per row through that row's own pipeline, reading its pages in place. Rows whose pipeline runs on
+    memory nodes are decoded together (``decode_on_nodes``): one call per node per layer for all of them."""
 
     def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
         layer = self.cache.layers[module.layer_idx]
@@ -147,15 +168,21 @@ class PooledRuntime(attention.SparseRuntime):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         softcap, sinks = kwargs.get("softcap"), attention._sinks(kwargs)
         if rows is None:
-            out = decode_attend(module, layer, query, scale, softcap, sinks)
-        else:
-            parts = []
-            for b, view in enumerate(rows):
-                if view is None:
-                    parts.append(query.new_zeros(1, query.shape[1], 1, value.shape[-1]))
-                else:
-                    parts.append(decode_attend(module, view, query[b : b + 1], scale, softcap, sinks))
-            out = torch.cat(parts, dim=0)
+            rows = [layer]
+        parts: list = [None] * len(rows)
+        remote = [b for b, v in enumerate(rows) if v is not None and v.memory is not None and is_remote(v.pipeline)]
+        if remote:
+            outs = decode_on_nodes(module, [rows[b] for b in remote], query[remote], scale, softcap, sinks)
+            for b, o in zip(remote, outs):
+                parts[b] = o
+        for b, view in enumerate(rows):
+            if parts[b] is not None:
+                continue
+            if view is None:
+                parts[b] = query.new_zeros(1, query.shape[1], 1, value.shape[-1])
+            else:
+                parts[b] = decode_attend(module, view, query[b : b + 1], scale, softcap, sinks)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return out.transpose(1, 2), None
 
 
@@ -223,8 +250,11 @@ class BatchEngine:
 
     def __init__(self, model, tokenizer, *, model_name: str = "model", max_batch: int = 16, page_size: int = 16,
                  pool_tokens: int | None = None, max_context: int | None = None, prefill_chunk: int = 512,
-                 max_queue: int = 1024, min_rows: int = 16, eos_token_ids=None):
+                 max_queue: int = 1024, min_rows: int = 16, eos_token_ids=None, cluster=None,
+                 layout: str = "attention", rounds: int = 1):
         attention.install(model)
+        # memory nodes (runtime.nodes.cluster.NodeCluster): sparse-attention requests run their steps there
+        self.cluster, self.layout, self.rounds = cluster, layout, rounds
         arch = describe(model)
         if arch.mla_rank is not None or any(w is not None for w in arch.windows):
             raise HetmemError(f"the batching engine runs full-attention models without MLA; {model.config.model_type} "
@@ -354,9 +384,16 @@ class BatchEngine:
         if any(not (0 <= int(t) < vocab) for t in req.prompt_ids):
             raise HetmemError(f"prompt token ids must be in [0, {vocab})")
         method = self._bound_method(req.method, dict(req.params))
+        if self.cluster is not None and method.family == "sparse-attention":
+            method = NodeMethod(method, self.cluster, self.layout, rounds=self.rounds)  # one per sequence
         max_tokens = min(s.max_tokens, self.max_context - n)
         timer = StepTimer()
-        pipes = [method.pipeline(self.device, timer, layer_idx=i) for i in range(self.n_layers)]
+        try:
+            pipes = [method.pipeline(self.device, timer, layer_idx=i) for i in range(self.n_layers)]
+        except Exception:
+            if isinstance(method, NodeMethod):
+                method.close_session()
+            raise
         page = getattr(method, "page_size", 16)
         views = [PooledLayer(pool, page, p, n + max_tokens) for pool, p in zip(self.pools, pipes)]
         reserve = -(-views[0].capacity // self.pools[0].page_size)
@@ -426,6 +463,11 @@ class BatchEngine:
         if seq.done:
             return
         seq.done = True
+        if isinstance(seq.method, NodeMethod):
+            try:
+                seq.method.close_session()  # the nodes forget its shards
+            except Exception:  # noqa: BLE001 - a node that is gone holds nothing to drop
+                pass
         for v in seq.views:
             v.release()
         self._committed -= seq.reserve_pages
@@ -594,7 +636,7 @@ class BatchEngine:
 
     def _report(self, seq: _Seq) -> dict:
         now = time.perf_counter()
-        return {"method": seq.method.name, "params": seq.method.params(), "notes": seq.method.notes(),
+        rep = {"method": seq.method.name, "params": seq.method.params(), "notes": seq.method.notes(),
                 "model": self.model_name, "device": self.device, "time_source": "measured",
                 "tokens": {"prompt": seq.prompt_len, "generated": len(seq.out_ids)}, "steps": seq.timer.summary(),
                 "prefill_ms": round(seq.prefill_ms, 3), "decode_ms": round(seq.decode_ms, 3),
@@ -602,6 +644,10 @@ class BatchEngine:
                 "ttft_ms": round(((seq.t_first or now) - seq.t_submit) * 1e3, 3),
                 "total_ms": round((now - seq.t_submit) * 1e3, 3), "engine": "batch (page pool)",
                 "kv_page_tokens": self.pools[0].page_size}
+        if isinstance(seq.method, NodeMethod):
+            annotate(rep, seq.method, self.cluster)
+            rep.pop("transfers", None)  # the cluster's per-layer rows (every sequence's): this one's totals stay
+        return rep
 
     def _fail(self, seq: _Seq, why: str) -> None:
         with self._cv:

@@ -2,9 +2,9 @@
 
 ``make_engine`` is the one place that chooses. Requests whose method runs per decode step over the page pool
 (dense, sparse attention, and compressed-KV methods without prefill observation) go to ``BatchEngine``
-(``runtime/batch_engine.py``); the others (methods that observe prefill queries, models with sliding-window
-or MLA layers, and every request while memory nodes hold the memory) go to ``SeqEngine``
-(``runtime/seq_engine.py``). Both implement ``engine_api.Engine``; so does the router.
+(``runtime/batch_engine.py``), with memory nodes too (a sparse-attention request's steps then run on the nodes,
+one call per node per layer for the whole batch); the others (methods that observe prefill queries, models
+with sliding-window or MLA layers) go to ``SeqEngine`` (``runtime/seq_engine.py``). Both implement ``engine_api.Engine``; so does the router.
 """
 
 from __future__ import annotations
@@ -81,16 +81,15 @@ class RoutingEngine:
 
 
 def make_engine(lm, *, cluster=None, layout: str = "attention", max_queue: int = 256, step_timing: bool = True,
-                batch: bool = True, max_batch: int = 16) -> Engine:
-    """The engine the server runs: a router over the batch engine and a ``SeqEngine``. With memory nodes
-    (``cluster``) or ``batch=False`` every request runs one at a time (the nodes' per-layer calls are made per
-    request: batching them across sequences is not built yet)."""
+                batch: bool = True, max_batch: int = 16, rounds: int = 1) -> Engine:
+    """The engine the server runs: a router over the batch engine and a ``SeqEngine``, both on the memory nodes
+    of ``cluster`` when given. ``batch=False``: every request one at a time."""
     seq = SeqEngine(lm, cluster=cluster, layout=layout, max_queue=max_queue, step_timing=step_timing)
-    if cluster is not None or not batch:
-        return RoutingEngine(seq, None, "memory nodes: one request at a time" if cluster is not None else "batching off")
+    if not batch:
+        return RoutingEngine(seq, None, "batching off")
     try:
         be = BatchEngine(lm.model, lm.tokenizer, model_name=lm.name, max_batch=max_batch, max_context=lm.max_context,
-                         max_queue=max_queue)
+                         max_queue=max_queue, cluster=cluster, layout=layout, rounds=rounds)
     except HetmemError as exc:  # a sliding-window or MLA model: every request one at a time
         return RoutingEngine(seq, None, str(exc))
     be.model_lock = seq.model_lock  # the two engines share the model: one forward at a time

@@ -33,7 +33,9 @@ with the three set to 0 (it scores every page it holds; the head knows the candi
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
+import weakref
 
 import numpy as np
 import torch
@@ -43,7 +45,8 @@ from hetmem.core.types import Memory, Scores, Selection
 from hetmem.errors import HetmemError
 from hetmem.hw.memnode import layout_bytes
 from hetmem.ops.topk import candidate_range
-from hetmem.runtime.nodes.shard import merge_candidates, merge_partials, split_tokens
+from hetmem.runtime.nodes.cluster import nbytes
+from hetmem.runtime.nodes.shard import merge_candidates, merge_page_partials, merge_partials, split_tokens
 
 LAYOUTS = ("index", "kv", "attention")
 PAGE_FIELDS = ("sink_pages", "recent_pages", "budget_pages")
@@ -70,9 +73,12 @@ class _Session:
 class NodeMethod:
     """``method`` with its sparse layers' steps on the memory nodes of ``cluster``, laid out as ``layout``."""
 
-    def __init__(self, method, cluster, layout: str = "attention", split_budget: bool = False, exact_meter=None):
+    def __init__(self, method, cluster, layout: str = "attention", split_budget: bool = False, exact_meter=None,
+                 rounds: int = 1):
         if layout not in LAYOUTS:
             raise HetmemError(f"--layout must be one of {', '.join(LAYOUTS)} (got '{layout}')")
+        if rounds not in (1, 2):
+            raise HetmemError(f"--attention-rounds must be 1 or 2 (got {rounds})")
         if split_budget and layout != "attention":
             raise HetmemError(f"--split-budget runs with --layout attention (each node attends over its own share); "
                               f"got --layout {layout}")
@@ -86,8 +92,12 @@ class NodeMethod:
         self.layout = layout
         self.split_budget = split_budget
         self.exact_meter = exact_meter  # split budget: a RecallMeter for the exact mode's selections, or None
+        # exact attention layout in one round per layer (score_attend) or two (score, then attend)
+        self.rounds = rounds if layout == "attention" and not split_budget else 2
         self.session: _Session | None = None
-        cluster.rehydrate = self._rehydrate
+        # this method's own share of the transfers (the cluster's ledger sums every sequence's): per phase
+        self.transfers: dict[str, dict] = {}
+        _register(cluster, self)
 
     def __getattr__(self, name):
         return getattr(self._method, name)
@@ -114,8 +124,17 @@ class NodeMethod:
             return MemoryPipeline(RemotePrepare(sh), SplitRelevancy(sh), SplitRetrieval(sh), SplitAttentionApply(sh),
                                   timer)
         apply = {"index": pipe.apply, "kv": RemoteGatherApply(sh, pipe.apply),
-                 "attention": RemoteAttentionApply(sh)}[self.layout]
+                 "attention": RemoteAttentionApply(sh, device="head" if sh.single_round else "memory-node",
+                                                   name="merge-page-partials" if sh.single_round else "remote-attention")
+                 }[self.layout]
         return MemoryPipeline(RemotePrepare(sh), RemoteRelevancy(sh), pipe.retrieval, apply, timer)
+
+    def account(self, phase: str, sent: list, received: list, calls: int = 1) -> None:
+        """Count the arrays this method's sequence sent (``sent``: its requests, every node's) and got back."""
+        t = self.transfers.setdefault(phase, {"bytes_to_node": 0, "bytes_to_head": 0, "calls": 0})
+        t["bytes_to_node"] += nbytes(sent)
+        t["bytes_to_head"] += nbytes(received)
+        t["calls"] += calls
 
     def close_session(self) -> None:
         if self.session is not None and self.cluster.actors:
@@ -137,6 +156,16 @@ class NodeMethod:
         return batch
 
 
+def _register(cluster, nm: "NodeMethod") -> None:
+    """Every live NodeMethod on ``cluster`` (one per sequence in the batch engine): a restarted node is
+    re-hydrated with all of their shards."""
+    reg = getattr(cluster, "node_methods", None)
+    if reg is None:
+        reg = cluster.node_methods = weakref.WeakSet()
+        cluster.rehydrate = lambda node: [r for m in list(reg) for r in m._rehydrate(node)]
+    reg.add(nm)
+
+
 class LayerShard:
     """Head-side state of one layer on the nodes: the method's steps, the memory stub, pending appends."""
 
@@ -149,11 +178,12 @@ class LayerShard:
         self.node_relevancy = dataclasses.replace(pipe.relevancy, sink_pages=0, recent_pages=0, budget_pages=0)
         self.page_size = pipe.prepare.page_size if hasattr(pipe.prepare, "page_size") else owner.page_size
         self.store_v = owner.layout != "index"
+        self.single_round = owner.layout == "attention" and owner.rounds == 1 and not owner.split_budget
         self.layer = None  # the head's paged layer: its K/V are the copy a restarted node is re-hydrated from
         self.memory: Memory | None = None
         self.head_retrieval = pipe.retrieval
         self.sent_end = 0  # global tokens sent to the nodes
-        self.partials = None  # split budget: the nodes' (outs, lses) of this step
+        self.partials = None  # split budget: the nodes' (outs, lses); single round: (pages, outs, lses) of this step
         self.exact_selection = None  # split budget with an exact meter: the exact mode's selection of this step
         self.set_up = False
         self.pending: list[list[dict]] = [[] for _ in range(self.cluster.n)]
@@ -183,6 +213,7 @@ class LayerShard:
         for b, r in zip(batches, reqs):
             b.append(r)
         res = self.cluster.call(batches, layer=self.layer_idx, phase=timer_phase, step=step)
+        self.owner.account(timer_phase, batches, res)
         return [r[-1] for r in res]
 
 
@@ -211,7 +242,8 @@ class RemotePrepare:
         for i in range(n):
             sh.pending[i].extend(reqs[i])
         if phase != "decode":  # in decode the append rides on this layer's relevancy call
-            sh.cluster.call(sh.take_pending(), layer=sh.layer_idx, phase=phase, step="prepare")
+            batches = sh.take_pending()
+            sh.owner.account(phase, batches, sh.cluster.call(batches, layer=sh.layer_idx, phase=phase, step="prepare"))
         if sh.memory is None:
             sh.memory = Memory(kind=getattr(sh.prepare_step, "kind", "remote"), unit_size=sh.page_size)
         sh.memory.n_units = -(-end // sh.page_size)
@@ -226,23 +258,40 @@ def _timer_of(sh: LayerShard):
 
 @dataclasses.dataclass
 class RemoteRelevancy:
+    """The nodes' Relevancy (``score``), or, in the single-round ``attention`` layout, Relevancy and every
+    candidate page's attention in the same call (``score_attend``; the partials wait on the shard for Apply).
+    ``request``/``finish`` split the call so that ``decode_rows`` can send many sequences' requests at once."""
+
     shard: LayerShard
     device: str = "memory-node"
     name: str = "remote-relevancy"
 
-    def score(self, memory: Memory, query) -> Scores:
+    def request(self, memory: Memory, query) -> dict:
         sh = self.shard
         rel = sh.head_relevancy
-        lo, hi = candidate_range(memory.n_units, rel.sink_pages, rel.recent_pages, rel.budget_pages, 0)
         meta = query.meta
         sinks = meta.get("sinks")
         req = {"op": "score", "cache": sh.owner.session.id, "layer": sh.layer_idx, "q": _np(query.vectors),
                "m": rel.budget_pages, "scale": meta.get("scale"), "softcap": meta.get("softcap"),
                "sinks": None if sinks is None else _np(sinks)}
-        res = sh.call([req] * sh.cluster.n, "relevancy", _timer_of(sh).phase)
-        ids = [_t(r["ids"]) for r in res]
-        vals = [_t(r["vals"]) for r in res]
-        return Scores(merge_candidates(ids, vals, lo, hi), offset=lo)
+        if sh.single_round:
+            req.update(op="score_attend", sink=rel.sink_pages, recent=rel.recent_pages, n_pages=memory.n_units,
+                       length=memory.meta["length"])
+        return req
+
+    def finish(self, res: list, memory: Memory) -> Scores:
+        sh = self.shard
+        rel = sh.head_relevancy
+        lo, hi = candidate_range(memory.n_units, rel.sink_pages, rel.recent_pages, rel.budget_pages, 0)
+        if sh.single_round:
+            sh.partials = (torch.cat([_t(r["pages"]) for r in res], dim=-1),
+                           torch.cat([_t(r["pout"]) for r in res], dim=2), torch.cat([_t(r["plse"]) for r in res], dim=2))
+        return Scores(merge_candidates([_t(r["ids"]) for r in res], [_t(r["vals"]) for r in res], lo, hi), offset=lo)
+
+    def score(self, memory: Memory, query) -> Scores:
+        sh = self.shard
+        return self.finish(sh.call([self.request(memory, query)] * sh.cluster.n, "relevancy", _timer_of(sh).phase),
+                           memory)
 
 
 class _Compact:
@@ -259,16 +308,23 @@ class RemoteGatherApply:
     device: str = "memory-node+head"
     name: str = "remote-gather"
 
-    def apply(self, raw, selection: Selection, target):
+    def local(self, raw, selection: Selection, target):
+        return None
+
+    def request(self, raw, selection: Selection, target) -> dict:
+        sh = self.shard
+        return {"op": "gather", "cache": sh.owner.session.id, "layer": sh.layer_idx, "ids": _np(selection.indices)}
+
+    def finish(self, res: list, raw, selection: Selection, target):
         sh = self.shard
         ids = selection.indices
         B, H, k = ids.shape
         P = selection.unit_size
-        req = {"op": "gather", "cache": sh.owner.session.id, "layer": sh.layer_idx, "ids": _np(ids)}
-        res = sh.call([req] * sh.cluster.n, "apply", _timer_of(sh).phase)
-        Dk, Dv = raw.buf_k.shape[-1], raw.buf_v.shape[-1]
-        kk = raw.buf_k.new_empty(B * H * k, P * Dk)
-        vv = raw.buf_v.new_empty(B * H * k, P * Dv)
+        pool = getattr(raw, "pool", None)  # a pooled layer (the batch engine): its buf_k would stage a copy
+        bk, bv = (pool.k, pool.v) if pool is not None else (raw.buf_k, raw.buf_v)
+        Dk, Dv = bk.shape[-1], bv.shape[-1]
+        kk = torch.empty(B * H * k, P * Dk, dtype=bk.dtype)
+        vv = torch.empty(B * H * k, P * Dv, dtype=bv.dtype)
         flat = ids.reshape(-1)
         for i, r in enumerate(res):
             own = (flat % sh.cluster.n) == i
@@ -280,21 +336,112 @@ class RemoteGatherApply:
         sel = Selection(indices=torch.arange(k).expand(B, H, k), n_units=k, unit_size=P, length=k * P - pad, start=0)
         return self.inner.apply(compact, sel, target)
 
+    def apply(self, raw, selection: Selection, target):
+        sh = self.shard
+        res = sh.call([self.request(raw, selection, target)] * sh.cluster.n, "apply", _timer_of(sh).phase)
+        return self.finish(res, raw, selection, target)
+
 
 @dataclasses.dataclass
 class RemoteAttentionApply:
+    """Two rounds: each node attends over the selected pages it holds (``attend``) and the head merges the
+    partials. Single round (``shard.single_round``): the head merges the selected pages' partials that came
+    back with the scores (``merge_page_partials``), no call; a selected page without one (not expected: see
+    ``shard.py``) falls back to the ``attend`` call."""
+
     shard: LayerShard
     device: str = "memory-node"
     name: str = "remote-attention"
 
-    def apply(self, raw, selection: Selection, target):
+    def local(self, raw, selection: Selection, target):
         sh = self.shard
-        req = {"op": "attend", "cache": sh.owner.session.id, "layer": sh.layer_idx, "ids": _np(selection.indices),
-               "q": _np(target.q), "scale": target.scale, "softcap": target.softcap, "length": selection.length}
-        res = sh.call([req] * sh.cluster.n, "apply", _timer_of(sh).phase)
-        outs = [_t(r["out"]) for r in res]
-        lses = [_t(r["lse"]) for r in res]
-        return merge_partials(outs, lses, target.sinks, dtype=target.q.dtype)
+        parts, sh.partials = sh.partials, None
+        if parts is None:
+            return None
+        return merge_page_partials(*parts, selection.indices, target.sinks, dtype=target.q.dtype)
+
+    def request(self, raw, selection: Selection, target) -> dict:
+        sh = self.shard
+        return {"op": "attend", "cache": sh.owner.session.id, "layer": sh.layer_idx, "ids": _np(selection.indices),
+                "q": _np(target.q), "scale": target.scale, "softcap": target.softcap, "length": selection.length}
+
+    def finish(self, res: list, raw, selection: Selection, target):
+        return merge_partials([_t(r["out"]) for r in res], [_t(r["lse"]) for r in res], target.sinks,
+                              dtype=target.q.dtype)
+
+    def apply(self, raw, selection: Selection, target):
+        out = self.local(raw, selection, target)
+        if out is not None:
+            return out
+        sh = self.shard
+        res = sh.call([self.request(raw, selection, target)] * sh.cluster.n, "apply", _timer_of(sh).phase)
+        return self.finish(res, raw, selection, target)
+
+
+def is_remote(pipe) -> bool:
+    """Does ``pipe``'s Relevancy run on memory nodes (a pipeline ``NodeMethod`` built, exact mode)?"""
+    return isinstance(getattr(pipe, "relevancy", None), RemoteRelevancy)
+
+
+def decode_rows(rows: list, head_apply) -> list[torch.Tensor]:
+    """One decode layer of several sequences on the memory nodes, with ONE call per node per round for all of
+    them (the batch engine's decode step): ``rows`` are ``(pipe, memory, query, raw, target)`` of one layer,
+    every ``pipe`` remote (``is_remote``) on the same cluster; ``head_apply(i, step, selection)`` runs row
+    ``i``'s Apply where it runs on the head (the ``index`` layout). Round 1 carries each row's pending appends
+    and its Relevancy request (``score``, or ``score_attend`` in the single-round ``attention`` layout); the
+    head runs each row's own Retrieval; round 2 (``kv``, two-round ``attention``) carries the Apply requests of
+    the rows that need one. Each row's timer is charged its share of a call's time."""
+    if not rows:
+        return []
+    sh0 = rows[0][0].relevancy.shard
+    cluster, layer = sh0.cluster, sh0.layer_idx
+    n = cluster.n
+
+    def one_call(reqs: dict[int, dict], step: str) -> dict[int, list]:
+        batches = [[] for _ in range(n)]
+        where = {}
+        for i, req in reqs.items():
+            pend = rows[i][0].relevancy.shard.take_pending()
+            for j in range(n):
+                batches[j].extend(pend[j])
+                batches[j].append(req)
+            where[i] = len(batches[0]) - 1
+            rows[i][0].relevancy.shard.owner.account("decode", [pend, [req] * n], [], calls=0)
+        t0 = time.perf_counter()
+        res = cluster.call(batches, layer=layer, phase="decode", step=step)
+        share = (time.perf_counter() - t0) * 1e3 / max(1, len(reqs))
+        out = {}
+        for i, k in where.items():
+            out[i] = [res[j][k] for j in range(n)]
+            pipe = rows[i][0]
+            pipe.relevancy.shard.owner.account("decode", [], out[i])
+            dev = pipe.relevancy.device if step == "relevancy" else pipe.apply.device
+            pipe.timer.add(step, dev, share)
+        return out
+
+    res = one_call({i: r[0].relevancy.request(r[1], r[2]) for i, r in enumerate(rows)}, "relevancy")
+    sels, outs, second = [], [None] * len(rows), {}
+    for i, (pipe, memory, query, raw, target) in enumerate(rows):
+        scores = pipe.relevancy.finish(res[i], memory)
+        with pipe.timer.step("retrieval", pipe.retrieval.device):
+            sel = pipe.retrieval.select(scores, memory)
+        pipe.last_selection = sel
+        sels.append(sel)
+        ap = pipe.apply
+        if not isinstance(ap, (RemoteAttentionApply, RemoteGatherApply)):
+            with pipe.timer.step("apply", getattr(ap, "device", "cpu")):
+                outs[i] = head_apply(i, ap, sel)
+            continue
+        with pipe.timer.step("apply", ap.device):
+            outs[i] = ap.local(raw, sel, target)
+        if outs[i] is None:
+            second[i] = ap.request(raw, sel, target)
+    if second:
+        res = one_call(second, "apply")
+        for i in second:
+            pipe, _, _, raw, target = rows[i]
+            outs[i] = pipe.apply.finish(res[i], raw, sels[i], target)
+    return outs
 
 
 def node_budgets(budget_pages: int, n_nodes: int) -> list[int]:

@@ -174,6 +174,7 @@ class NodeCluster:
         self.fallback = None
         self._dag = None
         self._lock = threading.Lock()
+        self._call_lock = threading.RLock()
         self._inflight: float | None = None  # when the compiled-graph call now in flight began
         self._died = False
         # a torn-down graph over a dead actor logs its cancellation failure at ERROR: the head reports it itself
@@ -260,6 +261,10 @@ class NodeCluster:
 
     # -- the call ----------------------------------------------------------------------------------------------
     def call(self, batches: list[list[dict]], *, layer=None, phase: str = "", step: str = "") -> list[list]:
+        with self._call_lock:  # one call at a time (two serving engines may share the nodes)
+            return self._call(batches, layer=layer, phase=phase, step=step)
+
+    def _call(self, batches: list[list[dict]], *, layer=None, phase: str = "", step: str = "") -> list[list]:
         ray = _ray()
         t0 = time.perf_counter()
         self._died = False

@@ -12,6 +12,9 @@ numpy arrays and plain values (numpy crosses Ray's channels far faster than pick
     setup   the method's Prepare and (node-side) Relevancy steps for one layer
     append  K (and V) of new tokens, in local order; idempotent by global position
     score   the method's Relevancy over all local pages, then the local top ``m`` -> (global ids, scores)
+    score_attend  ``score``, and in the same call attention over each candidate page on its own, and over
+            each global sink/recent page it holds: per page a partial output and its log-sum-exp (the
+            single-round ``attention`` layout: the head picks the selected pages' partials and merges them)
     gather  K/V of the selected pages it holds (``kv`` layout)
     attend  attention over the selected pages it holds -> partial output and log-sum-exp (``attention``)
     drop    forget a sequence group
@@ -115,6 +118,58 @@ class MemoryNode:
         scores = sh.relevancy.score(mem, query)
         ids, vals = local_topk(scores.values, scores.offset, req["m"], self.node, sh.n_nodes)
         return {"ids": _np(ids), "vals": _np(vals.float())}
+
+    def _score_attend(self, req):
+        """``score``'s candidates, plus every page the head could select from this node attended on its own:
+        the local top ``m`` (the only in-range pages the global top-k can take from here, ``shard.py``) and the
+        global sink and recent pages held here. Returns ``pages [B, H, C]`` (global ids, -1: none),
+        ``pout [B, H, C, G, Dv]`` and ``plse [B, H, C, G]``."""
+        sh = self.shards[(req["cache"], req["layer"])]
+        res = self._score(req)
+        mem = sh.layer.memory
+        q = _t(req["q"])
+        B, H, G, _ = q.shape
+        n_local = mem.n_units if mem is not None else 0
+        Dv = sh.layer.buf_v.shape[-1] if sh.layer.buf_v is not None else 0
+        if n_local == 0:
+            return {**res, "pages": np.zeros((B, H, 0), dtype=np.int64),
+                    "pout": np.zeros((B, H, 0, G, Dv), dtype=np.float32), "plse": np.zeros((B, H, 0, G), dtype=np.float32)}
+        gid = torch.arange(n_local) * sh.n_nodes + self.node
+        want = ((gid < req["sink"]) | (gid >= req["n_pages"] - req["recent"])).expand(B, H, n_local).clone()
+        cand = _t(res["ids"])
+        if cand.shape[-1]:
+            want.scatter_(-1, cand // sh.n_nodes, True)
+        cnt = want.sum(-1)
+        C = int(cnt.max())
+        slot = torch.where(want, want.cumsum(-1) - 1, C)
+        pages = torch.full((B, H, C + 1), -1, dtype=torch.int64)
+        pages.scatter_(-1, slot, torch.where(want, gid.expand(B, H, n_local), -1))
+        pages = pages[..., :C]
+        pout, plse = self._page_partials(sh, q, pages, req)
+        return {**res, "pages": _np(pages), "pout": _np(pout), "plse": _np(plse)}
+
+    def _page_partials(self, sh, q, pages, req):
+        """Attention over each page of ``pages [B, H, C]`` (global ids held here, -1: padding) on its own:
+        ``out [B, H, C, G, Dv]`` and ``lse [B, H, C, G]`` (-inf for padding)."""
+        B, H, G, _ = q.shape
+        P = sh.page_size
+        L = sh.layer
+        C = pages.shape[-1]
+        valid_page = pages >= 0
+        loc = torch.where(valid_page, pages // sh.n_nodes, 0)
+        k = gather_pages(L.buf_k, loc, P)  # [B, H, C * P, D]
+        v = gather_pages(L.buf_v, loc, P)
+        tok = pages.unsqueeze(-1) * P + torch.arange(P)
+        valid = (valid_page.unsqueeze(-1) & (tok < req["length"])).flatten(-2)  # [B, H, C * P]
+        w = torch.matmul(q, k.transpose(-1, -2)) * req["scale"]
+        if req.get("softcap") is not None:
+            w = torch.tanh(w / req["softcap"]) * req["softcap"]
+        w = w.float().masked_fill(~valid.unsqueeze(2), float("-inf")).reshape(B, H, G, C, P)
+        lse = torch.logsumexp(w, dim=-1)  # [B, H, G, C]
+        p = torch.exp(w - lse.unsqueeze(-1)).nan_to_num(nan=0.0)
+        v = torch.where(valid.unsqueeze(-1), v, 0.0).reshape(B, H, C, P, -1)  # see _attend: no NaN from the tail
+        out = torch.einsum("bhgcp,bhcpd->bhcgd", p.to(v.dtype), v)
+        return out.float(), lse.permute(0, 1, 3, 2).contiguous()
 
     def _owned(self, sh, ids: torch.Tensor):
         """The selected pages this node holds, per row, packed to the front: (local ids [B,H,C], valid [B,H,C],

@@ -21,12 +21,21 @@ def annotate(rec: dict, nm: NodeMethod, cluster: NodeCluster) -> dict:
         if step == "apply" and nm.layout == "kv":
             s["ran_on"] = ["head"]
             s["note"] = "the selected pages' K/V come from the nodes (timed inside apply); attention runs on the head"
-        if step == "apply" and nm.layout == "attention":
+        if step == "apply" and nm.layout == "attention" and nm.rounds == 2:
             s["note"] = "partial attention on each node, merged on the head by log-sum-exp (timed inside apply)"
+        if nm.layout == "attention" and nm.rounds == 1 and not nm.split_budget:
+            if step == "relevancy":
+                s["note"] = ("one call per layer: the nodes score their pages and attend over each candidate page "
+                             "on its own (timed inside relevancy)")
+            if step == "apply":
+                s["ran_on"] = ["head"]
+                s["note"] = "the selected pages' partial outputs merged on the head by log-sum-exp"
         if step in ("prepare", "relevancy") and getattr(nm, "dense_layers", 0):
             s["note"] = f"the first {nm.dense_layers} layers are dense (no memory): they run on the head"
     annotate_cluster(rec, cluster)
     rec["memory_nodes"]["layout"] = nm.layout
+    # this sequence's own transfers (the cluster's ledger sums every sequence that used the nodes)
+    rec["memory_nodes"]["transfers_total"] = {ph: dict(t) for ph, t in nm.transfers.items()}
     return rec
 
 
@@ -47,15 +56,16 @@ def annotate_cluster(rec: dict, cluster: NodeCluster, remote_steps: tuple[str, .
 
 def answer_on_nodes(lm, method, context: str, question: str, *, n_nodes: int, layout: str, address: str | None = None,
                     max_new_tokens: int = 32, progress: bool = True, cluster: NodeCluster | None = None,
-                    step_timing: bool = True, split_budget: bool = False, recall: bool = False) -> dict:
-    """``split_budget``: the single-round mode (``client``); with ``recall`` its record holds the split
+                    step_timing: bool = True, split_budget: bool = False, recall: bool = False, rounds: int = 1) -> dict:
+    """``rounds``: the exact attention layout in one call per layer or two (``client``). ``split_budget``: the
+    approximate one-round mode (``client``); with ``recall`` its record holds the split
     selections' attention-mass recall (``recall``) and the exact mode's from the same run (``recall_exact``)."""
     own = cluster is None
     cluster = cluster or NodeCluster(n_nodes, address=address)
     try:
         torch.set_num_threads(cluster.threads["head"])
         exact = RecallMeter(lm.model.config.num_hidden_layers) if split_budget and recall else None
-        nm = NodeMethod(method, cluster, layout, split_budget=split_budget, exact_meter=exact)
+        nm = NodeMethod(method, cluster, layout, split_budget=split_budget, exact_meter=exact, rounds=rounds)
         rec = answer_question(lm, nm, context, question, max_new_tokens, progress=progress, step_timing=step_timing,
                               recall=recall)
         nm.close_session()
@@ -67,6 +77,7 @@ def answer_on_nodes(lm, method, context: str, question: str, *, n_nodes: int, la
             rec["measurement_ms"]["recall_exact"] = round(exact.ms, 3)
         annotate(rec, nm, cluster)
         rec["memory_nodes"]["split_budget"] = split_budget
+        rec["memory_nodes"]["attention_rounds"] = nm.rounds if layout == "attention" else None
         if split_budget:
             rec["memory_nodes"]["split_note"] = (
                 "one round per layer: each node selected its share of the budget and attended at once"

@@ -88,3 +88,25 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor], sinks: to
     w = torch.nan_to_num(w, nan=0.0)
     out = (w.unsqueeze(-1) * torch.stack(outs).float()).sum(0)
     return out.to(dtype or outs[0].dtype)
+
+
+def merge_page_partials(pages: torch.Tensor, outs: torch.Tensor, lses: torch.Tensor, selected: torch.Tensor,
+                        sinks: torch.Tensor | None = None, dtype=None) -> torch.Tensor | None:
+    """The single-round ``attention`` layout's merge: the nodes attended every page the head could select,
+    each page on its own (``pages [B, H, C]`` global ids, -1: padding; ``outs [B, H, C, G, Dv]``, ``lses
+    [B, H, C, G]``); the head merges the partials of exactly the ``selected [B, H, k]`` pages, as
+    ``merge_partials`` merges nodes. None when a selected page is not among ``pages`` (the caller then asks
+    the nodes to attend over the selection)."""
+    match = pages.unsqueeze(-1) == selected.unsqueeze(-2)  # [B, H, C, k]
+    if not bool(match.any(-2).all()):
+        return None
+    chosen = match.any(-1)  # [B, H, C]
+    lse = lses.float().masked_fill(~chosen.unsqueeze(-1), float("-inf"))  # [B, H, C, G]
+    terms = lse
+    if sinks is not None:
+        s = sinks.float().reshape(1, sinks.shape[0], 1, sinks.shape[1]).expand(lse.shape[0], -1, 1, -1)
+        terms = torch.cat([lse, s], dim=2)
+    total = torch.logsumexp(terms, dim=2, keepdim=True)  # [B, H, 1, G]
+    w = torch.nan_to_num(torch.exp(lse - total), nan=0.0)  # [B, H, C, G]
+    out = (w.unsqueeze(-1) * outs.float()).sum(2)  # [B, H, G, Dv]
+    return out.to(dtype or outs.dtype)
