@@ -9,14 +9,15 @@ link model's predictions, which are modelled and compared with the measured tran
    arrays, echoed), fitted to ``latency(N) + arrays * per_array + bytes / bandwidth`` (and cached for the
    planner);
 3. decode ms/token with SmolLM2 at ``--tokens`` of context: in-process vs 1 and 2 nodes for each layout
-   (quest at ``--budget``), and the bytes per decode step per layout, measured vs
+   (quest at ``--budget``; the attention layout in one round per layer, the default, and in two:
+   ``attention_2round``), and the bytes per decode step per layout, measured vs
    ``runtime.nodes.client.modelled_decode_bytes``; the generated tokens must equal the in-process run's;
 4. the link model's MAPE: for each (layer, step) of decode, the measured link ms of its calls (round trip
    minus the slowest node's compute) against the model with that node count's calibration, the calls, and
    the arrays and bytes all nodes exchanged; the link is calibrated again right before each run (the
    shared machine's load drifts over minutes), and the MAPE against the calibration at the start is
    recorded beside it;
-5. the split-budget single-round mode (attention layout, 2 nodes): decode ms/token and its attention-mass
+5. the split-budget mode (attention layout, 2 nodes: one round with few bytes, approximate): decode ms/token and its attention-mass
    recall next to the exact mode's (measured from the same calls, ``llm/recall.py``).
 
     python benchmarks/bench_disaggregated.py [--tokens 8192] [--budget 1024] [--new 16]
@@ -152,10 +153,10 @@ def main() -> int:
     for n in (1, 2):
         cl = NodeCluster(n, actors=nodes.actors)
         torch.set_num_threads(cl.threads["head"])
-        for layout in LAYOUTS:
+        for layout, rounds in [(x, 1) for x in LAYOUTS] + [("attention", 2)]:
             now = recalibrate(cl, n, args)
             cl.ledger.rows.clear()
-            nm = NodeMethod(get_method("quest", **params), cl, layout)
+            nm = NodeMethod(get_method("quest", **params), cl, layout, rounds=rounds)
             res = generate(lm.model, ids, nm, args.new, progress=False)
             nm.close_session()
             steps = max(1, len(res.token_ids) - 1)
@@ -166,8 +167,9 @@ def main() -> int:
             measured = (dec.get("bytes_to_node", 0) + dec.get("bytes_to_head", 0)) / steps / sparse_layers
             model = modelled_decode_bytes(layout, n, kv_heads=arch.kv_heads, group=lm.model.config.num_attention_heads // arch.kv_heads,
                                           head_dim=arch.key_dim, budget_pages=method.budget_pages,
-                                          page_size=method.page_size)["total"]
-            key = f"{layout}.{n}node"
+                                          page_size=method.page_size, rounds=rounds,
+                                          forced_pages=method.sink_pages + method.recent_pages)["total"]
+            key = f"{layout}{'_2round' if layout == 'attention' and rounds == 2 else ''}.{n}node"
             rec.figure(f"decode_ms_per_token.{key}", round(ms, 2), "ms/token")
             rec.figure(f"decode_ratio.{key}", round(ms / base_ms, 3), "x", note="nodes / in-process")
             rec.figure(f"bytes_per_layer_step.{key}", round(measured), "B", note="measured, per sparse layer")
@@ -178,7 +180,7 @@ def main() -> int:
             e_run = link_errors(cl.ledger, now)
             rec.figure(f"link_model_mape.{key}", round(100 * statistics.mean(e_run), 1) if e_run else None, "%",
                        source="modelled", note="calibrated just before this run")
-            print(f"{n} node(s) {layout:<9}: {ms:.1f} ms/token ({ms / base_ms:.2f}x), {measured:.0f} B/layer/step "
+            print(f"{n} node(s) {key.split('.')[0]:<17}: {ms:.1f} ms/token ({ms / base_ms:.2f}x), {measured:.0f} B/layer/step "
                   f"(model {model}), tokens identical: {same}", flush=True)
         if n == 2:  # 5. split budget: one round per layer; its recall next to the exact mode's
             now = recalibrate(cl, n, args)
@@ -202,7 +204,7 @@ def main() -> int:
             rec.figure("decode_ratio.attention_split.2node", round(ms / base_ms, 3), "x", note="nodes / in-process")
             rec.figure("bytes_per_layer_step.attention_split.2node", round(measured), "B", note="measured, per sparse layer")
             rec.figure("calls_per_layer_step.attention_split.2node", round(dec.get("calls", 0) / steps / sparse_layers, 3),
-                       "calls", note="measured (the exact attention layout makes 2)")
+                       "calls", note="measured (the exact attention layout makes 1, or 2 with --attention-rounds 2)")
             rec.figure("recall.attention_split.2node", r_split, "attention-mass recall",
                        note="split budget's selections, llm/recall.py")
             rec.figure("recall.exact.2node", r_exact, "attention-mass recall",

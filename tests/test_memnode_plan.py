@@ -28,9 +28,13 @@ def test_fit_link_recovers_latency_per_array_and_bandwidth():
 def test_layout_bytes_calls_and_arrays():
     d = dict(kv_heads=2, group=3, head_dim=8, budget_pages=4, page_size=16)
     idx, kv, att = (layout_bytes(x, 2, **d) for x in ("index", "kv", "attention"))
-    assert (idx["calls"], kv["calls"], att["calls"]) == (1, 2, 2)
+    att2 = layout_bytes("attention", 2, rounds=2, **d)
+    assert (idx["calls"], kv["calls"], att["calls"], att2["calls"]) == (1, 2, 1, 2)
     assert kv["to_head"] - idx["to_head"] == 2 * 4 * 16 * 8 * 4 * 2  # the selected pages' K and V
-    assert att["total"] < kv["total"] and idx["arrays"] < att["arrays"]
+    assert att2["total"] < kv["total"] and idx["arrays"] < att2["arrays"]
+    # one round: every node's candidates come back attended (id + [G, D] output + [G] lse each), nothing more goes
+    assert att["to_node"] == idx["to_node"] + 2 * 8 * 4  # only the new token's V more than index
+    assert att["to_head"] - idx["to_head"] == 2 * 2 * 4 * (8 + 3 * 8 * 4 + 3 * 4)
 
 
 @pytest.fixture

@@ -69,7 +69,8 @@ def _layout_dims(profile: dict, method: str) -> dict:
     kv = int(shape.get("kv_heads") or 1)
     return {"kv_heads": kv, "group": max(1, int(shape.get("heads") or kv) // kv), "head_dim": int(shape.get("head_dim") or 64),
             "budget_pages": int(getattr(m, "budget_pages", 0) or 0), "page_size": int(getattr(m, "page_size", 16)),
-            "batch": int(profile.get("batch") or 1), "elem": {"float32": 4}.get(str(profile.get("dtype")), 2)}
+            "batch": int(profile.get("batch") or 1), "elem": {"float32": 4}.get(str(profile.get("dtype")), 2),
+            "forced_pages": int(getattr(m, "sink_pages", 0) or 0) + int(getattr(m, "recent_pages", 0) or 0)}
 
 
 def cmd_plan_memnode(args) -> int:

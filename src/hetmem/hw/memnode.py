@@ -45,7 +45,7 @@ LINK_SCHEMA = "hetmem.link-calibration/2"  # 2: calls measured after head work (
 # ----------------------------------------------------------------------------------------- bytes per layout
 
 def layout_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_dim: int, budget_pages: int,
-                 page_size: int, batch: int = 1, elem: int = 4) -> dict:
+                 page_size: int, batch: int = 1, elem: int = 4, rounds: int = 1, forced_pages: int = 0) -> dict:
     """What one decode step moves per sparse layer (all nodes together), by the layout: bytes each way,
     calls (round trips) and arrays (numpy arrays in the requests and results). Arrays only, as
     ``runtime.nodes.cluster.nbytes`` counts them.
@@ -53,7 +53,11 @@ def layout_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_d
     every layout: the new token's K (and V unless ``index``) to its owner, an empty append to the others;
     the query ``[B, H_kv, G, D]`` to every node; each node's ``budget`` candidates back (int64 id + float32).
     kv: the selection ``[B, H_kv, budget]`` (int64) to every node, the selected pages' K and V back.
-    attention: the selection and the query to every node, ``[B, H_kv, G, D]`` float32 + its lse back from each."""
+    attention, ``rounds=2``: the selection and the query to every node, ``[B, H_kv, G, D]`` float32 + its lse
+    back from each. attention, ``rounds=1`` (the default): no second call; with the candidates each node
+    returns each attended page's id, partial output ``[G, D]`` and lse ``[G]`` (float32), for its ``budget``
+    candidates and its share of the ``forced_pages`` sink and recent pages (an upper bound: a forced page among
+    the candidates is sent once)."""
     if layout not in LAYOUTS:
         raise HetmemError(f"unknown layout '{layout}': use one of {', '.join(LAYOUTS)}")
     B, H, G, D, k = batch, kv_heads, group, head_dim, budget_pages
@@ -70,6 +74,10 @@ def layout_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_d
         to_head += B * H * k * page_size * D * elem * 2
         arrays += n_nodes * (1 + 2)  # the selection; K and V back
         calls = 2
+    elif layout == "attention" and rounds == 1:
+        pages = n_nodes * k + forced_pages
+        to_head += B * H * pages * (8 + G * D * 4 + G * 4)
+        arrays += n_nodes * 3  # page ids, partial outputs, lses back
     elif layout == "attention":
         to_node += n_nodes * (B * H * k * 8 + q)
         to_head += n_nodes * (B * H * G * D * 4 + B * H * G * 4)
@@ -181,7 +189,9 @@ def plan_layouts(wl: Workload, host: Device, link: LinkModel, dims: dict) -> dic
     calls per token. The steps a layout runs on the nodes are split over them (each node holds 1/N of the
     pages); the rest runs on the head. ``kv`` adds the gather of the selected pages' K/V on the nodes at
     the host's copy bandwidth. Link: per sparse layer, ``layout_bytes``' calls, arrays and bytes through
-    the calibrated link model. ``dims``: kv_heads, group, head_dim, budget_pages, page_size, batch, elem."""
+    the calibrated link model. ``dims``: kv_heads, group, head_dim, budget_pages, page_size, batch, elem (and
+    rounds, forced_pages: the attention layout's, ``layout_bytes``). In one round each node attends over all
+    its candidates (about the budget), so the attention layout's Apply is not split over the nodes."""
     n = link.n_nodes
     st = wl.steps
     step_us = {s: step_time_us(sw, host) * sw.calls for s, sw in st.items()}
@@ -193,6 +203,8 @@ def plan_layouts(wl: Workload, host: Device, link: LinkModel, dims: dict) -> dic
         where = {s: ("nodes" if s in NODE_STEPS[layout] else "head") for s in st}
         node_us = sum(step_us[s] for s in st if where[s] == "nodes") / n
         head_us = sum(step_us[s] for s in st if where[s] == "head")
+        if layout == "attention" and dims.get("rounds", 1) == 1 and "apply" in step_us:
+            node_us += step_us["apply"] * (n - 1) / n  # one round: each node attends its ``budget`` candidates
         if layout == "kv":
             gathered = dims["batch"] * dims["kv_heads"] * dims["budget_pages"] * dims["page_size"] * dims["head_dim"] * dims["elem"] * 2
             node_us += layers * gathered / (host.mem_bw_gbs * 1e3) / n
