@@ -491,12 +491,14 @@ def block_disaggregated(rec: dict) -> str:
     rows = ["| layout | nodes | decode ms/token | vs in-process | bytes per layer per step: measured / modelled "
             "| tokens identical |", "|---|---:|---:|---:|---:|---|",
             f"| in-process | – | {fmt(v(rec, 'decode_ms_per_token.in_process'), 1)} | 1.00x | – | – |"]
-    for layout in ("index", "kv", "attention"):
+    names = {"attention": "attention, one round" if v(rec, "decode_ms_per_token.attention_2round.1node") is not None
+             else "attention", "attention_2round": "attention, two rounds"}
+    for layout in ("index", "kv", "attention", "attention_2round"):
         for n in (1, 2):
             k = f"{layout}.{n}node"
             if v(rec, f"decode_ms_per_token.{k}") is None:
                 continue
-            rows.append(f"| {layout} | {n} | {fmt(v(rec, f'decode_ms_per_token.{k}'), 1)} "
+            rows.append(f"| {names.get(layout, layout)} | {n} | {fmt(v(rec, f'decode_ms_per_token.{k}'), 1)} "
                         f"| {fmt(v(rec, f'decode_ratio.{k}'))}x | {fmt(v(rec, f'bytes_per_layer_step.{k}'))} / "
                         f"{fmt(v(rec, f'bytes_per_layer_step_model.{k}'))} | {v(rec, f'tokens_identical.{k}')} |")
     return "\n".join([
@@ -519,7 +521,7 @@ def block_serve(rec: dict, records: "Records") -> str:
     nodes = records.latest("bench_serve", lambda r: bool(r["settings"].get("memory_nodes")))
     parts = [_serve_run(local)]
     if nodes is not None and nodes is not local:
-        parts += ["", "With memory nodes (requests on nodes run one at a time):", "", _serve_run(nodes)]
+        parts += ["", "With memory nodes:", "", _serve_run(nodes)]
     return "\n".join(parts)
 
 

@@ -308,3 +308,36 @@ def test_batch_engine_on_nodes_batches_sequences(nodes, model):
         assert set(calls) == {(i, j) for i in range(2) for j in range(2)}
         node_tokens = 6 * 5  # six quest sequences, 5 decode steps each after the prefill's token
         assert all(n <= steps < node_tokens for n in calls.values()), (rounds, calls, steps)
+
+
+def test_batch_engine_node_killed_mid_batch_changes_nothing(model):
+    """A node SIGKILLed while the batch engine decodes four node-backed sequences together: Ray restarts it,
+    the head re-hydrates every live sequence's shard, and every sequence's tokens are unchanged."""
+    from hetmem.runtime.batch_engine import BatchEngine
+    from hetmem.runtime.engine_api import GenRequest, Sampling
+    from hetmem.testing import char_tokenizer
+
+    from test_batch_engine import Collector
+
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 100, (160 + 23 * i,), generator=g).tolist() for i in range(4)]
+    refs = [generate(model, torch.tensor([p]), get_method("quest", **QUEST), 8, progress=False,
+                     eos_token_ids={127}).token_ids for p in prompts]
+    cluster = NodeCluster(2, timeout_s=120)
+    eng = BatchEngine(model, char_tokenizer(), model_name="tiny", max_batch=4, pool_tokens=4 * 512,
+                      prefill_chunk=512, eos_token_ids={127}, cluster=cluster)
+    try:
+        c = Collector()
+        reqs = [GenRequest(f"k{i}", p, "quest", QUEST, Sampling(max_tokens=8)) for i, p in enumerate(prompts)]
+        for r in reqs:
+            eng.submit(r, c)
+        with c.cv:
+            assert c.cv.wait_for(lambda: all(len(c.res.get(r.request_id, {}).get("ids", ())) >= 3 for r in reqs), 60)
+        cluster.kill(1)
+        got = c.wait([r.request_id for r in reqs])
+        assert cluster.restarts == 1
+        for r, ref in zip(reqs, refs):
+            assert got[r.request_id]["error"] is None and got[r.request_id]["ids"] == ref
+    finally:
+        eng.close()
+        cluster.close()

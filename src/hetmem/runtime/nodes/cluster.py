@@ -85,15 +85,16 @@ def cores() -> int:
 
 
 def thread_plan(n_nodes: int, total: int | None = None) -> dict:
-    """Torch threads for the head and each node so that the processes doing work at the same moment never
-    ask for more threads than there are cores. A decode step is synchronous (the head waits while the nodes
-    work): nodes share the cores among themselves, and the head gets what the nodes leave, at least 1."""
+    """Torch threads for the head and each node such that together they ask for no more threads than there are
+    cores (at least 1 each, so 2 nodes and a head on 2 cores are one thread over). A decode step is synchronous,
+    but a process that just left a parallel region keeps its OpenMP threads spinning for a while, and a node
+    with 2 threads next to a head of 1 on 2 busy cores measured 5-20x slower per call here than with 1: the
+    nodes share the cores the head leaves them, the head keeps at least one."""
     total = total or cores()
-    node = max(1, total // max(1, n_nodes))
-    head = max(1, total - n_nodes * node) if n_nodes * node < total else max(1, total // 2)
+    node = max(1, (total - 1) // max(1, n_nodes))
+    head = max(1, total - n_nodes * node)
     return {"cores": total, "head": head, "per_node": node,
-            "note": "a decode step is synchronous: the head waits while the nodes run, so at any moment either "
-                    "the head or the nodes use the cores"}
+            "note": "head + nodes x per_node <= cores where it can be (each at least 1)"}
 
 
 class Ledger:
