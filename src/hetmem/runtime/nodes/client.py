@@ -124,7 +124,7 @@ class NodeMethod:
             return MemoryPipeline(RemotePrepare(sh), SplitRelevancy(sh), SplitRetrieval(sh), SplitAttentionApply(sh),
                                   timer)
         apply = {"index": pipe.apply, "kv": RemoteGatherApply(sh, pipe.apply),
-                 "attention": RemoteAttentionApply(sh, device="head" if sh.single_round else "memory-node",
+                 "attention": RemoteAttentionApply(sh, device="memory-node+head" if sh.single_round else "memory-node",
                                                    name="merge-page-partials" if sh.single_round else "remote-attention")
                  }[self.layout]
         return MemoryPipeline(RemotePrepare(sh), RemoteRelevancy(sh), pipe.retrieval, apply, timer)

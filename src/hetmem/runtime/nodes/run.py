@@ -28,8 +28,8 @@ def annotate(rec: dict, nm: NodeMethod, cluster: NodeCluster) -> dict:
                 s["note"] = ("one call per layer: the nodes score their pages and attend over each candidate page "
                              "on its own (timed inside relevancy)")
             if step == "apply":
-                s["ran_on"] = ["head"]
-                s["note"] = "the selected pages' partial outputs merged on the head by log-sum-exp"
+                s["note"] = ("attention over each candidate page ran on the nodes inside the relevancy call; apply's "
+                             "time is the head merging the selected pages' partial outputs by log-sum-exp")
         if step in ("prepare", "relevancy") and getattr(nm, "dense_layers", 0):
             s["note"] = f"the first {nm.dense_layers} layers are dense (no memory): they run on the head"
     annotate_cluster(rec, cluster)
