@@ -341,3 +341,24 @@ def test_batch_engine_node_killed_mid_batch_changes_nothing(model):
     finally:
         eng.close()
         cluster.close()
+
+
+def test_single_round_falls_back_to_a_second_round_when_a_node_lacks_a_partial(nodes, model, prompt, monkeypatch):
+    """Each node attends only its best few candidates (client.ATTEND_SLACK); when the global selection takes a
+    page a node did not attend, that step asks for a second round: selections and tokens stay the in-process
+    ones, and the record counts the second rounds."""
+    import hetmem.runtime.nodes.client as client
+
+    tokens, sels = reference(model, prompt, "quest", QUEST)
+    monkeypatch.setattr(client, "ATTEND_SLACK", 0.01)  # one candidate per node: most steps need the second round
+    sub = NodeCluster(2, actors=nodes.actors)
+    try:
+        rec = Recorder(get_method("quest", **QUEST))
+        nm = NodeMethod(rec, sub, "attention")
+        res = generate(model, prompt, nm, NEW, progress=False, prefill_chunk=128)
+        nm.close_session()
+        steps = {t["step"] for t in sub.ledger.transfers() if t["phase"] == "decode"}
+    finally:
+        sub.close()
+    assert same(rec.selections, sels) and res.token_ids == tokens
+    assert nm.second_rounds > 0 and steps == {"relevancy", "apply"}

@@ -44,6 +44,17 @@ LINK_SCHEMA = "hetmem.link-calibration/2"  # 2: calls measured after head work (
 
 # ----------------------------------------------------------------------------------------- bytes per layout
 
+# One-round attention layout on N > 1 nodes: each node attends its best ``attend_top(k, N)`` candidates, not all
+# ``k`` (the budget's candidate pages): the striped selection spreads over the nodes, and a step where one node
+# holds more of it takes a second round (``runtime.nodes.client``; counted as ``second_rounds`` in the record).
+ATTEND_SLACK = 1.5
+
+
+def attend_top(k: int, n_nodes: int, slack: float = ATTEND_SLACK) -> int:
+    k = max(0, k)
+    return k if n_nodes <= 1 else min(k, -(-int(slack * k) // n_nodes) + 1)
+
+
 def layout_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_dim: int, budget_pages: int,
                  page_size: int, batch: int = 1, elem: int = 4, rounds: int = 1, forced_pages: int = 0) -> dict:
     """What one decode step moves per sparse layer (all nodes together), by the layout: bytes each way,
@@ -55,9 +66,8 @@ def layout_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_d
     kv: the selection ``[B, H_kv, budget]`` (int64) to every node, the selected pages' K and V back.
     attention, ``rounds=2``: the selection and the query to every node, ``[B, H_kv, G, D]`` float32 + its lse
     back from each. attention, ``rounds=1`` (the default): no second call; with the candidates each node
-    returns each attended page's id, partial output ``[G, D]`` and lse ``[G]`` (float32), for its ``budget``
-    candidates and its share of the ``forced_pages`` sink and recent pages (an upper bound: a forced page among
-    the candidates is sent once)."""
+    returns each attended page's id, partial output ``[G, D]`` and lse ``[G]`` (float32), for its best
+    ``attend_top`` candidates and its share of the ``forced_pages`` sink and recent pages."""
     if layout not in LAYOUTS:
         raise HetmemError(f"unknown layout '{layout}': use one of {', '.join(LAYOUTS)}")
     B, H, G, D, k = batch, kv_heads, group, head_dim, budget_pages
@@ -75,7 +85,7 @@ def layout_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_d
         arrays += n_nodes * (1 + 2)  # the selection; K and V back
         calls = 2
     elif layout == "attention" and rounds == 1:
-        pages = n_nodes * k + forced_pages
+        pages = n_nodes * attend_top(k - forced_pages, n_nodes) + forced_pages
         to_head += B * H * pages * (8 + G * D * 4 + G * 4)
         arrays += n_nodes * 3  # page ids, partial outputs, lses back
     elif layout == "attention":

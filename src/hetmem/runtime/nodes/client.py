@@ -43,13 +43,14 @@ import torch
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Memory, Scores, Selection
 from hetmem.errors import HetmemError
-from hetmem.hw.memnode import layout_bytes
+from hetmem.hw.memnode import ATTEND_SLACK as MODEL_ATTEND_SLACK, attend_top, layout_bytes
 from hetmem.ops.topk import candidate_range
 from hetmem.runtime.nodes.cluster import nbytes
 from hetmem.runtime.nodes.shard import merge_candidates, merge_page_partials, merge_partials, split_tokens
 
 LAYOUTS = ("index", "kv", "attention")
 PAGE_FIELDS = ("sink_pages", "recent_pages", "budget_pages")
+ATTEND_SLACK = MODEL_ATTEND_SLACK  # hw.memnode.attend_top: each node attends its best few candidates
 APPLY_KINDS = ("gather-attention", "block-sparse-attention")
 
 
@@ -97,6 +98,7 @@ class NodeMethod:
         self.session: _Session | None = None
         # this method's own share of the transfers (the cluster's ledger sums every sequence's): per phase
         self.transfers: dict[str, dict] = {}
+        self.second_rounds = 0  # one-round attention steps whose selection needed a second call
         _register(cluster, self)
 
     def __getattr__(self, name):
@@ -275,8 +277,9 @@ class RemoteRelevancy:
                "m": rel.budget_pages, "scale": meta.get("scale"), "softcap": meta.get("softcap"),
                "sinks": None if sinks is None else _np(sinks)}
         if sh.single_round:
+            top = attend_top(rel.budget_pages - rel.sink_pages - rel.recent_pages, sh.cluster.n, ATTEND_SLACK)
             req.update(op="score_attend", sink=rel.sink_pages, recent=rel.recent_pages, n_pages=memory.n_units,
-                       length=memory.meta["length"])
+                       length=memory.meta["length"], attend_top=top)
         return req
 
     def finish(self, res: list, memory: Memory) -> Scores:
@@ -358,7 +361,10 @@ class RemoteAttentionApply:
         parts, sh.partials = sh.partials, None
         if parts is None:
             return None
-        return merge_page_partials(*parts, selection.indices, target.sinks, dtype=target.q.dtype)
+        out = merge_page_partials(*parts, selection.indices, target.sinks, dtype=target.q.dtype)
+        if out is None:
+            sh.owner.second_rounds += 1
+        return out
 
     def request(self, raw, selection: Selection, target) -> dict:
         sh = self.shard

@@ -120,9 +120,11 @@ class MemoryNode:
         return {"ids": _np(ids), "vals": _np(vals.float())}
 
     def _score_attend(self, req):
-        """``score``'s candidates, plus every page the head could select from this node attended on its own:
-        the local top ``m`` (the only in-range pages the global top-k can take from here, ``shard.py``) and the
-        global sink and recent pages held here. Returns ``pages [B, H, C]`` (global ids, -1: none),
+        """``score``'s candidates, plus the pages the head will likely select from this node attended on its
+        own: the global sink and recent pages held here and its best ``attend_top`` candidates (all ``m``
+        when absent: the only in-range pages the global top-k can take from here, ``shard.py``; fewer is a
+        bet that the selection spreads over the nodes, and a selected page without a partial costs the head
+        a second round). Returns ``pages [B, H, C]`` (global ids, -1: none),
         ``pout [B, H, C, G, Dv]`` and ``plse [B, H, C, G]``."""
         sh = self.shards[(req["cache"], req["layer"])]
         res = self._score(req)
@@ -135,8 +137,12 @@ class MemoryNode:
             return {**res, "pages": np.zeros((B, H, 0), dtype=np.int64),
                     "pout": np.zeros((B, H, 0, G, Dv), dtype=np.float32), "plse": np.zeros((B, H, 0, G), dtype=np.float32)}
         gid = torch.arange(n_local) * sh.n_nodes + self.node
-        want = ((gid < req["sink"]) | (gid >= req["n_pages"] - req["recent"])).expand(B, H, n_local).clone()
+        forced = (gid < req["sink"]) | (gid >= req["n_pages"] - req["recent"])
+        want = forced.expand(B, H, n_local).clone()
         cand = _t(res["ids"])
+        top = min(cand.shape[-1], req.get("attend_top", cand.shape[-1]) + int(forced.sum()))
+        if top < cand.shape[-1]:  # only its best ``top`` candidates (the head asks again if it selects others)
+            cand = cand.gather(-1, topk_indices(_t(res["vals"]), top))
         if cand.shape[-1]:
             want.scatter_(-1, cand // sh.n_nodes, True)
         cnt = want.sum(-1)

@@ -36,6 +36,8 @@ def annotate(rec: dict, nm: NodeMethod, cluster: NodeCluster) -> dict:
     rec["memory_nodes"]["layout"] = nm.layout
     # this sequence's own transfers (the cluster's ledger sums every sequence that used the nodes)
     rec["memory_nodes"]["transfers_total"] = {ph: dict(t) for ph, t in nm.transfers.items()}
+    if nm.layout == "attention" and nm.rounds == 1 and not nm.split_budget:
+        rec["memory_nodes"]["second_rounds"] = nm.second_rounds
     return rec
 
 
