@@ -63,7 +63,7 @@ class NodeShards:
         self.path, self.meta, self.n_shards = sh["path"], sh["meta"], sh["n_shards"]
         self.key = f"{self.path}@{self.meta['data_dir']}"
         self.owned = [[s for s in range(self.n_shards) if s % cluster.n == i] for i in range(cluster.n)]
-        cluster.rehydrate = self._load_requests
+        cluster.rehydrators.append(self._load_requests)
         cluster.call([self._load_requests(i) for i in range(cluster.n)], phase="load", step="prepare")
 
     def _load_requests(self, node: int) -> list[dict]:
@@ -77,6 +77,8 @@ class NodeShards:
         return [r for node in res for r in node]
 
     def close(self) -> None:
+        if self._load_requests in self.cluster.rehydrators:
+            self.cluster.rehydrators.remove(self._load_requests)
         if self.cluster.actors:
             try:
                 self.cluster.call([[{"op": "rag_drop", "key": self.key}]] * self.cluster.n, step="drop")

@@ -164,7 +164,7 @@ def _register(cluster, nm: "NodeMethod") -> None:
     reg = getattr(cluster, "node_methods", None)
     if reg is None:
         reg = cluster.node_methods = weakref.WeakSet()
-        cluster.rehydrate = lambda node: [r for m in list(reg) for r in m._rehydrate(node)]
+        cluster.rehydrators.append(lambda node: [r for m in list(reg) for r in m._rehydrate(node)])
     reg.add(nm)
 
 

@@ -9,9 +9,9 @@ whose per-call overhead is a shared-memory channel write and read instead of a t
 ``benchmarks/bench_disaggregated.py``).
 
 Every call has a timeout. When a node died (a SIGKILL, an OOM kill), the head waits for Ray to restart it,
-asks the client to re-hydrate the node's shard from the head's own copy (``rehydrate(node)`` returns the
-batch that rebuilds it), recompiles the graph and retries the call. An error raised on a node reaches the
-user as one line (``HetmemError``).
+asks every user of the nodes to re-hydrate what it kept there (``rehydrators``: each returns the batch that
+rebuilds its shards on a node, from the head's own copy or the saved memory), recompiles the graph and
+retries the call. An error raised on a node reaches the user as one line (``HetmemError``).
 
 Ray is an optional heavy dependency: it is imported when a cluster is made.
 """
@@ -170,7 +170,9 @@ class NodeCluster:
         self.info = [self._get(a.info.remote(), f"memory node {i}") for i, a in enumerate(self.actors)]
         self.pids = [x["pid"] for x in self.info]
         self.ledger = Ledger()
-        self.rehydrate = None  # set by the client: node -> batch that rebuilds its shard
+        # node -> the batch that rebuilds what one user of the nodes keeps there (its shards), one per user:
+        # every sequence's NodeMethod (through one hook, runtime.nodes.client), every loaded RAG memory
+        self.rehydrators: list = []
         self.restarts = 0
         self.fallback = None
         self._dag = None
@@ -305,9 +307,10 @@ class NodeCluster:
             # graph's teardown still reaches the actor's new loop); the rest of the run uses plain actor calls.
             self.compiled = False
             self.fallback = "plain actor calls after a node restart (a recompiled graph over a restarted actor hangs)"
-        if self.rehydrate is not None:
-            for i in dead:
-                self._get(self.actors[i].call.remote(self.rehydrate(i)), f"memory node {i} (re-hydrating)")
+        for i in dead:
+            batch = [r for fn in list(self.rehydrators) for r in fn(i)]
+            if batch:
+                self._get(self.actors[i].call.remote(batch), f"memory node {i} (re-hydrating)")
         try:
             res = self._send(batches)
         except Exception as e:  # noqa: BLE001 - a second failure is reported, not retried forever
