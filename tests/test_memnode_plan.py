@@ -77,3 +77,11 @@ def _dims():
 
     m = get_method("quest")
     return dict(kv_heads=8, group=4, head_dim=128, budget_pages=m.budget_pages, page_size=m.page_size)
+
+
+def test_devices_lists_the_memnode_system(capsys):
+    from hetmem.cli import main
+
+    assert main(["devices"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "host+memnode" in ln)
+    assert "--system host+memnode" in line and "attention" in line

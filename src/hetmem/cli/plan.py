@@ -158,6 +158,9 @@ def cmd_devices(args) -> int:
     for n in cat.names("systems"):
         s = cat.system(n)
         print(f"  system {n:<14} {'+'.join(s.devices)}  ({s.description})")
+    print(f"  system {MEMNODE_SYSTEM:<14} host-cpu+ray-memory-nodes  (this machine's CPU as the head and N local Ray "
+          f"memory nodes, the link calibrated here; layouts {', '.join(LAYOUTS)}: hetmem plan --system "
+          f"{MEMNODE_SYSTEM} --profile P --memory-nodes N)")
     return 0
 
 
