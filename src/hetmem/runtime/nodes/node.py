@@ -127,53 +127,60 @@ class MemoryNode:
         a second round). Returns ``pages [B, H, C]`` (global ids, -1: none),
         ``pout [B, H, C, G, Dv]`` and ``plse [B, H, C, G]``."""
         sh = self.shards[(req["cache"], req["layer"])]
-        res = self._score(req)
         mem = sh.layer.memory
         q = _t(req["q"])
         B, H, G, _ = q.shape
+        N, node = sh.n_nodes, self.node
         n_local = mem.n_units if mem is not None else 0
-        Dv = sh.layer.buf_v.shape[-1] if sh.layer.buf_v is not None else 0
         if n_local == 0:
-            return {**res, "pages": np.zeros((B, H, 0), dtype=np.int64),
+            e = np.zeros((B, H, 0), dtype=np.int64)
+            Dv = sh.layer.buf_v.shape[-1] if sh.layer.buf_v is not None else 0
+            return {"ids": e, "vals": e.astype(np.float32), "pages": e,
                     "pout": np.zeros((B, H, 0, G, Dv), dtype=np.float32), "plse": np.zeros((B, H, 0, G), dtype=np.float32)}
-        gid = torch.arange(n_local) * sh.n_nodes + self.node
-        forced = (gid < req["sink"]) | (gid >= req["n_pages"] - req["recent"])
-        want = forced.expand(B, H, n_local).clone()
-        cand = _t(res["ids"])
-        top = min(cand.shape[-1], req.get("attend_top", cand.shape[-1]) + int(forced.sum()))
-        if top < cand.shape[-1]:  # only its best ``top`` candidates (the head asks again if it selects others)
-            cand = cand.gather(-1, topk_indices(_t(res["vals"]), top))
-        if cand.shape[-1]:
-            want.scatter_(-1, cand // sh.n_nodes, True)
-        cnt = want.sum(-1)
-        C = int(cnt.max())
-        slot = torch.where(want, want.cumsum(-1) - 1, C)
-        pages = torch.full((B, H, C + 1), -1, dtype=torch.int64)
-        pages.scatter_(-1, slot, torch.where(want, gid.expand(B, H, n_local), -1))
-        pages = pages[..., :C]
-        pout, plse = self._page_partials(sh, q, pages, req)
-        return {**res, "pages": _np(pages), "pout": _np(pout), "plse": _np(plse)}
+        query = Query(vectors=q, meta={"hidden": None, "layer": req["layer"], "scale": req["scale"],
+                                       "softcap": req.get("softcap"), "sinks": _t(req.get("sinks"))})
+        scores = sh.relevancy.score(mem, query)
+        loc = topk_indices(scores.values, req["m"]) + scores.offset  # local candidate ids [B, H, m], ascending
+        vals = scores.values.gather(-1, loc - scores.offset).float()
+        # the global sink and recent pages held here: local ids [0, a) and [b, n_local)
+        a = min(n_local, max(0, -(-(req["sink"] - node) // N)))
+        b = max(a, min(n_local, max(0, -(-(req["n_pages"] - req["recent"] - node) // N))))
+        top = min(loc.shape[-1], req.get("attend_top", loc.shape[-1]) + a + n_local - b)
+        att = loc if top >= loc.shape[-1] else loc.gather(-1, topk_indices(vals, top))
+        att = torch.where((att < a) | (att >= b), -1, att)  # a forced page is attended once, below
+        forced = torch.cat([torch.arange(a), torch.arange(b, n_local)]).expand(B, H, -1)
+        pages_loc = torch.cat([att, forced], dim=-1)
+        pout, plse = self._page_partials(sh, q, pages_loc, req)
+        pages = torch.where(pages_loc >= 0, pages_loc * N + node, -1)
+        return {"ids": _np(loc * N + node), "vals": _np(vals), "pages": _np(pages), "pout": _np(pout),
+                "plse": _np(plse)}
 
-    def _page_partials(self, sh, q, pages, req):
-        """Attention over each page of ``pages [B, H, C]`` (global ids held here, -1: padding) on its own:
+    def _page_partials(self, sh, q, pages_loc, req):
+        """Attention over each local page of ``pages_loc [B, H, C]`` (-1: padding) on its own:
         ``out [B, H, C, G, Dv]`` and ``lse [B, H, C, G]`` (-inf for padding)."""
         B, H, G, _ = q.shape
         P = sh.page_size
         L = sh.layer
-        C = pages.shape[-1]
-        valid_page = pages >= 0
-        loc = torch.where(valid_page, pages // sh.n_nodes, 0)
-        k = gather_pages(L.buf_k, loc, P)  # [B, H, C * P, D]
-        v = gather_pages(L.buf_v, loc, P)
-        tok = pages.unsqueeze(-1) * P + torch.arange(P)
-        valid = (valid_page.unsqueeze(-1) & (tok < req["length"])).flatten(-2)  # [B, H, C * P]
-        w = torch.matmul(q, k.transpose(-1, -2)) * req["scale"]
+        C = pages_loc.shape[-1]
+        k = gather_pages(L.buf_k, pages_loc.clamp(min=0), P)  # [B, H, C * P, D]
+        v = gather_pages(L.buf_v, pages_loc.clamp(min=0), P).view(B, H, C, P, -1)
+        w = torch.matmul(q, k.transpose(-1, -2)).mul_(req["scale"])
         if req.get("softcap") is not None:
             w = torch.tanh(w / req["softcap"]) * req["softcap"]
-        w = w.float().masked_fill(~valid.unsqueeze(2), float("-inf")).reshape(B, H, G, C, P)
+        w = w.float().view(B, H, G, C, P)
+        # padding pages, and the tokens of the partial last page past the length: weight 0, and their values 0
+        # (the tail of a partial page is uninitialised memory: a NaN there would turn a zero weight into NaN)
+        w.masked_fill_((pages_loc < 0).view(B, H, 1, C, 1), float("-inf"))
+        tail = req["length"] % P
+        if tail:
+            holds_last = (req["n_pages"] - 1) % sh.n_nodes == self.node
+            last = pages_loc == (req["n_pages"] - 1) // sh.n_nodes  # [B, H, C]: the last page, if held here
+            if holds_last and bool(last.any()):
+                cut = last.view(B, H, 1, C, 1) & (torch.arange(P) >= tail)
+                w.masked_fill_(cut, float("-inf"))
+                v = v.masked_fill(cut.view(B, H, C, P, 1), 0.0)
         lse = torch.logsumexp(w, dim=-1)  # [B, H, G, C]
-        p = torch.exp(w - lse.unsqueeze(-1)).nan_to_num(nan=0.0)
-        v = torch.where(valid.unsqueeze(-1), v, 0.0).reshape(B, H, C, P, -1)  # see _attend: no NaN from the tail
+        p = torch.exp(w - lse.unsqueeze(-1)).nan_to_num_(nan=0.0)
         out = torch.einsum("bhgcp,bhcpd->bhcgd", p.to(v.dtype), v)
         return out.float(), lse.permute(0, 1, 3, 2).contiguous()
 
