@@ -190,6 +190,28 @@ def test_nodes_equal_unsharded_and_survive_a_kill_mid_batch(memories, tiny_encod
     shards.close()
 
 
+def test_nodes_without_the_head_file_system_get_the_shard_files(memories, tiny_encoder, nodes):
+    """A node on another machine cannot read the head's saved memory: its shards' files travel in the load
+    request (forced here with ship_files=True on local nodes), it writes them to its own directory, checks their
+    sha256 and answers exactly as the unsharded memory does; rag_drop removes its copy."""
+    from hetmem.runtime.rag_shards import NodeShards
+
+    m = _method("rag-bm25", tiny_encoder, 5)
+    base, _ = _session(memories["rag-bm25"][1], m)
+    want = [_ranked(base, q, 5) for q in QUESTIONS]
+    meta = read_meta(memories["rag-bm25"][3])
+    corpus, memory = load_memory(memories["rag-bm25"][3], meta)
+    shards = NodeShards(memory, nodes, ship_files=True)
+    try:
+        s = RagSession(m, corpus, memory, shards=shards)
+        assert [_ranked(s, q, 5) for q in QUESTIONS] == want
+        assert shards.record()["files_shipped_to"] == ["node0", "node1"]
+        loaded = nodes.call([shards._load_requests(i) for i in range(nodes.n)], phase="load", step="prepare")
+        assert {r["loaded_from"] for node in loaded for r in node} == {"shipped files"}
+    finally:
+        shards.close()
+
+
 def test_cli_questions_on_memory_nodes(memories, corpus_dir, tmp_path, capsys, nodes):
     model = save_tiny_model_dir(tmp_path / "model", "qwen2")
     qf = tmp_path / "q.jsonl"

@@ -15,7 +15,8 @@ sends one request to every shard, and merges the shards' ranked candidates into 
 Where the shards live:
     LocalShards   in this process (the default)
     NodeShards    on memory nodes (``runtime.nodes.cluster.NodeCluster``, Ray actors): shard ``s`` on node
-                  ``s % n``; each node loads its shards from the saved memory (``rag_load``). A node that
+                  ``s % n``; each node loads its shards from the saved memory (``rag_load``; a node on
+                  another machine gets the shards' files in the request: no shared file system). A node that
                   died (SIGKILL) is restarted by Ray and re-hydrated from the saved memory, and the call is
                   retried (the cluster's ``rehydrate`` hook), so the answers do not change.
 """
@@ -23,6 +24,8 @@ Where the shards live:
 from __future__ import annotations
 
 import dataclasses
+import socket
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +39,7 @@ from hetmem.methods.rag_dense import DenseRelevancy
 from hetmem.methods.rag_hybrid import FusedTopK, HybridRelevancy, HybridScores
 from hetmem.ops.bm25 import tokenize
 from hetmem.rag.embed import load_embedder
-from hetmem.rag.shards import RagShard, merge_ranked, shard_summary
+from hetmem.rag.shards import GLOBAL_FILE, RagShard, merge_ranked, shard_dir, shard_summary
 
 
 class LocalShards:
@@ -57,19 +60,32 @@ class LocalShards:
 class NodeShards:
     """The memory's shards on the nodes of ``cluster``: shard ``s`` on node ``s % cluster.n``."""
 
-    def __init__(self, memory: Memory, cluster):
+    def __init__(self, memory: Memory, cluster, ship_files: bool | None = None):
         sh = memory.meta["sharded"]
         self.cluster = cluster
         self.path, self.meta, self.n_shards = sh["path"], sh["meta"], sh["n_shards"]
         self.key = f"{self.path}@{self.meta['data_dir']}"
         self.owned = [[s for s in range(self.n_shards) if s % cluster.n == i] for i in range(cluster.n)]
+        # a node on another machine gets its shards' files in the load request (no shared file system needed);
+        # one on this machine reads them from the saved memory. ``ship_files`` forces either.
+        here = socket.gethostname()
+        self.ship = [ship_files if ship_files is not None else info.get("host") != here for info in cluster.info]
         cluster.rehydrators.append(self._load_requests)
         cluster.call([self._load_requests(i) for i in range(cluster.n)], phase="load", step="prepare")
 
     def _load_requests(self, node: int) -> list[dict]:
         """The batch that (re)loads node ``node``'s shards from the saved memory."""
-        return [{"op": "rag_load", "key": self.key, "path": self.path, "meta": self.meta, "shard": s}
+        reqs = [{"op": "rag_load", "key": self.key, "path": self.path, "meta": self.meta, "shard": s}
                 for s in self.owned[node]]
+        if self.ship[node]:
+            d = Path(self.path).expanduser() / self.meta["data_dir"]
+            for r in reqs:
+                mine = [f for f in self.meta["files"] if f.startswith(shard_dir(r["shard"]) + "/") or f == GLOBAL_FILE]
+                try:
+                    r["files"] = {f: (d / f).read_bytes() for f in mine}
+                except OSError as e:
+                    raise HetmemError(f"memory {self.path} is damaged: {e.strerror}: {e.filename}") from None
+        return reqs
 
     def search(self, req: dict) -> list[dict]:
         batches = [[{**req, "op": "rag_search", "key": self.key, "shard": s} for s in own] for own in self.owned]
@@ -87,6 +103,7 @@ class NodeShards:
 
     def record(self) -> dict:
         return {"shards": self.n_shards, "served": "memory nodes",
+                "files_shipped_to": [f"node{i}" for i, ship in enumerate(self.ship) if ship],
                 "placement": {f"node{i}": own for i, own in enumerate(self.owned)}}
 
 

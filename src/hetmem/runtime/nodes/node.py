@@ -18,7 +18,8 @@ numpy arrays and plain values (numpy crosses Ray's channels far faster than pick
     gather  K/V of the selected pages it holds (``kv`` layout)
     attend  attention over the selected pages it holds -> partial output and log-sum-exp (``attention``)
     drop    forget a sequence group
-    rag_load    load a shard of a sharded RAG memory from the saved memory (``rag.shards.RagShard``)
+    rag_load    load a shard of a sharded RAG memory from the saved memory (``rag.shards.RagShard``), or from its
+                files shipped in the request (a node on a machine without the head's file system)
     rag_search  a question's BM25 and/or dense top candidates in a loaded shard (global ids, scores)
     rag_drop    forget a RAG memory's shards
 """
@@ -26,8 +27,11 @@ numpy arrays and plain values (numpy crosses Ray's channels far faster than pick
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,6 +73,7 @@ class MemoryNode:
         self.threads = threads
         self.shards: dict[tuple[str, int], _Shard] = {}
         self.rag: dict[tuple[str, int], RagShard] = {}
+        self.rag_dirs: dict[tuple[str, int], str] = {}  # shards shipped as files: where this node wrote them
         self.fail_after: int | None = None  # tests: exit hard after this many more calls
 
     def info(self) -> dict:
@@ -240,8 +245,21 @@ class MemoryNode:
         return {"out": _np(out.float()), "lse": _np(lse)}
 
     def _rag_load(self, req):
-        self.rag[(req["key"], req["shard"])] = RagShard.load(req["path"], req["meta"], req["shard"])
-        return None
+        """Load a shard from the saved memory at ``path``; with ``files`` (a node on another machine, no shared
+        file system) from those bytes, written to a directory of this node's own first (checked against their
+        sha256 in memory.json as the saved memory is)."""
+        path = req["path"]
+        if req.get("files"):
+            key = (req["key"], req["shard"])
+            d = self.rag_dirs.get(key) or tempfile.mkdtemp(prefix="hetmem-rag-shard-")
+            self.rag_dirs[key] = d
+            for name, data in req["files"].items():
+                f = Path(d) / req["meta"]["data_dir"] / name
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_bytes(data)
+            path = d
+        self.rag[(req["key"], req["shard"])] = RagShard.load(path, req["meta"], req["shard"])
+        return {"loaded_from": "shipped files" if req.get("files") else "path"}
 
     def _rag_search(self, req):
         return self.rag[(req["key"], req["shard"])].search(req)
@@ -249,6 +267,8 @@ class MemoryNode:
     def _rag_drop(self, req):
         for key in [k for k in self.rag if k[0] == req["key"]]:
             del self.rag[key]
+        for key in [k for k in self.rag_dirs if k[0] == req["key"]]:
+            shutil.rmtree(self.rag_dirs.pop(key), ignore_errors=True)
         return None
 
     def _select_attend(self, req):
