@@ -124,7 +124,9 @@ static void scores_avx512(const float* q, const T* kmin, const T* kmax, float* o
 
 torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax) {
   // q [B, H, G, D]; kmin/kmax [B, H, N, D] (a slice of the memory buffers: any strides but D contiguous)
+  TORCH_CHECK(q.dim() == 4 && kmin.dim() == 4 && kmax.sizes() == kmin.sizes(), "quest_scores: q [B, H, G, D], kmin/kmax [B, H, N, D]");
   auto B = kmin.size(0), H = kmin.size(1), N = kmin.size(2), D = kmin.size(3), G = q.size(2);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(3) == D, "quest_scores: q [B, H, G, D] must match kmin's B, H, D");
   TORCH_CHECK(kmin.stride(0) == H * kmin.stride(1) && kmax.strides() == kmin.strides() && kmin.stride(3) == 1,
               "quest_scores: kmin/kmax must share strides, heads adjacent, D contiguous");
   auto qf = q.to(torch::kFloat).contiguous();
@@ -171,8 +173,10 @@ torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor km
 
 torch::Tensor topk_ids(torch::Tensor scores, int64_t k) {
   // scores [R, N] float -> [R, k] int64: the k best under (score desc, id asc), NaN as -inf; ascending ids
+  TORCH_CHECK(scores.dim() == 2, "topk_ids: scores [R, N]");
   auto s = scores.to(torch::kFloat).contiguous();
   int64_t R = s.size(0), N = s.size(1);
+  TORCH_CHECK(k >= 0 && k <= N, "topk_ids: k must be in [0, N]");
   auto out = torch::empty({R, k}, s.options().dtype(torch::kLong));
   const float* sp = s.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
@@ -353,7 +357,14 @@ static void attn_avx512(const float* q, const T* k, const T* v, const int64_t* p
 torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor pages, int64_t P,
                              int64_t start, int64_t length, double scale, double softcap, c10::optional<torch::Tensor> sinks) {
   // q [B, H, G, Dk]; k [B, H, cap, Dk], v [B, H, cap, Dv] (heads adjacent, last dim contiguous); pages [B, H, n]
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && pages.dim() == 3,
+              "page_attention: q [B, H, G, Dk], k [B, H, cap, Dk], v [B, H, cap, Dv], pages [B, H, n]");
   auto B = k.size(0), H = k.size(1), Dk = k.size(3), Dv = v.size(3), G = q.size(2), n = pages.size(2);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(3) == Dk && v.size(0) == B && v.size(1) == H &&
+              v.size(2) == k.size(2) && pages.size(0) == B && pages.size(1) == H, "page_attention: shapes disagree");
+  // Every token read is in [max(start, 0), min(length, cap)): with these, any page id is safe (out-of-range
+  // pages contribute no tokens).
+  TORCH_CHECK(P >= 1 && start >= 0 && length <= k.size(2), "page_attention: P >= 1, start >= 0, length <= capacity");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(0) == H * k.stride(1) && v.stride(0) == H * v.stride(1),
               "page_attention: K/V heads adjacent, last dim contiguous");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "page_attention: K and V of one dtype");
@@ -434,7 +445,10 @@ def _avx512() -> bool:
 
 
 def _cflags() -> list[str]:
-    return ["-O3", "-march=native", "-fopenmp-simd"] + ([] if _avx512() else ["-mno-avx512f"])
+    """``HETMEM_KERNEL_CFLAGS`` adds flags (a checking build: ``-D_GLIBCXX_ASSERTIONS``, ``-fsanitize=address``);
+    they are part of the build's cache key."""
+    extra = os.environ.get("HETMEM_KERNEL_CFLAGS", "").split()
+    return ["-O3", "-march=native", "-fopenmp-simd"] + ([] if _avx512() else ["-mno-avx512f"]) + extra
 
 
 def _build_dir() -> str:
