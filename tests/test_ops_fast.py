@@ -13,7 +13,7 @@ from hetmem.ops import fast
 from hetmem.ops.page_score import quest_upper_bound_reference, quest_upper_bound_torch
 from hetmem.ops.sparse_attention import decode_probs, paged_decode_attention
 
-# HETMEM_OPS_EXAMPLES raises the examples for a stress run (e.g. 2000 with HETMEM_AVX512=1 and a checking build)
+# HETMEM_OPS_EXAMPLES raises the examples for a stress run (e.g. 1000 with HETMEM_KERNEL_CFLAGS=-D_GLIBCXX_ASSERTIONS)
 SETTINGS = settings(max_examples=int(os.environ.get("HETMEM_OPS_EXAMPLES", "25")), deadline=None)
 needs_cpp = pytest.mark.skipif(not fast.available(torch.zeros(1)), reason=f"compiled ops unavailable: {fast.backend()}")
 
