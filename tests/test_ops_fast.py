@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hetmem.ops import fast
+from hetmem.ops.block_pool import gated_block_scores, gated_block_scores_reference, gated_block_scores_torch
+from hetmem.ops.index_score import index_scores, index_scores_reference, index_scores_torch
 from hetmem.ops.page_score import quest_upper_bound_reference, quest_upper_bound_torch
 from hetmem.ops.sparse_attention import decode_probs, paged_decode_attention
 
@@ -139,3 +141,49 @@ def test_compiled_ops_refuse_bad_shapes():
         fast.topk_ids(torch.randn(2, 5), 6)
     with pytest.raises(RuntimeError, match="must match"):
         fast.quest_scores(torch.randn(1, 2, 4, 8), k, k)
+    with pytest.raises(RuntimeError, match="must match"):
+        fast.block_scores(torch.randn(1, 2, 8), k, 1.0)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        fast.index_scores(torch.randn(1, 4, 8), torch.randn(1, 4), k[:, 0])
+
+
+@needs_cpp
+@SETTINGS
+@given(B=st.integers(1, 3), Hi=st.integers(1, 9), L=st.integers(0, 70),
+       D=st.one_of(st.integers(1, 40), st.sampled_from([16, 64, 128])), lo=st.integers(0, 3), seed=st.integers(0, 9999),
+       low=st.sampled_from([None, torch.bfloat16, torch.float16]))
+def test_index_scores_match_the_definition(B, Hi, L, D, lo, seed, low):
+    g = torch.Generator().manual_seed(seed)
+    kidx = torch.randn(B, 1, L + lo + 2, D, generator=g)  # the index keys' buffer [B, 1, cap, D]
+    if low is not None:
+        kidx = kidx.to(low)
+    k = kidx[:, 0, lo : lo + L]  # a strided slice, as the indexer's Relevancy passes the candidates
+    q, w = torch.randn(B, Hi, D, generator=g), torch.randn(B, Hi, generator=g)
+    got = fast.index_scores(q, w, k)
+    ref = index_scores_reference(q, w, k)
+    assert got.shape == (B, L)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(index_scores(q, w, k), ref, atol=1e-4, rtol=1e-4)
+    if low is None:
+        assert torch.allclose(index_scores_torch(q, w, k), ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_cpp
+@SETTINGS
+@given(B=st.integers(1, 2), H=st.integers(1, 4), N=st.integers(0, 45),
+       E=st.one_of(st.integers(1, 40), st.sampled_from([16, 64, 128])), lo=st.integers(0, 3), seed=st.integers(0, 9999),
+       low=st.sampled_from([None, torch.bfloat16, torch.float16]))
+def test_block_scores_match_the_definition(B, H, N, E, lo, seed, low):
+    g = torch.Generator().manual_seed(seed)
+    kg = torch.randn(B, H, N + lo + 2, E, generator=g)  # seer's gated block summaries [B, H, n_cap, E]
+    if low is not None:
+        kg = kg.to(low)
+    k = kg[:, :, lo : lo + N]  # the candidate blocks, a slice
+    q = torch.randn(B, H, E, generator=g)
+    got = fast.block_scores(q, k, 0.3)
+    ref = gated_block_scores_reference(q, k.float(), 0.3)
+    assert got.shape == (B, H, N)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(gated_block_scores(q, k, 0.3), ref, atol=1e-4, rtol=1e-4)
+    if low is None:
+        assert torch.allclose(gated_block_scores_torch(q, k, 0.3), ref, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,6 @@
 """Compiled CPU kernels for the decode hot path, with plain-torch fallbacks (issue 12).
 
-Three small C++ ops, compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (gcc, OpenMP
+Five small C++ ops, compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (gcc, OpenMP
 through ``at::parallel_for``, so they use torch's thread count) into ``<hetmem cache>/ops/<name>``:
 
     quest_scores(q, kmin, kmax)        Quest upper bound per page, max over the GQA group, in one pass over
@@ -11,6 +11,10 @@ through ``at::parallel_for``, so they use torch's thread count) into ``<hetmem c
     page_attention(q, k, v, pages, ...) decode attention over the selected pages *in place*: the selected K/V
                                        are read once from the cache buffers, never copied (online softmax,
                                        Milakov & Gimelshein 2018, arXiv 1805.02867; as in FlashDecoding)
+    index_scores(q, w, k)              DSA's lightning indexer sum_h w_h ReLU(q_h . k_t) in one pass over the
+                                       index keys: no ``[H_i, L]`` intermediate (DeepSeek-V3.2)
+    block_scores(q, k, scale)          seer's gated query . gated block summaries, one pass (a GEMV per KV head,
+                                       four blocks per step; torch's matmul read them at about half the speed)
 
 Whether the compiled ops are used is decided once per process (``backend()``): they are when a C++ compiler
 and ninja are present and the build succeeds; otherwise, or with ``HETMEM_KERNELS=torch``, every caller takes
@@ -417,9 +421,193 @@ torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
     TORCH_CHECK(false, "page_attention: float32, bfloat16 or float16 K/V");
   return out;
 }
+
+// DSA lightning indexer, one pass over the index keys: out[b, t] = sum_h w[b, h] * ReLU(q[b, h] . k[b, t]) for
+// q [B, Hi, D] float, w [B, Hi] float, k [B, L, D] (row stride kb, token stride kt, D contiguous); out [B, L]
+// float. No [Hi, L] intermediate: each key row is read once for every index head.
+template <typename T>
+static void index_impl(const float* q, const float* w, const T* k, float* out, int64_t B, int64_t Hi, int64_t L,
+                       int64_t D, int64_t kb, int64_t kt) {
+  at::parallel_for(0, B * L, 512, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / L, t = i - (i / L) * L;
+      const T* kr = k + r * kb + t * kt;
+      float acc = 0.f;
+      for (int64_t h = 0; h < Hi; ++h) {
+        const float* qh = q + (r * Hi + h) * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * f32(kr[d]);
+        acc += w[r * Hi + h] * (dot > 0.f ? dot : 0.f);
+      }
+      out[i] = acc;
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// AVX-512 (D a multiple of 16): per key row, the index heads four at a time (four FMA chains over D), the
+// row eight ahead prefetched.
+template <typename T>
+static void index_avx512(const float* q, const float* w, const T* k, float* out, int64_t B, int64_t Hi, int64_t L,
+                         int64_t D, int64_t kb, int64_t kt) {
+  at::parallel_for(0, B * L, 512, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / L, t = i - (i / L) * L;
+      const T* kr = k + r * kb + t * kt;
+      if (t + 8 < L)
+        for (int64_t d = 0; d < D * (int64_t)sizeof(T); d += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(kr + 8 * kt) + d, _MM_HINT_T0);
+      const float* qr = q + r * Hi * D;
+      const float* wr = w + r * Hi;
+      float acc = 0.f;
+      int64_t h = 0;
+      for (; h + 4 <= Hi; h += 4) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          __m512 vk = ld16(kr + d);
+          s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + h * D + d), vk, s0);
+          s1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + (h + 1) * D + d), vk, s1);
+          s2 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + (h + 2) * D + d), vk, s2);
+          s3 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + (h + 3) * D + d), vk, s3);
+        }
+        float d0 = _mm512_reduce_add_ps(s0), d1 = _mm512_reduce_add_ps(s1), d2 = _mm512_reduce_add_ps(s2),
+              d3 = _mm512_reduce_add_ps(s3);
+        acc += wr[h] * (d0 > 0.f ? d0 : 0.f);
+        acc += wr[h + 1] * (d1 > 0.f ? d1 : 0.f);
+        acc += wr[h + 2] * (d2 > 0.f ? d2 : 0.f);
+        acc += wr[h + 3] * (d3 > 0.f ? d3 : 0.f);
+      }
+      for (; h < Hi; ++h) {
+        __m512 s0 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + h * D + d), ld16(kr + d), s0);
+        float d0 = _mm512_reduce_add_ps(s0);
+        acc += wr[h] * (d0 > 0.f ? d0 : 0.f);
+      }
+      out[i] = acc;
+    }
+  });
+}
+#endif
+
+torch::Tensor index_scores(torch::Tensor q, torch::Tensor w, torch::Tensor k) {
+  // q [B, Hi, D]; w [B, Hi]; k [B, L, D] (a slice of the index keys: any strides but D contiguous) -> [B, L]
+  TORCH_CHECK(q.dim() == 3 && w.dim() == 2 && k.dim() == 3, "index_scores: q [B, Hi, D], w [B, Hi], k [B, L, D]");
+  auto B = k.size(0), L = k.size(1), D = k.size(2), Hi = q.size(1);
+  TORCH_CHECK(q.size(0) == B && q.size(2) == D && w.size(0) == B && w.size(1) == Hi && k.stride(2) == 1,
+              "index_scores: shapes disagree, or k's last dim is not contiguous");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto wf = w.to(torch::kFloat).contiguous();
+  auto out = torch::empty({B, L}, qf.options());
+  if (L == 0) return out;
+  auto st = k.scalar_type();
+  auto go = [&](auto* kp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+      index_avx512<T>(qf.data_ptr<float>(), wf.data_ptr<float>(), kp, out.data_ptr<float>(), B, Hi, L, D, k.stride(0),
+                      k.stride(1));
+      return;
+    }
+#endif
+    index_impl<T>(qf.data_ptr<float>(), wf.data_ptr<float>(), kp, out.data_ptr<float>(), B, Hi, L, D, k.stride(0),
+                  k.stride(1));
+  };
+  if (st == torch::kFloat) go(k.data_ptr<float>());
+  else if (st == torch::kBFloat16) go(k.data_ptr<at::BFloat16>());
+  else if (st == torch::kHalf) go(k.data_ptr<at::Half>());
+  else TORCH_CHECK(false, "index_scores: float32, bfloat16 or float16 index keys");
+  return out;
+}
+
+// Seer's gated block scores, one pass: out[r, n] = scale * q[r] . k[r, n] for q [R, E] float, k [R, N, E] (row
+// stride rs, block stride ps, E contiguous); out [R, N] float (one GEMV per KV head).
+template <typename T>
+static void dot_impl(const float* q, const T* k, float* out, int64_t R, int64_t N, int64_t E, int64_t rs, int64_t ps,
+                     float scale) {
+  at::parallel_for(0, R * N, 512, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / N, n = i - (i / N) * N;
+      const T* kr = k + r * rs + n * ps;
+      const float* qr = q + r * E;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t e = 0; e < E; ++e) dot += qr[e] * f32(kr[e]);
+      out[i] = dot * scale;
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// AVX-512 (E a multiple of 16): four blocks at a time (four independent FMA chains), blocks eight ahead prefetched.
+template <typename T>
+static void dot_avx512(const float* q, const T* k, float* out, int64_t R, int64_t N, int64_t E, int64_t rs,
+                       int64_t ps, float scale) {
+  int64_t C = (N + 3) / 4;  // chunks of four blocks per row
+  at::parallel_for(0, R * C, 128, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / C, n0 = (i - r * C) * 4, m = std::min<int64_t>(4, N - n0);
+      const T* kr = k + r * rs + n0 * ps;
+      const float* qr = q + r * E;
+      if (n0 + 12 <= N)
+        for (int64_t j = 8; j < 12; ++j)
+          for (int64_t e = 0; e < E * (int64_t)sizeof(T); e += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(kr + j * ps) + e, _MM_HINT_T0);
+      if (m == 4) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        for (int64_t e = 0; e < E; e += 16) {
+          __m512 vq = _mm512_loadu_ps(qr + e);
+          s0 = _mm512_fmadd_ps(vq, ld16(kr + e), s0);
+          s1 = _mm512_fmadd_ps(vq, ld16(kr + ps + e), s1);
+          s2 = _mm512_fmadd_ps(vq, ld16(kr + 2 * ps + e), s2);
+          s3 = _mm512_fmadd_ps(vq, ld16(kr + 3 * ps + e), s3);
+        }
+        float* o = out + r * N + n0;
+        o[0] = _mm512_reduce_add_ps(s0) * scale;
+        o[1] = _mm512_reduce_add_ps(s1) * scale;
+        o[2] = _mm512_reduce_add_ps(s2) * scale;
+        o[3] = _mm512_reduce_add_ps(s3) * scale;
+      } else {
+        for (int64_t j = 0; j < m; ++j) {
+          __m512 s0 = _mm512_setzero_ps();
+          for (int64_t e = 0; e < E; e += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + e), ld16(kr + j * ps + e), s0);
+          out[r * N + n0 + j] = _mm512_reduce_add_ps(s0) * scale;
+        }
+      }
+    }
+  });
+}
+#endif
+
+torch::Tensor block_scores(torch::Tensor q, torch::Tensor k, double scale) {
+  // q [B, H, E]; k [B, H, N, E] (a slice of the block summaries: any strides but E contiguous) -> [B, H, N]
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4, "block_scores: q [B, H, E], k [B, H, N, E]");
+  auto B = k.size(0), H = k.size(1), N = k.size(2), E = k.size(3);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(2) == E, "block_scores: q [B, H, E] must match k's B, H, E");
+  TORCH_CHECK(k.stride(0) == H * k.stride(1) && k.stride(3) == 1, "block_scores: k's heads adjacent, E contiguous");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto out = torch::empty({B, H, N}, qf.options());
+  if (N == 0) return out;
+  auto st = k.scalar_type();
+  auto go = [&](auto* kp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+#if defined(__AVX512F__)
+    if (E % 16 == 0) {
+      dot_avx512<T>(qf.data_ptr<float>(), kp, out.data_ptr<float>(), B * H, N, E, k.stride(1), k.stride(2), (float)scale);
+      return;
+    }
+#endif
+    dot_impl<T>(qf.data_ptr<float>(), kp, out.data_ptr<float>(), B * H, N, E, k.stride(1), k.stride(2), (float)scale);
+  };
+  if (st == torch::kFloat) go(k.data_ptr<float>());
+  else if (st == torch::kBFloat16) go(k.data_ptr<at::BFloat16>());
+  else if (st == torch::kHalf) go(k.data_ptr<at::Half>());
+  else TORCH_CHECK(false, "block_scores: float32, bfloat16 or float16 block summaries");
+  return out;
+}
 """
 
-_FUNCTIONS = ["quest_scores", "topk_ids", "page_attention"]
+_FUNCTIONS = ["quest_scores", "topk_ids", "page_attention", "index_scores", "block_scores"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _why: str = ""
 
@@ -504,6 +692,14 @@ def quest_scores(q, kmin, kmax):
 
 def topk_ids(scores, k: int):
     return _lib().topk_ids(scores, k)
+
+
+def index_scores(q, w, k):
+    return _lib().index_scores(q, w, k)
+
+
+def block_scores(q, k, scale: float):
+    return _lib().block_scores(q, k, float(scale))
 
 
 def page_attention(q, k, v, pages, page_size: int, start: int, length: int, scale: float, softcap=None, sinks=None):
