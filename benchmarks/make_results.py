@@ -50,6 +50,8 @@ BENCHES = [
      "end to end, prefill RSS", "python benchmarks/bench_limits.py"),
     ("bench_flex", "sparse decode attention three ways: C++ page attention, flex_attention (block mask), an "
      "inductor-compiled gather-attend", "python benchmarks/bench_flex.py"),
+    ("bench_compile", "torch.compile of the decoder's MLP + norms around hetmem's attention hook; one-pass DSA/seer "
+     "relevancy vs torch", "python benchmarks/bench_compile.py"),
     ("bench_bm25", "hetmem's BM25 scoring + top-k vs the `bm25s` library", "python benchmarks/bench_bm25.py"),
     ("bench_dense_search", "hetmem's dense search vs a plain `faiss.IndexFlatIP`",
      "python benchmarks/bench_dense_search.py"),
@@ -475,6 +477,38 @@ def block_flex(rec: dict) -> str:
     return "\n".join(out)
 
 
+def block_compile(rec: dict) -> str:
+    """bench_compile: eager vs torch.compile'd decode, and the one-pass DSA/seer relevancy vs torch."""
+    res = rec["details"]["result"]
+    out = []
+    c = res.get("compile")
+    if c:
+        out += [f"SmolLM2, {c['tokens']}-token prompt, decode ms/token (median of {c['rounds']} alternating rounds):", "",
+                "| method | eager | MLP + RMSNorms compiled | compiled / eager (median per round) |",
+                "|---|---:|---:|---:|"]
+        for n in ("dense", "quest"):
+            x = c[n]
+            out.append(f"| {n} | {fmt(x['eager_ms_per_token'])} | {fmt(x['compiled_ms_per_token'])} | "
+                       f"{fmt(x['compiled_over_eager'])} |")
+        out += ["", f"First compile (both methods' decode shapes): {fmt(c['compile_s'], 1)} s.", ""]
+    ix = res.get("indexers")
+    if ix:
+        L = rec["settings"]["index_tokens"] // 1024
+        out += [f"Relevancy + top-k at {L}k tokens (DSA: 4 index heads x 128, top 2048 tokens; seer: 8 KV heads, "
+                f"blocks of 16, gate dim 128, top 128 blocks):", "",
+                "| op | ms | GB/s | fraction of the read bandwidth beside each sample |", "|---|---:|---:|---:|"]
+        labels = {"dsa_torch": "DSA indexer, torch (GEMM, ReLU, weighted sum)",
+                  "dsa_compiled": "DSA indexer, compiled one pass (`index_scores`)",
+                  "seer_torch": "seer block scores, torch (batched GEMV)",
+                  "seer_compiled": "seer block scores, compiled (`block_scores`)"}
+        for k, label in labels.items():
+            if k in ix:
+                out.append(f"| {label} | {fmt(ix[k]['ms'], 3)} | {fmt(ix[k]['GBps'])} | {fmt(ix[k]['ratio'])} |")
+        out.append("")
+    out.append(f"Kernels: {rec['details'].get('kernels')}.")
+    return "\n".join(out + ["", provenance(rec)])
+
+
 def _link_lines(rec: dict) -> list[str]:
     if v(rec, "link.latency_us") is not None:  # records before the per-node-count calibration
         return [f"Link calibrated through the compiled graph: {fmt(v(rec, 'link.latency_us'), 0)} us + bytes / "
@@ -617,6 +651,7 @@ BLOCKS = {
     "contextual-steps": ("record_contextual_profile", block_contextual_steps),
     "limits": ("bench_limits", block_limits),
     "decode-flame": ("bench_limits", block_decode_flame),
+    "compile": ("bench_compile", block_compile),
     "flex": ("bench_flex", block_flex),
     "demo": ("record_demo", block_demo),
     "profile": ("record_profile", block_profile),
