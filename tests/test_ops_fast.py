@@ -59,7 +59,7 @@ def test_topk_ids_follow_the_tie_rule(n, k, seed, ties):
 
 @needs_cpp
 @SETTINGS
-@given(n_pages=st.integers(1, 12), P=st.integers(1, 9), G=st.integers(1, 9), seed=st.integers(0, 9999),
+@given(n_pages=st.integers(1, 12), P=st.one_of(st.integers(1, 9), st.sampled_from([16, 17, 33])), G=st.integers(1, 9), seed=st.integers(0, 9999),
        cut=st.integers(0, 8), start=st.integers(0, 20), softcap=st.sampled_from([None, 5.0]), sinks=st.booleans(),
        low=st.sampled_from([None, torch.bfloat16, torch.float16]), dims=st.sampled_from([(8, 6), (32, 16), (64, 64)]),
        BH=st.sampled_from([(1, 2), (2, 3), (1, 1)]), q_view=st.booleans())

@@ -85,6 +85,23 @@ static inline __m512 ld16(const at::BFloat16* p) {
 static inline __m512 ld16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// exp of 16 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n by
+// scalef); relative error about 2e-7 over [-87, 88]; below that it underflows to (almost) 0, as expf does.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
 // The AVX-512 path (float32, bfloat16 or float16 bounds): one pass over each page's kmax/kmin (16 floats a load), GG query heads'
 // bounds accumulated together (2 * GG independent FMA chains), the next pages prefetched.
 template <int GG, typename T>
@@ -320,12 +337,24 @@ static void attn_avx512(const float* q, const T* k, const T* v, const int64_t* p
           }
         }
         for (int g = 0; g < GG; ++g) {
-          float mx = m[g];
-          for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, s[g * P + t]);
+          // the page's scores 16 at a time: max, then exp (exp16) in place, masked past T_
+          float* sg = s.data() + g * P;
+          const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+          __m512 vm = ninf;
+          for (int64_t t = 0; t < T_; t += 16) {
+            __mmask16 k = T_ - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T_ - t)) - 1);
+            vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(ninf, k, sg + t));
+          }
+          float mx = std::max(m[g], _mm512_reduce_max_ps(vm));
           float corr = std::exp(m[g] - mx);
-          float lg = l[g] * corr;
-          for (int64_t t = 0; t < T_; ++t) { float p = std::exp(s[g * P + t] - mx); s[g * P + t] = p; lg += p; }
-          l[g] = lg;
+          __m512 vl = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
+          for (int64_t t = 0; t < T_; t += 16) {
+            __mmask16 k = T_ - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T_ - t)) - 1);
+            __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + t), vmx)));
+            _mm512_mask_storeu_ps(sg + t, k, p);
+            vl = _mm512_add_ps(vl, p);
+          }
+          l[g] = l[g] * corr + _mm512_reduce_add_ps(vl);
           if (corr != 1.f) {
             float* ag = acc.data() + g * Dv;
             for (int64_t d = 0; d < Dv; ++d) ag[d] *= corr;
