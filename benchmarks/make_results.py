@@ -449,7 +449,7 @@ block_limits.wants_records = True
 def block_decode_flame(rec: dict, records: "Records") -> str:
     """py-spy flame summaries of a quest decode, before and after (benchmarks/profiles)."""
     out = []
-    for w in ("before", "after", "after2"):
+    for w in ("before", "after", "after2", "after3"):
         p = records.root / "benchmarks" / "profiles" / f"quest_decode_{w}.txt"
         if p.exists():
             out += [f"**{w}** (`benchmarks/profiles/{p.name}`):", "", "```", p.read_text().rstrip(), "```", ""]
