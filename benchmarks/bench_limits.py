@@ -25,8 +25,12 @@ Then, each part selectable with ``--parts``:
 
 Working sets are rotated over copies that together exceed the last-level cache (480 MiB here), so every
 figure is a memory figure, not a cache figure. Every time is measured wall time; the limits are measured
-too; ratios of the two are taken within the run. Medians of 5. The machine is shared: the record keeps
-the load average at start and end. Usage:
+too. The machine is shared, and the share of it this process gets changes within seconds, so the read
+bandwidth that P1, P2 and P3's ratios divide by is measured *beside each sample*: one sum over a 1 GiB
+tensor right before and right after every sample (the one after a sample is the one before the next), the
+sample's limit is the mean of the two, and each figure is the median of the per-sample ratios (5 samples;
+the up-front limits are kept in the record as before). The record keeps the load average at start and end.
+Usage:
 
     python benchmarks/bench_limits.py [--parts p1,p2,p3,rss] [--threads 1] [--label after] [--json]
 """
@@ -76,6 +80,60 @@ def median_ms(fn, n: int = 5, min_ms: float = 20.0) -> tuple[float, list[float]]
     return statistics.median(xs), xs
 
 
+class Beside:
+    """Read bandwidth measured beside each sample: one sum over a 1 GiB fp32 tensor (larger than the L3), taken
+    right before and right after each sample; a sample's bandwidth is the mean of the two. All readings are
+    kept (``readings``) for the record."""
+
+    def __init__(self, nbytes: int = LLC_BYTES):
+        self.x = torch.rand(nbytes // 4)
+        self.x.sum()
+        self.last = self.read()
+        self.readings = [self.last]
+
+    def read(self) -> float:
+        t0 = time.perf_counter()
+        self.x.sum()
+        return self.x.numel() * 4 / (time.perf_counter() - t0) / GB
+
+    def around(self, fn):
+        """Run ``fn()``; return (its result, the read bandwidth beside it in GB/s)."""
+        before = self.last
+        out = fn()
+        self.last = self.read()
+        self.readings.append(self.last)
+        return out, (before + self.last) / 2
+
+    def summary(self) -> dict:
+        xs = self.readings
+        return {"n": len(xs), "min": round(min(xs), 2), "median": round(statistics.median(xs), 2),
+                "max": round(max(xs), 2)}
+
+
+def sampled_ms(fn, bw: Beside, n: int = 5, min_ms: float = 20.0) -> tuple[list[float], list[float]]:
+    """``n`` samples of the mean wall ms per call (a sample repeats ``fn`` for >= ``min_ms``), each with the read
+    bandwidth measured beside it: (ms per sample, GB/s per sample)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    inner = max(1, min(500, math.ceil(min_ms / one)))
+
+    def sample():
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / inner
+
+    xs, bws = [], []
+    bw.last = bw.read()  # a fresh reading right before the first sample
+    for _ in range(n):
+        ms, b = bw.around(sample)
+        xs.append(ms)
+        bws.append(b)
+    return xs, bws
+
+
 def limits(log) -> dict:
     x = torch.rand(1 << 29)  # 2 GiB fp32
     ms, _ = median_ms(lambda: x.sum(), min_ms=0)
@@ -107,7 +165,7 @@ def _memory(L: int, gen) -> Memory:
                   meta={"length": L, "window_start": 0})
 
 
-def part_p1(lim, log, lengths) -> dict:
+def part_p1(lim, log, lengths, bw: Beside) -> dict:
     pipe = quest_pipe()
     rows = []
     log(f"P1 quest relevancy + top-k (pipeline.select), {HKV} KV heads, G={G}, D={D}, page {P}, budget {BUDGET}")
@@ -123,12 +181,17 @@ def part_p1(lim, log, lengths) -> dict:
             i = it[0] = (it[0] + 1) % len(copies)
             return pipe.select(copies[i], queries[i])
 
-        ms, xs = median_ms(step)
+        xs, bws = sampled_ms(step, bw)
+        ms = statistics.median(xs)
         gbps = nbytes / (ms * 1e-3) / GB
-        rows.append({"length": L, "ms": round(ms, 4), "GBps": round(gbps, 2), "ratio": round(gbps / lim["read_GBps"], 3),
-                     "bytes": nbytes, "samples_ms": [round(x, 4) for x in xs]})
-        log(f"  L={L:>8}: {ms:8.3f} ms  {gbps:6.2f} GB/s  = {gbps / lim['read_GBps']:.2f} of read bandwidth "
-            f"(target >= 0.8)")
+        ratios = [nbytes / (x * 1e-3) / GB / b for x, b in zip(xs, bws)]
+        ratio = statistics.median(ratios)
+        rows.append({"length": L, "ms": round(ms, 4), "GBps": round(gbps, 2), "ratio": round(ratio, 3),
+                     "ratio_to_upfront_limit": round(gbps / lim["read_GBps"], 3), "bytes": nbytes,
+                     "samples_ms": [round(x, 4) for x in xs], "samples_read_GBps": [round(b, 2) for b in bws],
+                     "samples_ratio": [round(r, 3) for r in ratios]})
+        log(f"  L={L:>8}: {ms:8.3f} ms  {gbps:6.2f} GB/s  = {ratio:.2f} of the read bandwidth beside each sample "
+            f"(median of {len(xs)}; read {statistics.median(bws):.1f} GB/s) (target >= 0.8)")
         del copies
         gc.collect()
     return {"lengths": lengths, "ratio": [r["ratio"] for r in rows], "target": ">= 0.8", "rows": rows}
@@ -143,7 +206,7 @@ def _filled_layer(L: int, gen, pipe) -> PagedKVLayer:
     return layer
 
 
-def part_p2(lim, log, lengths) -> dict:
+def part_p2(lim, log, lengths, bw: Beside) -> dict:
     from hetmem.methods.shared import DenseAttentionApply
 
     rows = []
@@ -176,12 +239,19 @@ def part_p2(lim, log, lengths) -> dict:
             ly = layers[i % len(layers)]
             return dense.apply(ly, None, DecodeTarget(qs[i], scale))
 
-        ms, xs = median_ms(sparse)
+        xs, bws = sampled_ms(sparse, bw)
+        ms = statistics.median(xs)
+        nb = meta_bytes + sel_bytes
+        ratios = [x / (nb / (b * GB) * 1e3) for x, b in zip(xs, bws)]
+        ratio = statistics.median(ratios)
         dms, _ = median_ms(dense_step)
-        rows.append({"length": L, "ms": round(ms, 4), "limit_ms": round(limit_ms, 4), "ratio": round(ms / limit_ms, 3),
+        rows.append({"length": L, "ms": round(ms, 4), "limit_ms": round(nb / (statistics.median(bws) * GB) * 1e3, 4),
+                     "ratio": round(ratio, 3), "ratio_to_upfront_limit": round(ms / limit_ms, 3),
                      "dense_ms": round(dms, 4), "speedup_over_dense": round(dms / ms, 2),
-                     "bytes": meta_bytes + sel_bytes, "samples_ms": [round(x, 4) for x in xs]})
-        log(f"  L={L:>7}: step {ms:7.3f} ms, byte limit {limit_ms:6.3f} ms -> {ms / limit_ms:5.2f}x (target <= 1.3); "
+                     "bytes": nb, "samples_ms": [round(x, 4) for x in xs],
+                     "samples_read_GBps": [round(b, 2) for b in bws], "samples_ratio": [round(r, 3) for r in ratios]})
+        log(f"  L={L:>7}: step {ms:7.3f} ms -> {ratio:5.2f}x the byte-limit time at the read bandwidth beside each "
+            f"sample (median of {len(xs)}; read {statistics.median(bws):.1f} GB/s) (target <= 1.3); "
             f"dense SDPA {dms:8.3f} ms -> {dms / ms:5.1f}x faster")
         del layers, layer
         gc.collect()
@@ -189,7 +259,8 @@ def part_p2(lim, log, lengths) -> dict:
             "speedup_over_dense": [r["speedup_over_dense"] for r in rows], "target": "<= 1.3", "rows": rows}
 
 
-def part_p3(lim, log, model_name: str, tokens: int, new_tokens: int, repeats: int, kv_dtypes=()) -> dict:
+def part_p3(lim, log, model_name: str, tokens: int, new_tokens: int, repeats: int, kv_dtypes=(), bw: Beside = None,
+            weight_dtypes=()) -> dict:
     from hetmem.llm import attention
     from hetmem.llm.arch import describe
     from hetmem.llm.generate import KV_DTYPES, decode_tokens
@@ -198,6 +269,7 @@ def part_p3(lim, log, model_name: str, tokens: int, new_tokens: int, repeats: in
     from hetmem.llm.prompt import build_prompt_ids
     from hetmem.tasks.haystack import passkey_task
 
+    bw = bw or Beside()
     lm = load_model(model_name)
     model = lm.model
     attention.install(model)
@@ -234,74 +306,103 @@ def part_p3(lim, log, model_name: str, tokens: int, new_tokens: int, repeats: in
             toks, ms = decode_tokens(model, c, logits, new_tokens, eos=set())
         return ms / (len(toks) - 1), toks
 
-    # The same prompt's KV stored in 16 bits (--kv-dtype): copied from the float32 cache (its Prepare runs over
-    # it), decoded the same way, alternating dense and quest.
-    kv_caches = {}
-    for kvd in kv_dtypes:
+    def kv_copy(kvd):
+        # The same prompt's KV stored in another dtype: copied from the float32 cache (its Prepare runs over it).
         kc = PagedKVCache(nl, P, pipes["quest"], reserve_tokens=prompt + new_tokens + P, windows=arch.windows,
                           kv_dtype=KV_DTYPES[kvd])
         for dst, src in zip(kc.layers, cache.layers):
             dst.copy_prefix(src)
-        kv_caches[kvd] = (kc, attention.SparseRuntime(kc, "cpu"))
+        return kc, attention.SparseRuntime(kc, "cpu")
 
-    run("dense"), run("quest")  # warm-up
-    per = {"dense": [], "quest": []}
-    toks = {}
-    for r in range(repeats):
-        for name in (("dense", "quest") if r % 2 == 0 else ("quest", "dense")):
-            ms, toks[name] = run(name)
-            per[name].append(ms)
-        log(f"  run {r + 1}/{repeats}: dense {per['dense'][-1]:7.2f} ms/token, quest {per['quest'][-1]:7.2f} ms/token")
-    ratios = [d / q for d, q in zip(per["dense"], per["quest"])]
-    # bytes read per decode token: every weight once (tied embeddings counted once), plus KV
-    w_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    def alternate(c, r):
+        """Warm-up, then ``repeats`` alternating runs of dense and quest, each with the read bandwidth beside it."""
+        run("dense", c, r), run("quest", c, r)
+        per, bws, toks = {"dense": [], "quest": []}, {"dense": [], "quest": []}, {}
+        bw.last = bw.read()
+        for i in range(repeats):
+            for name in (("dense", "quest") if i % 2 == 0 else ("quest", "dense")):
+                (ms, toks[name]), b = bw.around(lambda name=name: run(name, c, r))
+                per[name].append(ms)
+                bws[name].append(b)
+            log(f"  run {i + 1}/{repeats}: dense {per['dense'][-1]:7.2f} ms/token, quest {per['quest'][-1]:7.2f} "
+                f"ms/token (read {bws['dense'][-1]:.1f} / {bws['quest'][-1]:.1f} GB/s beside them)")
+        return per, bws, toks
+
+    def weight_bytes():  # every weight once (tied embeddings counted once)
+        return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
     e = next(model.parameters()).element_size()
-    kv_tok = 2 * arch.kv_heads * arch.key_dim * e  # K and V of one token in one layer
+    kv_tok = 2 * arch.kv_heads * arch.key_dim * e  # K and V of one token in one layer, in the model's dtype
     n_pages = prompt // P
     dense_kv = nl * prompt * kv_tok
     bp = quest.budget_pages
     sparse_layers = nl - quest.dense_layers
     quest_kv = (quest.dense_layers * prompt * kv_tok
                 + sparse_layers * (bp * P + n_pages - 2) * kv_tok)  # selected K/V + kmin/kmax of the candidates
+
+    def rows(per, bws, w_bytes, kv_scale=1.0):
+        """Per name: median ms/token and the median of the per-run ratios to the limit beside each run."""
+        out = {}
+        for name, kvb in (("dense", dense_kv), ("quest", quest_kv)):
+            kvb = int(kvb * kv_scale)
+            nb = w_bytes + kvb
+            ratios = [x / (nb / (b * GB) * 1e3) for x, b in zip(per[name], bws[name])]
+            med = statistics.median(per[name])
+            out[name] = {"ms_per_token": round(med, 3), "samples": [round(x, 3) for x in per[name]],
+                         "samples_read_GBps": [round(b, 2) for b in bws[name]],
+                         "samples_ratio": [round(x, 3) for x in ratios],
+                         "limit_ms_per_token": round(nb / (statistics.median(bws[name]) * GB) * 1e3, 3),
+                         "limit_ms_per_token_upfront": round(nb / (lim["read_GBps"] * GB) * 1e3, 3),
+                         "kv_bytes_read": kvb, "weights_bytes": w_bytes, "ratio": round(statistics.median(ratios), 3)}
+        r = [d / q for d, q in zip(per["dense"], per["quest"])]
+        out["quest_over_dense"] = {"min": round(min(r), 3), "median": round(statistics.median(r), 3),
+                                   "max": round(max(r), 3), "n": len(r),
+                                   "at_limit": round((w_bytes + dense_kv * kv_scale) / (w_bytes + quest_kv * kv_scale),
+                                                     3)}
+        return out
+
+    def say(tag, row):
+        for name in ("dense", "quest"):
+            x = row[name]
+            log(f"  {name:<5}{tag}: {x['ms_per_token']:7.2f} ms/token -> {x['ratio']:.2f}x the bandwidth-limit ms/token "
+                f"beside each run (median of {len(x['samples'])}; limit {x['limit_ms_per_token']:.2f} ms/token) "
+                f"(target <= 1.6)")
+        q = row["quest_over_dense"]
+        log(f"  quest speed / dense speed{tag}: min {q['min']:.2f}, median {q['median']:.2f}, max {q['max']:.2f} "
+            f"(target >= 1.5; at the bandwidth limit it would be {q['at_limit']:.2f})")
+
+    kv_caches = {kvd: kv_copy(kvd) for kvd in kv_dtypes}
+    w_bytes = weight_bytes()
+    per, bws, toks = alternate(cache, rt)
     out = {"model": lm.name, "prompt_tokens": prompt, "new_tokens": new_tokens, "repeats": repeats,
-           "weights_bytes": w_bytes, "read_GBps": lim["read_GBps"]}
-    for name, kvb in (("dense", dense_kv), ("quest", quest_kv)):
-        limit = (w_bytes + kvb) / (lim["read_GBps"] * GB) * 1e3
-        med = statistics.median(per[name])
-        out[name] = {"ms_per_token": round(med, 3), "samples": [round(x, 3) for x in per[name]],
-                     "limit_ms_per_token": round(limit, 3), "kv_bytes_read": kvb, "ratio": round(med / limit, 3)}
-        log(f"  {name:<5}: {med:7.2f} ms/token, bandwidth limit {limit:6.2f} ms/token -> {med / limit:.2f}x "
-            f"(target <= 1.6)")
-    out["quest_over_dense"] = {"min": round(min(ratios), 3), "median": round(statistics.median(ratios), 3),
-                               "max": round(max(ratios), 3), "n": len(ratios),
-                               "at_limit": round(out["dense"]["limit_ms_per_token"]
-                                                 / out["quest"]["limit_ms_per_token"], 3)}
+           "weights_bytes": w_bytes, "read_GBps": lim["read_GBps"], **rows(per, bws, w_bytes)}
     out["same_tokens"] = toks.get("dense") == toks.get("quest")
+    say("", out)
     out["kv_dtypes"] = {}
     for kvd, (kc, krt) in kv_caches.items():
-        run("dense", kc, krt), run("quest", kc, krt)  # warm-up
-        kper = {"dense": [], "quest": []}
-        for r in range(repeats):
-            for name in (("dense", "quest") if r % 2 == 0 else ("quest", "dense")):
-                kper[name].append(run(name, kc, krt)[0])
-        ke = KV_DTYPES[kvd].itemsize
-        row = {}
-        for name, kvb in (("dense", dense_kv), ("quest", quest_kv)):
-            kvb = kvb * ke // e
-            limit = (w_bytes + kvb) / (lim["read_GBps"] * GB) * 1e3
-            med = statistics.median(kper[name])
-            row[name] = {"ms_per_token": round(med, 3), "samples": [round(x, 3) for x in kper[name]],
-                         "limit_ms_per_token": round(limit, 3), "kv_bytes_read": kvb, "ratio": round(med / limit, 3),
-                         "speedup_over_model_dtype": round(out[name]["ms_per_token"] / med, 3)}
-            log(f"  {name:<5} KV {kvd}: {med:7.2f} ms/token, limit {limit:6.2f} -> {med / limit:.2f}x; "
-                f"{out[name]['ms_per_token'] / med:.2f}x the {str(next(model.parameters()).dtype)[6:]} KV's speed")
-        kr = [d / q for d, q in zip(kper["dense"], kper["quest"])]
-        row["quest_over_dense"] = {"min": round(min(kr), 3), "median": round(statistics.median(kr), 3),
-                                   "max": round(max(kr), 3), "n": len(kr)}
+        kper, kbws, _ = alternate(kc, krt)
+        row = rows(kper, kbws, w_bytes, KV_DTYPES[kvd].itemsize / e)
+        for name in ("dense", "quest"):
+            row[name]["speedup_over_model_dtype"] = round(out[name]["ms_per_token"] / row[name]["ms_per_token"], 3)
+        say(f" KV {kvd}", row)
         out["kv_dtypes"][kvd] = row
-    q = out["quest_over_dense"]
-    log(f"  quest speed / dense speed: min {q['min']:.2f}, median {q['median']:.2f}, max {q['max']:.2f} "
-        f"(target >= 1.5; at the bandwidth limit it would be {q['at_limit']:.2f})")
+    del kv_caches
+    gc.collect()
+    # The weights (and the KV) in a 16-bit dtype (``hetmem run --dtype bf16``): the model is cast after the float32
+    # runs, the same prompt's KV copied into a cache of that dtype; torch runs bf16 linears through oneDNN (AMX
+    # where the CPU has it).
+    out["weight_dtypes"] = {}
+    for wd in weight_dtypes:
+        model.to(KV_DTYPES[wd])
+        kc, krt = kv_copy(wd)
+        wb = weight_bytes()
+        wper, wbws, wtoks = alternate(kc, krt)
+        row = rows(wper, wbws, wb, KV_DTYPES[wd].itemsize / e)
+        row["same_tokens_as_fp32"] = {n: wtoks.get(n) == toks.get(n) for n in ("dense", "quest")}
+        say(f" weights+KV {wd}", row)
+        out["weight_dtypes"][wd] = row
+        del kc, krt
+        gc.collect()
     return out
 
 
@@ -359,6 +460,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--p3-kv-dtypes", default="bf16", help="P3 also decodes with the KV stored in these dtypes "
                     "(comma-separated bf16,fp16; empty: none)")
+    ap.add_argument("--p3-weight-dtypes", default="bf16", help="P3 also decodes with the weights and KV in these "
+                    "dtypes (hetmem run --dtype; comma-separated bf16,fp16; empty: none)")
     ap.add_argument("--rss-model", default="qwen")
     ap.add_argument("--rss-tokens", type=int, default=16384)
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
@@ -366,14 +469,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
-    bad += [x for x in a.p3_kv_dtypes.split(",") if x.strip() and x.strip() not in ("bf16", "fp16", "fp32")]
+    bad += [x for x in (a.p3_kv_dtypes + "," + a.p3_weight_dtypes).split(",")
+            if x.strip() and x.strip() not in ("bf16", "fp16", "fp32")]
     if bad or a.threads < 1 or a.repeats < 1 or a.new_tokens < 2:
         ap.error(f"unknown part(s) {bad}" if bad else "--threads and --repeats must be >= 1, --new-tokens >= 2")
     torch.set_num_threads(a.threads)
     rec = Record()
     rec.setting(parts=parts, threads=a.threads, label=a.label, p1_lengths=a.p1_lengths, p2_lengths=a.p2_lengths,
                 model=a.model, tokens=a.tokens, new_tokens=a.new_tokens, repeats=a.repeats,
-                p3_kv_dtypes=a.p3_kv_dtypes, rss_model=a.rss_model,
+                p3_kv_dtypes=a.p3_kv_dtypes, p3_weight_dtypes=a.p3_weight_dtypes, rss_model=a.rss_model,
                 rss_tokens=a.rss_tokens, shape={"kv_heads": HKV, "group": G, "head_dim": D, "page": P,
                                                 "budget": BUDGET})
 
@@ -388,20 +492,24 @@ def main(argv=None) -> int:
     log(f"threads {a.threads}; load average {os.getloadavg()[0]:.2f}; kernels: {kernels}")
     rec.detail("kernels", kernels)
     lim = limits(log)
-    out = {"threads": a.threads, "label": a.label, "limits": lim, "time_source": "measured"}
+    bw = Beside() if set(parts) & {"p1", "p2", "p3"} else None
+    out = {"threads": a.threads, "label": a.label, "limits": lim, "time_source": "measured",
+           "limit_beside_samples": "read bandwidth measured before and after every P1/P2/P3 sample; each ratio is "
+                                   "the median of per-sample ratios"}
     rec.figure("read_bandwidth", lim["read_GBps"], "GB/s").figure("copy_bandwidth", lim["copy_GBps"], "GB/s")
     rec.figure("fp32_matmul", lim["matmul_GFLOPs"], "GFLOP/s")
     if "p1" in parts:
-        out["p1"] = part_p1(lim, log, [int(x) for x in a.p1_lengths.split(",")])
+        out["p1"] = part_p1(lim, log, [int(x) for x in a.p1_lengths.split(",")], bw)
         for L, r in zip(out["p1"]["lengths"], out["p1"]["ratio"]):
             rec.figure(f"p1_{L}", r, "fraction of read bandwidth")
     if "p2" in parts:
-        out["p2"] = part_p2(lim, log, [int(x) for x in a.p2_lengths.split(",")])
+        out["p2"] = part_p2(lim, log, [int(x) for x in a.p2_lengths.split(",")], bw)
         for L, r, s in zip(out["p2"]["lengths"], out["p2"]["ratio"], out["p2"]["speedup_over_dense"]):
             rec.figure(f"p2_{L}", r, "x byte-limit time").figure(f"p2_speedup_{L}", s, "x dense SDPA")
     if "p3" in parts:
         r = part_p3(lim, log, a.model, a.tokens, a.new_tokens, a.repeats,
-                    [x.strip() for x in a.p3_kv_dtypes.split(",") if x.strip()])
+                    [x.strip() for x in a.p3_kv_dtypes.split(",") if x.strip()], bw,
+                    [x.strip() for x in a.p3_weight_dtypes.split(",") if x.strip()])
         out["p3_dense"] = {"length": r["prompt_tokens"], "ratio": r["dense"]["ratio"], **r["dense"]}
         out["p3_quest"] = {"length": r["prompt_tokens"], "ratio": r["quest"]["ratio"], **r["quest"]}
         out["quest_over_dense"] = {"length": r["prompt_tokens"], **r["quest_over_dense"]}
@@ -418,6 +526,19 @@ def main(argv=None) -> int:
             rec.figure(f"p3_dense_kv_{kvd}", row["dense"]["ratio"], "x bandwidth-limit ms/token")
             rec.figure(f"p3_quest_kv_{kvd}", row["quest"]["ratio"], "x bandwidth-limit ms/token")
             rec.figure(f"quest_over_dense_kv_{kvd}", row["quest_over_dense"]["median"], "x dense decode speed")
+        for wd, row in r["weight_dtypes"].items():
+            out[f"p3_weights_{wd}"] = {"length": r["prompt_tokens"], **row}
+            rec.figure(f"p3_dense_weights_{wd}_ms_per_token", row["dense"]["ms_per_token"], "ms/token")
+            rec.figure(f"p3_quest_weights_{wd}_ms_per_token", row["quest"]["ms_per_token"], "ms/token")
+            rec.figure(f"p3_dense_weights_{wd}", row["dense"]["ratio"], "x bandwidth-limit ms/token")
+            rec.figure(f"p3_quest_weights_{wd}", row["quest"]["ratio"], "x bandwidth-limit ms/token")
+            rec.figure(f"quest_over_dense_weights_{wd}", row["quest_over_dense"]["median"], "x dense decode speed")
+            rec.figure(f"quest_over_dense_weights_{wd}_at_limit", row["quest_over_dense"]["at_limit"],
+                       "x dense decode speed", source="modelled")
+    if bw is not None:
+        out["read_GBps_beside_samples"] = bw.summary()
+        rec.figure("read_bandwidth_beside_samples", out["read_GBps_beside_samples"]["median"], "GB/s")
+        del bw.x
     if "rss" in parts:
         r = part_rss(log, a.rss_model, a.rss_tokens, a.threads)
         out["prefill_rss_ratio"] = {"length": a.rss_tokens, "ratio": r["ratio"], **r}

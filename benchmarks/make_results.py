@@ -50,6 +50,8 @@ BENCHES = [
      "end to end, prefill RSS", "python benchmarks/bench_limits.py"),
     ("bench_flex", "sparse decode attention three ways: C++ page attention, flex_attention (block mask), an "
      "inductor-compiled gather-attend", "python benchmarks/bench_flex.py"),
+    ("bench_compile", "torch.compile of the decoder's MLP + norms around hetmem's attention hook; one-pass DSA/seer "
+     "relevancy vs torch", "python benchmarks/bench_compile.py"),
     ("bench_bm25", "hetmem's BM25 scoring + top-k vs the `bm25s` library", "python benchmarks/bench_bm25.py"),
     ("bench_dense_search", "hetmem's dense search vs a plain `faiss.IndexFlatIP`",
      "python benchmarks/bench_dense_search.py"),
@@ -386,15 +388,20 @@ def block_contextual_steps(rec: dict) -> str:
 def block_limits(rec: dict, records: "Records") -> str:
     """bench_limits: the latest runs labelled ``before``, ``after`` and ``after2`` side by side (or the latest)."""
     runs = [records.latest("bench_limits", lambda r, lb=lb: r["settings"].get("label") == lb)
-            for lb in ("before", "after", "after2", "after2-rss", "after2-p3")]
+            for lb in ("before", "after", "after2", "after2-rss", "after2-p3", "after3")]
     runs = [r for r in runs if r is not None] or [rec]
     rows = [("read bandwidth (GB/s, 2 GiB sum)", "read_bandwidth", "limit"),
+            ("read bandwidth beside the samples (GB/s, median of 1 GiB sums)", "read_bandwidth_beside_samples",
+             "limit"),
             ("copy bandwidth (GB/s, read+write)", "copy_bandwidth", "limit"),
             ("fp32 matmul (GFLOP/s)", "fp32_matmul", "limit")]
-    res = runs[-1]["details"]["result"]
-    for L in res.get("p1", {}).get("lengths", []):
+
+    def lengths(part):  # every length any shown run measured
+        return sorted({L for r in runs for L in r["details"]["result"].get(part, {}).get("lengths", [])})
+
+    for L in lengths("p1"):
         rows.append((f"P1 relevancy+top-k at {L // 1024}k, fraction of read bandwidth", f"p1_{L}", ">= 0.8"))
-    for L in res.get("p2", {}).get("lengths", []):
+    for L in lengths("p2"):
         rows.append((f"P2 sparse step at {L // 1024}k, x byte-limit time", f"p2_{L}", "<= 1.3"))
         rows.append((f"P2 speedup over dense SDPA at {L // 1024}k", f"p2_speedup_{L}", ""))
     rows += [("P3 dense, x bandwidth-limit ms/token", "p3_dense", "<= 1.6"),
@@ -408,15 +415,29 @@ def block_limits(rec: dict, records: "Records") -> str:
                      (f"P3 dense ms/token, KV {kvd}", f"p3_dense_kv_{kvd}_ms_per_token", ""),
                      (f"P3 quest ms/token, KV {kvd}", f"p3_quest_kv_{kvd}_ms_per_token", ""),
                      (f"P3 quest / dense decode speed, KV {kvd}", f"quest_over_dense_kv_{kvd}", ">= 1.5")]
+    for wd in ("bf16", "fp16"):
+        if any(v(r, f"p3_dense_weights_{wd}") is not None for r in runs):
+            rows += [(f"P3 dense, weights+KV {wd}, x bandwidth-limit ms/token", f"p3_dense_weights_{wd}", "<= 1.6"),
+                     (f"P3 quest, weights+KV {wd}, x bandwidth-limit ms/token", f"p3_quest_weights_{wd}", "<= 1.6"),
+                     (f"P3 dense ms/token, weights+KV {wd}", f"p3_dense_weights_{wd}_ms_per_token", ""),
+                     (f"P3 quest ms/token, weights+KV {wd}", f"p3_quest_weights_{wd}_ms_per_token", ""),
+                     (f"P3 quest / dense decode speed, weights+KV {wd}", f"quest_over_dense_weights_{wd}", ">= 1.5"),
+                     (f"P3 quest / dense at the bandwidth limit, weights+KV {wd} (modelled: bytes ratio)",
+                      f"quest_over_dense_weights_{wd}_at_limit", "")]
     rows += [("prefill peak RSS - RSS after load, x KV bytes (Qwen 16k)", "prefill_rss_ratio", "<= 1.3")]
     head = "| figure (measured) | target | " + " | ".join(r["settings"].get("label") or "latest" for r in runs) + " |"
     out = [head, "|---|---|" + "---|" * len(runs)]
     for label, name, target in rows:
+        if all(v(r, name) is None for r in runs):
+            continue
         out.append(f"| {label} | {target} | " + " | ".join(fmt(v(r, name)) for r in runs) + " |")
     out.append("")
     for r in runs:
         q = r["details"]["result"].get("quest_over_dense")
-        spread = f" quest/dense min {q['min']}, median {q['median']}, max {q['max']};" if q else ""
+        spread = (f" quest/dense min {q['min']}, median {q['median']}, max {q['max']} (at the limit "
+                  f"{q.get('at_limit')});" if q else "")
+        if r["details"]["result"].get("limit_beside_samples"):
+            spread += " P1/P2/P3 ratios to the read bandwidth measured beside each sample (median of per-sample ratios);"
         out.append(f"- **{r['settings'].get('label') or 'latest'}**: kernels {r['details'].get('kernels')};{spread} "
                    + provenance(r))
     return "\n".join(out)
@@ -428,7 +449,7 @@ block_limits.wants_records = True
 def block_decode_flame(rec: dict, records: "Records") -> str:
     """py-spy flame summaries of a quest decode, before and after (benchmarks/profiles)."""
     out = []
-    for w in ("before", "after", "after2"):
+    for w in ("before", "after", "after2", "after3"):
         p = records.root / "benchmarks" / "profiles" / f"quest_decode_{w}.txt"
         if p.exists():
             out += [f"**{w}** (`benchmarks/profiles/{p.name}`):", "", "```", p.read_text().rstrip(), "```", ""]
@@ -454,6 +475,38 @@ def block_flex(rec: dict) -> str:
             + ", ".join(f"{r['length'] // 1024}k: {r['fastest']}" for r in rows)
             + f". Kernels: {rec['details'].get('kernels')}.", "", provenance(rec)]
     return "\n".join(out)
+
+
+def block_compile(rec: dict) -> str:
+    """bench_compile: eager vs torch.compile'd decode, and the one-pass DSA/seer relevancy vs torch."""
+    res = rec["details"]["result"]
+    out = []
+    c = res.get("compile")
+    if c:
+        out += [f"SmolLM2, {c['tokens']}-token prompt, decode ms/token (median of {c['rounds']} alternating rounds):", "",
+                "| method | eager | MLP + RMSNorms compiled | compiled / eager (median per round) |",
+                "|---|---:|---:|---:|"]
+        for n in ("dense", "quest"):
+            x = c[n]
+            out.append(f"| {n} | {fmt(x['eager_ms_per_token'])} | {fmt(x['compiled_ms_per_token'])} | "
+                       f"{fmt(x['compiled_over_eager'])} |")
+        out += ["", f"First compile (both methods' decode shapes): {fmt(c['compile_s'], 1)} s.", ""]
+    ix = res.get("indexers")
+    if ix:
+        L = rec["settings"]["index_tokens"] // 1024
+        out += [f"Relevancy + top-k at {L}k tokens (DSA: 4 index heads x 128, top 2048 tokens; seer: 8 KV heads, "
+                f"blocks of 16, gate dim 128, top 128 blocks):", "",
+                "| op | ms | GB/s | fraction of the read bandwidth beside each sample |", "|---|---:|---:|---:|"]
+        labels = {"dsa_torch": "DSA indexer, torch (GEMM, ReLU, weighted sum)",
+                  "dsa_compiled": "DSA indexer, compiled one pass (`index_scores`)",
+                  "seer_torch": "seer block scores, torch (batched GEMV)",
+                  "seer_compiled": "seer block scores, compiled (`block_scores`)"}
+        for k, label in labels.items():
+            if k in ix:
+                out.append(f"| {label} | {fmt(ix[k]['ms'], 3)} | {fmt(ix[k]['GBps'])} | {fmt(ix[k]['ratio'])} |")
+        out.append("")
+    out.append(f"Kernels: {rec['details'].get('kernels')}.")
+    return "\n".join(out + ["", provenance(rec)])
 
 
 def _link_lines(rec: dict) -> list[str]:
@@ -600,6 +653,7 @@ BLOCKS = {
     "contextual-steps": ("record_contextual_profile", block_contextual_steps),
     "limits": ("bench_limits", block_limits),
     "decode-flame": ("bench_limits", block_decode_flame),
+    "compile": ("bench_compile", block_compile),
     "flex": ("bench_flex", block_flex),
     "demo": ("record_demo", block_demo),
     "profile": ("record_profile", block_profile),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from hetmem.ops import fast
+
 
 def block_mean(keys: torch.Tensor, block_size: int) -> torch.Tensor:
     """Average of each block of ``keys`` (reference op; the last block averages only the tokens present)."""
@@ -54,7 +56,16 @@ def update_block_sums(sums: torch.Tensor, keys: torch.Tensor, start: int, end: i
 
 
 def gated_block_scores(q_gated: torch.Tensor, k_gated: torch.Tensor, scale: float) -> torch.Tensor:
-    """Relevancy: ``q_gated [B, H_kv, Dg]`` . ``k_gated [B, H_kv, N, Dg]`` -> ``[B, H_kv, N]`` (one GEMV per head)."""
+    """Relevancy: ``q_gated [B, H_kv, Dg]`` . ``k_gated [B, H_kv, N, Dg]`` -> ``[B, H_kv, N]`` (one GEMV per head).
+    With the compiled ops (``ops.fast.block_scores``): one pass over the summaries, in place."""
+    if (k_gated.dim() == 4 and k_gated.stride(-1) == 1 and k_gated.stride(0) == k_gated.shape[1] * k_gated.stride(1)
+            and fast.available(q_gated, k_gated)):
+        return fast.block_scores(q_gated, k_gated, scale)
+    return gated_block_scores_torch(q_gated, k_gated, scale)
+
+
+def gated_block_scores_torch(q_gated: torch.Tensor, k_gated: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain torch: one batched GEMV."""
     return torch.matmul(k_gated, q_gated.unsqueeze(-1)).squeeze(-1) * scale
 
 

@@ -1,6 +1,6 @@
 """Compiled CPU kernels for the decode hot path, with plain-torch fallbacks (issue 12).
 
-Three small C++ ops, compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (gcc, OpenMP
+Five small C++ ops, compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (gcc, OpenMP
 through ``at::parallel_for``, so they use torch's thread count) into ``<hetmem cache>/ops/<name>``:
 
     quest_scores(q, kmin, kmax)        Quest upper bound per page, max over the GQA group, in one pass over
@@ -11,6 +11,10 @@ through ``at::parallel_for``, so they use torch's thread count) into ``<hetmem c
     page_attention(q, k, v, pages, ...) decode attention over the selected pages *in place*: the selected K/V
                                        are read once from the cache buffers, never copied (online softmax,
                                        Milakov & Gimelshein 2018, arXiv 1805.02867; as in FlashDecoding)
+    index_scores(q, w, k)              DSA's lightning indexer sum_h w_h ReLU(q_h . k_t) in one pass over the
+                                       index keys: no ``[H_i, L]`` intermediate (DeepSeek-V3.2)
+    block_scores(q, k, scale)          seer's gated query . gated block summaries, one pass (a GEMV per KV head,
+                                       four blocks per step; torch's matmul read them at about half the speed)
 
 Whether the compiled ops are used is decided once per process (``backend()``): they are when a C++ compiler
 and ninja are present and the build succeeds; otherwise, or with ``HETMEM_KERNELS=torch``, every caller takes
@@ -81,6 +85,23 @@ static inline __m512 ld16(const at::BFloat16* p) {
 static inline __m512 ld16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// exp of 16 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n by
+// scalef); relative error about 2e-7 over [-87, 88]; below that it underflows to (almost) 0, as expf does.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
 // The AVX-512 path (float32, bfloat16 or float16 bounds): one pass over each page's kmax/kmin (16 floats a load), GG query heads'
 // bounds accumulated together (2 * GG independent FMA chains), the next pages prefetched.
 template <int GG, typename T>
@@ -124,7 +145,9 @@ static void scores_avx512(const float* q, const T* kmin, const T* kmax, float* o
 
 torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax) {
   // q [B, H, G, D]; kmin/kmax [B, H, N, D] (a slice of the memory buffers: any strides but D contiguous)
+  TORCH_CHECK(q.dim() == 4 && kmin.dim() == 4 && kmax.sizes() == kmin.sizes(), "quest_scores: q [B, H, G, D], kmin/kmax [B, H, N, D]");
   auto B = kmin.size(0), H = kmin.size(1), N = kmin.size(2), D = kmin.size(3), G = q.size(2);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(3) == D, "quest_scores: q [B, H, G, D] must match kmin's B, H, D");
   TORCH_CHECK(kmin.stride(0) == H * kmin.stride(1) && kmax.strides() == kmin.strides() && kmin.stride(3) == 1,
               "quest_scores: kmin/kmax must share strides, heads adjacent, D contiguous");
   auto qf = q.to(torch::kFloat).contiguous();
@@ -171,8 +194,10 @@ torch::Tensor quest_scores(torch::Tensor q, torch::Tensor kmin, torch::Tensor km
 
 torch::Tensor topk_ids(torch::Tensor scores, int64_t k) {
   // scores [R, N] float -> [R, k] int64: the k best under (score desc, id asc), NaN as -inf; ascending ids
+  TORCH_CHECK(scores.dim() == 2, "topk_ids: scores [R, N]");
   auto s = scores.to(torch::kFloat).contiguous();
   int64_t R = s.size(0), N = s.size(1);
+  TORCH_CHECK(k >= 0 && k <= N, "topk_ids: k must be in [0, N]");
   auto out = torch::empty({R, k}, s.options().dtype(torch::kLong));
   const float* sp = s.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
@@ -312,12 +337,24 @@ static void attn_avx512(const float* q, const T* k, const T* v, const int64_t* p
           }
         }
         for (int g = 0; g < GG; ++g) {
-          float mx = m[g];
-          for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, s[g * P + t]);
+          // the page's scores 16 at a time: max, then exp (exp16) in place, masked past T_
+          float* sg = s.data() + g * P;
+          const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+          __m512 vm = ninf;
+          for (int64_t t = 0; t < T_; t += 16) {
+            __mmask16 k = T_ - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T_ - t)) - 1);
+            vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(ninf, k, sg + t));
+          }
+          float mx = std::max(m[g], _mm512_reduce_max_ps(vm));
           float corr = std::exp(m[g] - mx);
-          float lg = l[g] * corr;
-          for (int64_t t = 0; t < T_; ++t) { float p = std::exp(s[g * P + t] - mx); s[g * P + t] = p; lg += p; }
-          l[g] = lg;
+          __m512 vl = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
+          for (int64_t t = 0; t < T_; t += 16) {
+            __mmask16 k = T_ - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T_ - t)) - 1);
+            __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + t), vmx)));
+            _mm512_mask_storeu_ps(sg + t, k, p);
+            vl = _mm512_add_ps(vl, p);
+          }
+          l[g] = l[g] * corr + _mm512_reduce_add_ps(vl);
           if (corr != 1.f) {
             float* ag = acc.data() + g * Dv;
             for (int64_t d = 0; d < Dv; ++d) ag[d] *= corr;
@@ -353,7 +390,14 @@ static void attn_avx512(const float* q, const T* k, const T* v, const int64_t* p
 torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor pages, int64_t P,
                              int64_t start, int64_t length, double scale, double softcap, c10::optional<torch::Tensor> sinks) {
   // q [B, H, G, Dk]; k [B, H, cap, Dk], v [B, H, cap, Dv] (heads adjacent, last dim contiguous); pages [B, H, n]
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && pages.dim() == 3,
+              "page_attention: q [B, H, G, Dk], k [B, H, cap, Dk], v [B, H, cap, Dv], pages [B, H, n]");
   auto B = k.size(0), H = k.size(1), Dk = k.size(3), Dv = v.size(3), G = q.size(2), n = pages.size(2);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(3) == Dk && v.size(0) == B && v.size(1) == H &&
+              v.size(2) == k.size(2) && pages.size(0) == B && pages.size(1) == H, "page_attention: shapes disagree");
+  // Every token read is in [max(start, 0), min(length, cap)): with these, any page id is safe (out-of-range
+  // pages contribute no tokens).
+  TORCH_CHECK(P >= 1 && start >= 0 && length <= k.size(2), "page_attention: P >= 1, start >= 0, length <= capacity");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(0) == H * k.stride(1) && v.stride(0) == H * v.stride(1),
               "page_attention: K/V heads adjacent, last dim contiguous");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "page_attention: K and V of one dtype");
@@ -406,9 +450,193 @@ torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
     TORCH_CHECK(false, "page_attention: float32, bfloat16 or float16 K/V");
   return out;
 }
+
+// DSA lightning indexer, one pass over the index keys: out[b, t] = sum_h w[b, h] * ReLU(q[b, h] . k[b, t]) for
+// q [B, Hi, D] float, w [B, Hi] float, k [B, L, D] (row stride kb, token stride kt, D contiguous); out [B, L]
+// float. No [Hi, L] intermediate: each key row is read once for every index head.
+template <typename T>
+static void index_impl(const float* q, const float* w, const T* k, float* out, int64_t B, int64_t Hi, int64_t L,
+                       int64_t D, int64_t kb, int64_t kt) {
+  at::parallel_for(0, B * L, 512, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / L, t = i - (i / L) * L;
+      const T* kr = k + r * kb + t * kt;
+      float acc = 0.f;
+      for (int64_t h = 0; h < Hi; ++h) {
+        const float* qh = q + (r * Hi + h) * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * f32(kr[d]);
+        acc += w[r * Hi + h] * (dot > 0.f ? dot : 0.f);
+      }
+      out[i] = acc;
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// AVX-512 (D a multiple of 16): per key row, the index heads four at a time (four FMA chains over D), the
+// row eight ahead prefetched.
+template <typename T>
+static void index_avx512(const float* q, const float* w, const T* k, float* out, int64_t B, int64_t Hi, int64_t L,
+                         int64_t D, int64_t kb, int64_t kt) {
+  at::parallel_for(0, B * L, 512, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / L, t = i - (i / L) * L;
+      const T* kr = k + r * kb + t * kt;
+      if (t + 8 < L)
+        for (int64_t d = 0; d < D * (int64_t)sizeof(T); d += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(kr + 8 * kt) + d, _MM_HINT_T0);
+      const float* qr = q + r * Hi * D;
+      const float* wr = w + r * Hi;
+      float acc = 0.f;
+      int64_t h = 0;
+      for (; h + 4 <= Hi; h += 4) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          __m512 vk = ld16(kr + d);
+          s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + h * D + d), vk, s0);
+          s1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + (h + 1) * D + d), vk, s1);
+          s2 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + (h + 2) * D + d), vk, s2);
+          s3 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + (h + 3) * D + d), vk, s3);
+        }
+        float d0 = _mm512_reduce_add_ps(s0), d1 = _mm512_reduce_add_ps(s1), d2 = _mm512_reduce_add_ps(s2),
+              d3 = _mm512_reduce_add_ps(s3);
+        acc += wr[h] * (d0 > 0.f ? d0 : 0.f);
+        acc += wr[h + 1] * (d1 > 0.f ? d1 : 0.f);
+        acc += wr[h + 2] * (d2 > 0.f ? d2 : 0.f);
+        acc += wr[h + 3] * (d3 > 0.f ? d3 : 0.f);
+      }
+      for (; h < Hi; ++h) {
+        __m512 s0 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + h * D + d), ld16(kr + d), s0);
+        float d0 = _mm512_reduce_add_ps(s0);
+        acc += wr[h] * (d0 > 0.f ? d0 : 0.f);
+      }
+      out[i] = acc;
+    }
+  });
+}
+#endif
+
+torch::Tensor index_scores(torch::Tensor q, torch::Tensor w, torch::Tensor k) {
+  // q [B, Hi, D]; w [B, Hi]; k [B, L, D] (a slice of the index keys: any strides but D contiguous) -> [B, L]
+  TORCH_CHECK(q.dim() == 3 && w.dim() == 2 && k.dim() == 3, "index_scores: q [B, Hi, D], w [B, Hi], k [B, L, D]");
+  auto B = k.size(0), L = k.size(1), D = k.size(2), Hi = q.size(1);
+  TORCH_CHECK(q.size(0) == B && q.size(2) == D && w.size(0) == B && w.size(1) == Hi && k.stride(2) == 1,
+              "index_scores: shapes disagree, or k's last dim is not contiguous");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto wf = w.to(torch::kFloat).contiguous();
+  auto out = torch::empty({B, L}, qf.options());
+  if (L == 0) return out;
+  auto st = k.scalar_type();
+  auto go = [&](auto* kp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+      index_avx512<T>(qf.data_ptr<float>(), wf.data_ptr<float>(), kp, out.data_ptr<float>(), B, Hi, L, D, k.stride(0),
+                      k.stride(1));
+      return;
+    }
+#endif
+    index_impl<T>(qf.data_ptr<float>(), wf.data_ptr<float>(), kp, out.data_ptr<float>(), B, Hi, L, D, k.stride(0),
+                  k.stride(1));
+  };
+  if (st == torch::kFloat) go(k.data_ptr<float>());
+  else if (st == torch::kBFloat16) go(k.data_ptr<at::BFloat16>());
+  else if (st == torch::kHalf) go(k.data_ptr<at::Half>());
+  else TORCH_CHECK(false, "index_scores: float32, bfloat16 or float16 index keys");
+  return out;
+}
+
+// Seer's gated block scores, one pass: out[r, n] = scale * q[r] . k[r, n] for q [R, E] float, k [R, N, E] (row
+// stride rs, block stride ps, E contiguous); out [R, N] float (one GEMV per KV head).
+template <typename T>
+static void dot_impl(const float* q, const T* k, float* out, int64_t R, int64_t N, int64_t E, int64_t rs, int64_t ps,
+                     float scale) {
+  at::parallel_for(0, R * N, 512, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / N, n = i - (i / N) * N;
+      const T* kr = k + r * rs + n * ps;
+      const float* qr = q + r * E;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t e = 0; e < E; ++e) dot += qr[e] * f32(kr[e]);
+      out[i] = dot * scale;
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// AVX-512 (E a multiple of 16): four blocks at a time (four independent FMA chains), blocks eight ahead prefetched.
+template <typename T>
+static void dot_avx512(const float* q, const T* k, float* out, int64_t R, int64_t N, int64_t E, int64_t rs,
+                       int64_t ps, float scale) {
+  int64_t C = (N + 3) / 4;  // chunks of four blocks per row
+  at::parallel_for(0, R * C, 128, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t r = i / C, n0 = (i - r * C) * 4, m = std::min<int64_t>(4, N - n0);
+      const T* kr = k + r * rs + n0 * ps;
+      const float* qr = q + r * E;
+      if (n0 + 12 <= N)
+        for (int64_t j = 8; j < 12; ++j)
+          for (int64_t e = 0; e < E * (int64_t)sizeof(T); e += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(kr + j * ps) + e, _MM_HINT_T0);
+      if (m == 4) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        for (int64_t e = 0; e < E; e += 16) {
+          __m512 vq = _mm512_loadu_ps(qr + e);
+          s0 = _mm512_fmadd_ps(vq, ld16(kr + e), s0);
+          s1 = _mm512_fmadd_ps(vq, ld16(kr + ps + e), s1);
+          s2 = _mm512_fmadd_ps(vq, ld16(kr + 2 * ps + e), s2);
+          s3 = _mm512_fmadd_ps(vq, ld16(kr + 3 * ps + e), s3);
+        }
+        float* o = out + r * N + n0;
+        o[0] = _mm512_reduce_add_ps(s0) * scale;
+        o[1] = _mm512_reduce_add_ps(s1) * scale;
+        o[2] = _mm512_reduce_add_ps(s2) * scale;
+        o[3] = _mm512_reduce_add_ps(s3) * scale;
+      } else {
+        for (int64_t j = 0; j < m; ++j) {
+          __m512 s0 = _mm512_setzero_ps();
+          for (int64_t e = 0; e < E; e += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + e), ld16(kr + j * ps + e), s0);
+          out[r * N + n0 + j] = _mm512_reduce_add_ps(s0) * scale;
+        }
+      }
+    }
+  });
+}
+#endif
+
+torch::Tensor block_scores(torch::Tensor q, torch::Tensor k, double scale) {
+  // q [B, H, E]; k [B, H, N, E] (a slice of the block summaries: any strides but E contiguous) -> [B, H, N]
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4, "block_scores: q [B, H, E], k [B, H, N, E]");
+  auto B = k.size(0), H = k.size(1), N = k.size(2), E = k.size(3);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(2) == E, "block_scores: q [B, H, E] must match k's B, H, E");
+  TORCH_CHECK(k.stride(0) == H * k.stride(1) && k.stride(3) == 1, "block_scores: k's heads adjacent, E contiguous");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto out = torch::empty({B, H, N}, qf.options());
+  if (N == 0) return out;
+  auto st = k.scalar_type();
+  auto go = [&](auto* kp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+#if defined(__AVX512F__)
+    if (E % 16 == 0) {
+      dot_avx512<T>(qf.data_ptr<float>(), kp, out.data_ptr<float>(), B * H, N, E, k.stride(1), k.stride(2), (float)scale);
+      return;
+    }
+#endif
+    dot_impl<T>(qf.data_ptr<float>(), kp, out.data_ptr<float>(), B * H, N, E, k.stride(1), k.stride(2), (float)scale);
+  };
+  if (st == torch::kFloat) go(k.data_ptr<float>());
+  else if (st == torch::kBFloat16) go(k.data_ptr<at::BFloat16>());
+  else if (st == torch::kHalf) go(k.data_ptr<at::Half>());
+  else TORCH_CHECK(false, "block_scores: float32, bfloat16 or float16 block summaries");
+  return out;
+}
 """
 
-_FUNCTIONS = ["quest_scores", "topk_ids", "page_attention"]
+_FUNCTIONS = ["quest_scores", "topk_ids", "page_attention", "index_scores", "block_scores"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _why: str = ""
 
@@ -427,14 +655,19 @@ def _cpu_flags() -> str:
 
 
 def _avx512() -> bool:
-    """The AVX-512 paths are opt-in (HETMEM_AVX512=1): two fresh-clone test runs of this build crashed the
-    interpreter (SIGSEGV) at random later tests after the hypothesis tests over these ops, and the cause was not
-    found; the portable loops (the previous, long-tested kernels) are the default until it is."""
-    return os.environ.get("HETMEM_AVX512", "") == "1"
+    """The AVX-512 paths (where gcc's ``-march=native`` has them) are the default; ``HETMEM_AVX512=0`` builds
+    the portable loops only (``-mno-avx512f``). They were opt-in for a while after two fresh-clone test runs
+    crashed with SIGSEGV; the crashes went on with them off and stopped when a FAISS call was removed, and a
+    stress run found nothing (tests/test_ops_fast.py, 1,000 hypothesis examples per op with AVX-512 under
+    ``-D_GLIBCXX_ASSERTIONS`` and again under AddressSanitizer, and the method tests over these ops)."""
+    return os.environ.get("HETMEM_AVX512", "") != "0"
 
 
 def _cflags() -> list[str]:
-    return ["-O3", "-march=native", "-fopenmp-simd"] + ([] if _avx512() else ["-mno-avx512f"])
+    """``HETMEM_KERNEL_CFLAGS`` adds flags (a checking build: ``-D_GLIBCXX_ASSERTIONS``, ``-fsanitize=address``);
+    they are part of the build's cache key."""
+    extra = os.environ.get("HETMEM_KERNEL_CFLAGS", "").split()
+    return ["-O3", "-march=native", "-fopenmp-simd"] + ([] if _avx512() else ["-mno-avx512f"]) + extra
 
 
 def _build_dir() -> str:
@@ -477,8 +710,9 @@ def backend() -> dict:
     """What the decode hot path runs on in this process (said in run records)."""
     lib = _lib()
     name = "c++ (load_inline, at::parallel_for)" if lib is not None else "torch"
+    simd = "avx-512" if _avx512() and "avx512f" in _cpu_flags().split() else "portable loops"
     return {"relevancy": name, "retrieval_topk": name, "sparse_attention": name + (" in place" if lib else " gather"),
-            **({"fallback_reason": _why} if lib is None else {})}
+            **({"simd": simd} if lib is not None else {"fallback_reason": _why})}
 
 
 def quest_scores(q, kmin, kmax):
@@ -487,6 +721,14 @@ def quest_scores(q, kmin, kmax):
 
 def topk_ids(scores, k: int):
     return _lib().topk_ids(scores, k)
+
+
+def index_scores(q, w, k):
+    return _lib().index_scores(q, w, k)
+
+
+def block_scores(q, k, scale: float):
+    return _lib().block_scores(q, k, float(scale))
 
 
 def page_attention(q, k, v, pages, page_size: int, start: int, length: int, scale: float, softcap=None, sinks=None):

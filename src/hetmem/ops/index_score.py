@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import torch
 
+from hetmem.ops import fast
+
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``q [B, H_i, D_i]``, ``w [B, H_i]``, ``k [B, L, D_i]`` -> scores ``[B, L]``.
+    """``q [B, H_i, D_i]``, ``w [B, H_i]``, ``k [B, L, D_i]`` -> scores ``[B, L]`` (float32).
 
-    One GEMM ``[H_i, D_i] x [D_i, L]``, a ReLU, and a weighted reduction over the index heads.
+    With the compiled ops (``ops.fast``): one pass over the index keys, every index head per key row, no
+    ``[B, H_i, L]`` intermediate. Otherwise ``index_scores_torch``.
     """
+    if k.dim() == 3 and k.stride(-1) == 1 and fast.available(q, w, k):
+        return fast.index_scores(q, w, k)
+    return index_scores_torch(q, w, k)
+
+
+def index_scores_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Plain torch: one GEMM ``[H_i, D_i] x [D_i, L]``, a ReLU, and a weighted reduction over the index heads."""
     s = torch.relu(torch.matmul(q, k.transpose(-1, -2)))  # [B, H_i, L]
     return torch.matmul(w.unsqueeze(1), s).squeeze(1)
 
