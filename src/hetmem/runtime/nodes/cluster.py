@@ -202,6 +202,18 @@ class NodeActor(MemoryNode):
         with self._call_lock:
             return super().call(batch)
 
+    def _work(self, req):
+        """The link calibration (``linkcal``): compute for ``ms`` as a decode request's steps do (streaming
+        through memory: 8 MiB of its own, as a node reads its pages), then echo the arrays back."""
+        if req["ms"] > 0:
+            if getattr(self, "_scratch", None) is None:
+                self._scratch = np.ones(1 << 21, dtype=np.float32)
+            t, i = time.perf_counter(), 0
+            while (time.perf_counter() - t) * 1e3 < req["ms"]:
+                self._scratch[i: i + (1 << 17)].sum()  # 512 KiB at a time, round the 8 MiB
+                i = (i + (1 << 17)) % (1 << 21)
+        return req.get("x")
+
     def open_channel(self, token: bytes, local: bool) -> dict:
         self._tokens.add(token)
         kind = "unix" if local else "tcp"
@@ -237,8 +249,9 @@ class NodeActor(MemoryNode):
             send_frames(conn, pack("ok"))
             while True:
                 batch = recv_msg(conn)
+                t_in = time.perf_counter()
                 try:
-                    reply = ("ok", self.call(batch))
+                    reply = ("ok", self.call(batch), t_in)
                 except Exception as e:  # noqa: BLE001 - any error goes back to the head, which reports it
                     reply = ("error", type(e).__name__, str(e))
                 send_frames(conn, pack(reply))
@@ -345,6 +358,8 @@ class NodeCluster:
         self.ledger = Ledger()
         self.rehydrate = None  # set by the client: node -> batch that rebuilds its shard
         self.restarts = 0
+        self.last: dict = {}  # the last call's round trip and slowest node's compute (ms)
+        self.timeline: list = []  # socket: per node (sent, node has it, node done, head has its reply), perf_counter
         self.fallback = None
         self._dag = None
         self._socks: list[socket.socket] | None = None  # the direct channels (transport "socket"), once opened
@@ -475,12 +490,17 @@ class NodeCluster:
         self._inflight = time.monotonic()
         try:
             packed: dict[int, list] = {}  # a batch object sent to several nodes is pickled once
+            sent = []
             for s, b in zip(socks, batches):
                 f = packed.get(id(b))
                 if f is None:
                     f = packed[id(b)] = pack(b)
                 send_frames(s, f)
-            replies = [recv_msg(s) for s in socks]  # every node's reply is read: the channels stay in step
+                sent.append(time.perf_counter())
+            replies = []
+            for s in socks:  # every node's reply is read: the channels stay in step
+                replies.append(recv_msg(s))
+                replies[-1] += (time.perf_counter(),)
         except BaseException:
             self._close_channels()
             raise
@@ -489,6 +509,9 @@ class NodeCluster:
         for r in replies:
             if r[0] == "error":
                 raise NodeCallError(r[1], r[2])
+        # the same machine's clock (perf_counter is CLOCK_MONOTONIC): send -> the node has the batch, and the
+        # node's reply -> the head has it (only meaningful for nodes on the head's machine)
+        self.timeline = [(t_s, r[2], r[2] + r[1]["node_ms"] / 1e3, r[3]) for t_s, r in zip(sent, replies)]
         return [r[1] for r in replies]
 
     def _send(self, batches: list[list[dict]]) -> list[dict]:
@@ -519,6 +542,7 @@ class NodeCluster:
                 return self._recover_and_retry(batches, layer, phase, step)
             return self._fail(e, step)
         rt = (time.perf_counter() - t0) * 1e3
+        self.last = {"rt_ms": rt, "node_ms": max(r["node_ms"] for r in res)}
         if phase:  # housekeeping calls (drop) are not transfers of a phase
             link = max(0.0, rt - max(r["node_ms"] for r in res))
             for i, (b, r) in enumerate(zip(batches, res)):
