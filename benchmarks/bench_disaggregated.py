@@ -8,7 +8,7 @@ link model's predictions, which are modelled and compared with the measured tran
    the CPU an idle node process burns under each (a compiled graph's actors poll their channels);
 2. the link, calibrated per node count as ``hetmem plan --system host+memnode`` calibrates it
    (``runtime.nodes.linkcal``: socket-channel calls with payloads from empty to 4 MiB, 4 .. 64 small arrays
-   and decode-shaped requests with the nodes computing 0 .. 1 ms, after head work), fitted to
+   and decode-shaped requests with the nodes computing 0 .. 4 ms, after head work), fitted to
    ``latency(N) + arrays * per_array + bytes / bandwidth + compute_share * node_ms`` (and cached for the
    planner);
 3. decode ms/token with SmolLM2 at ``--tokens`` of context: in-process vs 1 and 2 nodes for each layout
@@ -16,9 +16,10 @@ link model's predictions, which are modelled and compared with the measured tran
    ``runtime.nodes.client.modelled_decode_bytes``; the generated tokens must equal the in-process run's;
 4. the link model's MAPE: for each (layer, step) of decode, the measured link ms of its calls (round trip
    minus the slowest node's compute) against the model with that node count's calibration, the calls, and
-   the arrays and bytes all nodes exchanged; the link is calibrated again right before each run (the
-   shared machine's load drifts over minutes), and the MAPE against the calibration at the start is
-   recorded beside it;
+   the arrays and bytes all nodes exchanged and the slowest node's compute; the link is calibrated again
+   right before and right after each run and fitted on both calibrations' points (the shared machine's
+   load drifts over minutes), and the MAPE against the calibration right before alone and against the one
+   at the start is recorded beside it;
 5. the split-budget single-round mode (attention layout, 2 nodes): decode ms/token and its attention-mass
    recall next to the exact mode's (measured from the same calls, ``llm/recall.py``).
 
@@ -45,7 +46,7 @@ from hetmem.llm.arch import describe  # noqa: E402
 from hetmem.llm.generate import generate  # noqa: E402
 from hetmem.llm.models import load_model  # noqa: E402
 from hetmem.methods import get_method  # noqa: E402
-from hetmem.hw.memnode import LinkModel  # noqa: E402
+from hetmem.hw.memnode import LinkModel, fit_link  # noqa: E402
 from hetmem.llm.recall import RecallMeter  # noqa: E402
 from hetmem.runtime.nodes.client import LAYOUTS, NodeMethod, modelled_decode_bytes  # noqa: E402
 from hetmem.runtime.nodes.cluster import NodeCluster, cores  # noqa: E402
@@ -78,10 +79,17 @@ def per_call_us(cluster: NodeCluster, batches, n: int) -> float:
     return statistics.median(ts) * 1e6
 
 
-def recalibrate(cl: NodeCluster, n: int, args) -> LinkModel:
-    """The link calibrated again on ``cl`` right before a run: on a shared machine the load (and with it
-    every round trip) drifts over minutes, so the model is compared with the calibration made at the time."""
-    return LinkModel.of(calibrate_link(n, force=True, cluster=cl, repeats=max(10, args.calls // 10), others=False))
+def recalibrate(cl: NodeCluster, n: int, args) -> dict:
+    """The link calibrated again on ``cl`` (right before and right after a run): on a shared machine the load
+    (and with it every round trip) drifts over minutes, so the model is compared with the calibration made at
+    the time."""
+    return calibrate_link(n, force=True, cluster=cl, repeats=max(10, args.calls // 10), others=False)
+
+
+def around(before: dict, after: dict, n: int) -> LinkModel:
+    """The link model fitted on the points of the calibrations right before and right after a run together
+    (the machine's load during the run lies between the two)."""
+    return LinkModel.of({"key": {"n_nodes": n}, "fit": fit_link(before["points"] + after["points"])})
 
 
 def link_errors(ledger, link: LinkModel) -> list[float]:
@@ -156,7 +164,7 @@ def main() -> int:
         links[n] = LinkModel.of(e)
         lk = links[n]
         rec.figure(f"link.{n}node.latency_us", round(lk.latency_ms * 1e3, 1), "us",
-                   note="fitted compiled-graph round trip at 0 arrays, 0 bytes")
+                   note="fitted round trip through the run's transport at 0 arrays, 0 bytes, 0 node compute")
         rec.figure(f"link.{n}node.per_array_us", round(lk.per_array_ms * 1e3, 2), "us", note="fitted, per numpy array")
         rec.figure(f"link.{n}node.bandwidth_gbs", round(lk.bandwidth_gbs, 3), "GB/s", note="fitted, both directions")
         rec.figure(f"link.{n}node.compute_share", round(lk.compute_share, 3), "ms/ms",
@@ -193,16 +201,17 @@ def main() -> int:
     rec.figure("decode_ms_per_token.in_process", round(base_ms, 2), "ms/token", note=f"the faster: {best} thread(s)")
     method = get_method("quest", **params)
     sparse_layers = arch.n_layers - method.dense_layers
-    errs, errs_start = [], []
+    errs, errs_start, errs_before = [], [], []
     for n in (1, 2):
         cl = NodeCluster(n, actors=nodes.actors)
         torch.set_num_threads(cl.threads["head"])
         for layout in LAYOUTS:
-            now = recalibrate(cl, n, args)
+            before = recalibrate(cl, n, args)
             cl.ledger.rows.clear()
             nm = NodeMethod(get_method("quest", **params), cl, layout)
             res = generate(lm.model, ids, nm, args.new, progress=False)
             nm.close_session()
+            now = around(before, recalibrate(cl, n, args), n)
             steps = max(1, len(res.token_ids) - 1)
             ms = res.decode_ms / steps
             same = res.token_ids == base.token_ids
@@ -220,23 +229,26 @@ def main() -> int:
             rec.figure(f"tokens_identical.{key}", int(same), "1 = identical")
             errs += link_errors(cl.ledger, now)
             errs_start += link_errors(cl.ledger, links[n])
+            errs_before += link_errors(cl.ledger, LinkModel.of(before))
             e_run = link_errors(cl.ledger, now)
             rec.figure(f"link_model_mape.{key}", round(100 * statistics.mean(e_run), 1) if e_run else None, "%",
-                       source="modelled", note="calibrated just before this run")
+                       source="modelled", note="calibrated just before and just after this run")
             print(f"{n} node(s) {layout:<9}: {ms:.1f} ms/token ({ms / base_ms:.2f}x), {measured:.0f} B/layer/step "
                   f"(model {model}), tokens identical: {same}", flush=True)
         if n == 2:  # 5. split budget: one round per layer; its recall next to the exact mode's
-            now = recalibrate(cl, n, args)
+            before = recalibrate(cl, n, args)
             nm = NodeMethod(get_method("quest", **params), cl, "attention", split_budget=True)
             cl.ledger.rows.clear()
             res = generate(lm.model, ids, nm, args.new, progress=False)
             nm.close_session()
+            now = around(before, recalibrate(cl, n, args), n)
             steps = max(1, len(res.token_ids) - 1)
             ms = res.decode_ms / steps
             dec = cl.ledger.summary().get("decode", {})
             measured = (dec.get("bytes_to_node", 0) + dec.get("bytes_to_head", 0)) / steps / sparse_layers
             errs += link_errors(cl.ledger, now)
             errs_start += link_errors(cl.ledger, links[n])
+            errs_before += link_errors(cl.ledger, LinkModel.of(before))
             exact = RecallMeter(arch.n_layers)
             nm = NodeMethod(get_method("quest", **params), cl, "attention", split_budget=True, exact_meter=exact)
             rr = generate(lm.model, ids, nm, args.new, progress=False, recall=True)
@@ -260,10 +272,13 @@ def main() -> int:
                note="link model (per node count: latency + arrays + bytes) vs the measured link ms of every decode "
                     "(layer, step)")
     rec.figure("link_model_entries", len(errs), "entries")
+    rec.figure("link_model_mape_before_calibration", round(100 * statistics.mean(errs_before), 1) if errs_before else None,
+               "%", source="modelled", note="the same entries against the calibration right before each run alone")
     rec.figure("link_model_mape_start_calibration", round(100 * statistics.mean(errs_start), 1) if errs_start else None,
                "%", source="modelled", note="the same entries against the calibration made once at the start")
     print(f"link model MAPE vs measured decode transfers: {mape:.1f}% over {len(errs)} (layer, step) entries "
-          f"(calibrated before each run; {100 * statistics.mean(errs_start):.1f}% with the calibration at the start)",
+          f"(calibrated right before and after each run; {100 * statistics.mean(errs_before):.1f}% with the calibration "
+          f"before it alone, {100 * statistics.mean(errs_start):.1f}% with the calibration at the start)",
           flush=True)
     nodes.close()
     ray.shutdown()
