@@ -37,6 +37,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
+import torch
 
 from hetmem.errors import HetmemError
 from hetmem.runtime.nodes.node import MemoryNode
@@ -203,15 +204,19 @@ class NodeActor(MemoryNode):
             return super().call(batch)
 
     def _work(self, req):
-        """The link calibration (``linkcal``): compute for ``ms`` as a decode request's steps do (streaming
-        through memory: 8 MiB of its own, as a node reads its pages), then echo the arrays back."""
+        """The link calibration (``linkcal``): compute for ``ms`` as a decode request's steps do (attention of a
+        query over 512-token slices of 8 MiB of its own keys, one torch op after another, each allocating its
+        result), then echo the arrays back."""
         if req["ms"] > 0:
             if getattr(self, "_scratch", None) is None:
-                self._scratch = np.ones(1 << 21, dtype=np.float32)
+                self._scratch = torch.randn(1, 3, 1 << 13, 64)
+            q = torch.randn(1, 3, 3, 64)
             t, i = time.perf_counter(), 0
-            while (time.perf_counter() - t) * 1e3 < req["ms"]:
-                self._scratch[i: i + (1 << 17)].sum()  # 512 KiB at a time, round the 8 MiB
-                i = (i + (1 << 17)) % (1 << 21)
+            with torch.inference_mode():
+                while (time.perf_counter() - t) * 1e3 < req["ms"]:
+                    k = self._scratch[:, :, i: i + 512]
+                    torch.softmax(q @ k.transpose(-1, -2), -1) @ k
+                    i = (i + 512) % (1 << 13)
         return req.get("x")
 
     def open_channel(self, token: bytes, local: bool) -> dict:
@@ -365,6 +370,7 @@ class NodeCluster:
         self._socks: list[socket.socket] | None = None  # the direct channels (transport "socket"), once opened
         self._channel_kinds: list[str] = []
         self._token = secrets.token_bytes(32)
+        self._channel_lock = threading.Lock()
         self._lock = threading.Lock()
         self._inflight: float | None = None  # when the compiled-graph call now in flight began
         self._died = False
@@ -486,6 +492,10 @@ class NodeCluster:
             self._socks = None
 
     def _send_socket(self, batches: list[list[dict]]) -> list[dict]:
+        with self._channel_lock:  # one exchange at a time on the channels (callers on several threads)
+            return self._exchange(batches)
+
+    def _exchange(self, batches: list[list[dict]]) -> list[dict]:
         socks = self._connect()
         self._inflight = time.monotonic()
         try:
