@@ -53,3 +53,49 @@ def test_a_closed_channel_is_an_error(pair):
     a.close()
     with pytest.raises(ConnectionError):
         recv_msg(b)
+
+
+TOUCHED = []
+
+
+def _touch():
+    TOUCHED.append(1)
+    return "touched"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (_touch, ())
+
+
+def test_a_node_serves_only_a_head_with_its_token():
+    """A node actor's listener (here in this process, a Unix socket) closes a connection whose first 32 bytes
+    are not a registered token, without unpickling what follows; with the token it answers batches."""
+    import torch
+
+    from hetmem.runtime.nodes.cluster import TOKEN_BYTES, NodeActor
+
+    node = NodeActor(0, torch.get_num_threads())
+    token = b"t" * TOKEN_BYTES
+    ch = node.open_channel(token, True)
+    assert ch["kind"] == "unix"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(ch["address"])
+        s.sendall(b"x" * TOKEN_BYTES)
+        send_frames(s, pack([_Evil()]))
+        try:
+            assert s.recv(1) == b""  # closed (or reset: the node left the rest unread)
+        except ConnectionResetError:
+            pass
+    assert TOUCHED == []
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(ch["address"])
+        s.sendall(token)
+        assert recv_msg(s) == "ok"
+        send_frames(s, pack([{"op": "echo", "x": np.arange(5)}]))
+        status, res, _ = recv_msg(s)
+        assert status == "ok" and np.array_equal(res["results"][0], np.arange(5))
+        send_frames(s, pack([{"op": "score", "cache": "nope", "layer": 0}]))
+        assert recv_msg(s)[:2] == ("error", "KeyError")

@@ -115,6 +115,7 @@ def thread_plan(n_nodes: int, total: int | None = None) -> dict:
 # body into one bytearray and the arrays are writable views of it (no copy on either side).
 
 _HDR = struct.Struct("<QI")
+TOKEN_BYTES = 32  # a head presents its token as the first 32 bytes of a connection
 _ALIGN = 64
 
 
@@ -247,8 +248,8 @@ class NodeActor(MemoryNode):
             if conn.family == socket.AF_INET:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(30)
-            token = recv_msg(conn)
-            if not (isinstance(token, bytes) and any(hmac.compare_digest(token, t) for t in self._tokens)):
+            token = bytes(_recv_exact(conn, TOKEN_BYTES))  # raw bytes: nothing is unpickled before the token matches
+            if not any(hmac.compare_digest(token, t) for t in self._tokens):
                 return
             conn.settimeout(None)
             send_frames(conn, pack("ok"))
@@ -369,7 +370,7 @@ class NodeCluster:
         self._dag = None
         self._socks: list[socket.socket] | None = None  # the direct channels (transport "socket"), once opened
         self._channel_kinds: list[str] = []
-        self._token = secrets.token_bytes(32)
+        self._token = secrets.token_bytes(TOKEN_BYTES)
         self._channel_lock = threading.Lock()
         self._lock = threading.Lock()
         self._inflight: float | None = None  # when the compiled-graph call now in flight began
@@ -464,7 +465,7 @@ class NodeCluster:
                 if fam == socket.AF_INET:
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 s.connect(ch["address"] if fam == socket.AF_UNIX else tuple(ch["address"]))
-                send_frames(s, pack(self._token))
+                s.sendall(self._token)
                 if recv_msg(s) != "ok":
                     raise ConnectionError(f"memory node {i} refused the channel")
                 kinds.append(ch["kind"])
