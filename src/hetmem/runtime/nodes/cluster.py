@@ -206,7 +206,7 @@ class NodeActor(MemoryNode):
 
     def _work(self, req):
         """The link calibration (``linkcal``): compute for ``ms`` as a decode request's steps do (attention of a
-        query over 512-token slices of 8 MiB of its own keys, one torch op after another, each allocating its
+        query over 512-token slices of 6 MiB of its own keys, one torch op after another, each allocating its
         result), then echo the arrays back."""
         if req["ms"] > 0:
             if getattr(self, "_scratch", None) is None:
