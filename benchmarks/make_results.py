@@ -516,15 +516,43 @@ def _link_lines(rec: dict) -> list[str]:
                 f"{fmt(v(rec, 'link_model_mape'), 1)}% (modelled vs measured)."]
     fits = "; ".join(f"{n} node(s): {fmt(v(rec, f'link.{n}node.latency_us'), 0)} us per call + "
                      f"{fmt(v(rec, f'link.{n}node.per_array_us'), 1)} us per array + bytes / "
-                     f"{fmt(v(rec, f'link.{n}node.bandwidth_gbs'))} GB/s" for n in (1, 2)
-                     if v(rec, f"link.{n}node.latency_us") is not None)
-    return [f"Link calibrated through the compiled graph per node count (`runtime.nodes.linkcal`, as `hetmem plan "
+                     f"{fmt(v(rec, f'link.{n}node.bandwidth_gbs'))} GB/s"
+                     + (f" + {fmt(v(rec, f'link.{n}node.compute_share'))} x the slowest node's compute"
+                        if v(rec, f"link.{n}node.compute_share") is not None else "")
+                     + (f" (an empty compiled-graph call under the same conditions: "
+                        f"{fmt(v(rec, f'link.{n}node.compiled_graph_call_us'), 0)} us)"
+                        if v(rec, f"link.{n}node.compiled_graph_call_us") is not None else "")
+                     for n in (1, 2) if v(rec, f"link.{n}node.latency_us") is not None)
+    via = "the socket channel" if v(rec, "call_us.socket") is not None else "the compiled graph"
+    return [f"Link calibrated through {via} per node count (`runtime.nodes.linkcal`, as `hetmem plan "
             f"--system host+memnode` calibrates it): {fits}. The link model's MAPE against the measured link time "
             f"(round trip minus the slowest node's compute) of every decode (layer, step): "
             f"**{fmt(v(rec, 'link_model_mape'), 1)}%** over {fmt(v(rec, 'link_model_entries'))} entries (modelled vs measured"
-            + (f"; the link calibrated again right before each run, as the shared machine's load drifts: against the one "
+            + (f"; the link calibrated again right before and right after each run and fitted on both, as the shared "
+               f"machine's load drifts: against the calibration right before alone it is "
+               f"{fmt(v(rec, 'link_model_mape_before_calibration'), 1)}%, against the one at the start of the benchmark "
+               f"{fmt(v(rec, 'link_model_mape_start_calibration'), 1)}%"
+               if v(rec, "link_model_mape_before_calibration") is not None else
+               f"; the link calibrated again right before each run, as the shared machine's load drifts: against the one "
                f"calibration at the start of the benchmark it is {fmt(v(rec, 'link_model_mape_start_calibration'), 1)}%"
                if v(rec, "link_model_mape_start_calibration") is not None else "") + ")."]
+
+
+def _call_lines(rec: dict) -> str:
+    if v(rec, "call_us.socket") is None:  # records before the socket channel
+        return (f"Per call to 2 nodes (median, empty batch): plain actor call {fmt(v(rec, 'call_us.plain_actor'), 0)} "
+                f"us, compiled graph {fmt(v(rec, 'call_us.compiled_graph'), 0)} us "
+                f"(**{fmt(v(rec, 'call_overhead_ratio'))}x**).")
+    names = (("plain actor call", "plain_actor", "plain"), ("Ray Compiled Graph", "compiled_graph", "compiled"),
+             ("direct socket channel (the default)", "socket", "socket"))
+    per = ", ".join(f"{label} {fmt(v(rec, f'call_us.{k}.1node'), 0)} / {fmt(v(rec, f'call_us.{k}'), 0)} us"
+                    for label, k, _ in names)
+    dec = ", ".join(f"{label.split(' (')[0]} {fmt(v(rec, f'call_us.{k}.decode_request'), 0)} us" for label, k, _ in names)
+    idle = ", ".join(f"{t} {fmt(v(rec, f'idle_node_cpu.{t}'))}" for _, _, t in names)
+    return (f"Per call to 1 / 2 nodes (median, empty batch): {per} (socket **{fmt(v(rec, 'call_overhead_ratio.socket'))}x** "
+            f"faster than a plain actor call, compiled graph {fmt(v(rec, 'call_overhead_ratio'))}x). A decode-shaped "
+            f"request to 2 nodes (query, new K/V and plain fields, echoed): {dec}. CPU an idle node process uses "
+            f"(cores): {idle} (a compiled graph's actors poll their channels).")
 
 
 def _split_lines(rec: dict) -> list[str]:
@@ -555,9 +583,7 @@ def block_disaggregated(rec: dict) -> str:
                         f"| {fmt(v(rec, f'decode_ratio.{k}'))}x | {fmt(v(rec, f'bytes_per_layer_step.{k}'))} / "
                         f"{fmt(v(rec, f'bytes_per_layer_step_model.{k}'))} | {v(rec, f'tokens_identical.{k}')} |")
     return "\n".join([
-        f"Per call to 2 nodes (median, empty batch): plain actor call {fmt(v(rec, 'call_us.plain_actor'), 0)} us, "
-        f"compiled graph {fmt(v(rec, 'call_us.compiled_graph'), 0)} us (**{fmt(v(rec, 'call_overhead_ratio'))}x**). "
-        + " ".join(_link_lines(rec)), "",
+        _call_lines(rec) + " " + " ".join(_link_lines(rec)), "",
         f"SmolLM2, quest at budget {s['budget']}, {s.get('prompt_tokens', s['tokens']):,}-token prompt, {s['new']} new "
         f"tokens; in-process with {s.get('in_process_threads', '?')} torch threads; with nodes the head and each node "
         "get the threads of `memory_nodes.threads` in the run record. All measured except the modelled column.", "",

@@ -25,6 +25,18 @@ def test_fit_link_recovers_latency_per_array_and_bandwidth():
     assert m.bandwidth_gbs == pytest.approx(1.0)
 
 
+def test_fit_link_recovers_the_compute_share():
+    true = {"latency_ms": 0.3, "per_array_ms": 0.004, "ms_per_byte": 4e-7, "compute_share": 0.6}
+    pts = [{"arrays": a, "bytes": b, "node_ms": w,
+            "ms": true["latency_ms"] + a * true["per_array_ms"] + b * true["ms_per_byte"] + w * true["compute_share"]}
+           for a, b, w in ((0, 0, 0.0), (2, 1 << 20, 0.0), (64, 1 << 14, 0.0), (8, 1 << 13, 0.5), (8, 1 << 13, 1.0))]
+    fit = fit_link(pts)
+    for k, v in true.items():
+        assert fit[k] == pytest.approx(v, rel=1e-6)
+    m = LinkModel(fit["latency_ms"], fit["per_array_ms"], fit["ms_per_byte"], 2, None, fit["compute_share"])
+    assert m.ms(1, 8, 1 << 13, 1.0) == pytest.approx(pts[-1]["ms"])
+
+
 def test_layout_bytes_calls_and_arrays():
     d = dict(kv_heads=2, group=3, head_dim=8, budget_pages=4, page_size=16)
     idx, kv, att = (layout_bytes(x, 2, **d) for x in ("index", "kv", "attention"))

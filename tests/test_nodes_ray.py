@@ -119,10 +119,10 @@ def test_seer_top_k_on_two_nodes(nodes, model, prompt):
 
 
 def test_node_killed_mid_decode_changes_nothing(model, prompt):
-    """A fresh pair of nodes (a compiled graph over a restarted node is not rebuilt, so the module's nodes stay
-    untouched; the fixture's Ray has 2 spare CPUs for them). Node 1 is SIGKILLed after the 7th decode
-    selection, once in the attention layout (the call in flight is a compiled-graph call) and once in the kv
-    layout (by then plain actor calls); Ray restarts it, the head re-hydrates it, the output is unchanged."""
+    """A fresh pair of nodes (the module's nodes stay untouched; the fixture's Ray has 2 spare CPUs for them).
+    Node 1 is SIGKILLed after the 7th decode selection, once in the attention layout and once in the kv layout;
+    its channel closes, Ray restarts it, the head re-hydrates it and opens the channel again, the output is
+    unchanged."""
     tokens, sels = reference(model, prompt, "quest", QUEST)
     cluster = NodeCluster(2, timeout_s=120)
     try:
@@ -131,9 +131,24 @@ def test_node_killed_mid_decode_changes_nothing(model, prompt):
             t, s = on_nodes(model, prompt, cluster, layout, "quest", QUEST, at=7, action=lambda: cluster.kill(1))
             assert cluster.restarts == k + 1 and cluster.pids[1] != before[1]
             assert same(s, sels) and t == tokens, layout
-        assert cluster.record()["fallback"]
+        assert cluster.record()["transport"] == "socket" and cluster.record()["fallback"] is None
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("transport", ["compiled", "plain"])
+def test_ray_transports_match_the_socket_channel(nodes, model, prompt, transport):
+    """The compiled graph and plain actor calls (the transports the benchmark compares with the default socket
+    channel) carry the same batches: same selections and tokens."""
+    tokens, sels = reference(model, prompt, "quest", QUEST)
+    sub = NodeCluster(2, actors=nodes.actors, transport=transport)
+    try:
+        t, s = on_nodes(model, prompt, sub, "attention", "quest", QUEST)
+        assert sub.record()["transport"] == transport
+    finally:
+        sub.release_graph()
+        sub.close()
+    assert same(s, sels) and t == tokens
 
 
 def test_a_node_error_is_one_line(nodes):

@@ -103,7 +103,7 @@ def cmd_plan_memnode(args) -> int:
                         "vs_in_process": round(opts[best]["latency_us"] / opts["in-process"]["latency_us"], 4),
                         "source": "modelled"})
     link_rec = {k: link_entry.get(k) for k in ("key", "key_id", "measured_at", "source", "statistic", "fit",
-                                               "plain_call_ms", "cached")}
+                                               "transport", "plain_call_ms", "other_transports_call_ms", "cached")}
     plan = {"schema": "hetmem.plan/1", "source": "modelled", "system": MEMNODE_SYSTEM, "objective": "latency",
             "note": "latencies are modelled: the steps on the calibrated host CPU, the head<->node link by a model "
                     "calibrated on this machine (link)", "memory_nodes": n, "link": link_rec,
@@ -129,7 +129,8 @@ def cmd_plan_memnode(args) -> int:
     f = link.bandwidth_gbs
     print(f"Layouts on {MEMNODE_SYSTEM} ({n} local node(s)); every latency is MODELLED. Link (measured "
           f"{link_entry['measured_at']}{', cached' if link_entry.get('cached') else ''}): {link.latency_ms * 1e3:.0f} us "
-          f"per call + {link.per_array_ms * 1e3:.1f} us per array + bytes / {f:.2f} GB/s")
+          f"per call + {link.per_array_ms * 1e3:.1f} us per array + bytes / {f:.2f} GB/s + "
+          f"{link.compute_share:.2f} x the nodes' compute")
     print(f"{'method':<12} {'size':>8} {'in-process us':>14} {'index us':>10} {'kv us':>10} {'attention us':>13}  best")
     for e in entries:
         L = e["layouts"]

@@ -2,20 +2,24 @@
 
 ``hetmem plan --system host+memnode`` models the three layouts of docs/disaggregated.md (index, kv,
 attention) for a profiled sparse-attention workload, with the steps' compute on this machine's calibrated
-CPU (``hw.catalog``'s host-cpu) and the head<->node link *calibrated on this machine*: a Ray Compiled
-Graph round trip measured by ``runtime.nodes.linkcal`` and cached here, keyed like the CPU calibration
-(host, CPU model, cores available, torch and Ray versions, the node count), with its key and measured_at.
+CPU (``hw.catalog``'s host-cpu) and the head<->node link *calibrated on this machine*: round trips of the
+cluster's transport (the direct socket channel by default, ``runtime.nodes.cluster``) measured by
+``runtime.nodes.linkcal`` and cached here, keyed like the CPU calibration (host, CPU model, cores
+available, torch and Ray versions, the node count, the transport), with its key and measured_at.
 
-The link model (what a call really costs, fitted by least squares on calibration calls):
+The link model (what a call's link time is: its round trip minus the slowest node's compute, as the
+ledger counts it; fitted by least squares on calibration calls):
 
-    link_ms(call) = latency_ms(N) + arrays * per_array_ms + bytes / bandwidth
+    link_ms(call) = latency_ms(N) + arrays * per_array_ms + bytes / bandwidth + compute_share * node_ms
 
-``latency_ms`` is the compiled graph's empty round trip to all ``N`` nodes (measured per N: a graph over
-two actors is not a graph over one) when it follows some milliseconds of work on the head, as every decode
-call does (the nodes have gone idle; waking them costs several times a back-to-back call); ``per_array_ms`` is the serialisation cost of each numpy array a
-request or result carries (Ray pickles each with its header; many small arrays cost more than their
-bytes); ``bandwidth`` is the shared-memory channel's bytes per ms, both directions together. A plain actor
-call's empty round trip is kept beside it (the calls a run falls back to after a node restart).
+``latency_ms`` is the empty round trip to all ``N`` nodes (measured per N) when it follows some work on
+the head, as every decode call does (the nodes have gone idle and are woken); ``per_array_ms`` is the
+serialisation cost of each numpy array a request or result carries (pickled with its header on one side,
+rebuilt on the other); ``bandwidth`` is the channel's bytes per ms, both directions together;
+``compute_share`` the part of the slowest node's compute ``node_ms`` the round trip pays again when the
+head and N nodes share fewer free cores than they need (a node that waits for a core to start is not
+computing, so its wait is link time; 0 where the cores suffice). The round trips of the other transports
+(a Ray Compiled Graph, plain actor calls) are kept beside it.
 
 Bytes per call by layout are counted exactly as the nodes exchange them (``layout_bytes``).
 """
@@ -39,7 +43,8 @@ from hetmem.settings import cache_dir
 
 LAYOUTS = ("index", "kv", "attention")
 SYSTEM = "host+memnode"
-LINK_SCHEMA = "hetmem.link-calibration/2"  # 2: calls measured after head work (1: back to back)
+LINK_SCHEMA = "hetmem.link-calibration/3"  # 3: the transport, link time as the ledger's, decode-shaped calls
+# with node compute (2: calls measured after head work; 1: back to back)
 
 
 # ----------------------------------------------------------------------------------------- bytes per layout
@@ -100,35 +105,40 @@ def layout_bytes(layout: str, n_nodes: int, *, kv_heads: int, group: int, head_d
 
 @dataclass
 class LinkModel:
-    latency_ms: float  # compiled-graph empty round trip to all the nodes
+    latency_ms: float  # empty round trip to all the nodes
     per_array_ms: float
     ms_per_byte: float
     n_nodes: int = 1
     plain_call_ms: float | None = None
+    compute_share: float = 0.0  # link ms per ms of the slowest node's compute (cores shared)
 
     @property
     def bandwidth_gbs(self) -> float:
         return 1.0 / self.ms_per_byte / 1e6 if self.ms_per_byte > 0 else float("inf")
 
-    def ms(self, calls: float, arrays: float, nbytes: float) -> float:
-        return calls * self.latency_ms + arrays * self.per_array_ms + nbytes * self.ms_per_byte
+    def ms(self, calls: float, arrays: float, nbytes: float, node_ms: float = 0.0) -> float:
+        """Link ms of ``calls`` round trips moving ``arrays`` arrays and ``nbytes`` bytes (all nodes, both ways)
+        while the slowest node computes ``node_ms`` in all."""
+        return (calls * self.latency_ms + arrays * self.per_array_ms + nbytes * self.ms_per_byte
+                + node_ms * self.compute_share)
 
     @classmethod
     def of(cls, entry: dict) -> "LinkModel":
         f = entry["fit"]
         return cls(f["latency_ms"], f["per_array_ms"], f["ms_per_byte"], entry["key"]["n_nodes"],
-                   entry.get("plain_call_ms"))
+                   entry.get("plain_call_ms"), f.get("compute_share", 0.0))
 
 
 def fit_link(points: list[dict]) -> dict:
-    """Least squares of ``ms = latency + arrays * per_array + bytes * ms_per_byte`` over calibration calls
-    (each ``{"arrays", "bytes", "ms"}``), relative (each row divided by its ms: the fit minimises the relative
+    """Least squares of ``ms = latency + arrays * per_array + bytes * ms_per_byte + node_ms * compute_share``
+    over calibration calls (each ``{"arrays", "bytes", "ms"}``, ``node_ms`` 0 if absent), relative (each row divided by its ms: the fit minimises the relative
     error the MAPE measures, so a 20 ms call does not outweigh twenty 0.5 ms ones); a negative term is
     dropped and the rest refitted."""
     y = np.array([p["ms"] for p in points], dtype=float)
     cols = {"latency_ms": np.ones(len(points)), "per_array_ms": np.array([p["arrays"] for p in points], dtype=float),
-            "ms_per_byte": np.array([p["bytes"] for p in points], dtype=float)}
-    names = list(cols)
+            "ms_per_byte": np.array([p["bytes"] for p in points], dtype=float),
+            "compute_share": np.array([p.get("node_ms", 0.0) for p in points], dtype=float)}
+    names = [n for n in cols if cols[n].any()]
     while True:
         A = np.stack([cols[n] for n in names], 1)
         sol, *_ = np.linalg.lstsq(A / y[:, None], np.ones_like(y), rcond=None)
@@ -143,9 +153,9 @@ def fit_link(points: list[dict]) -> dict:
     return fit
 
 
-def link_key(n_nodes: int, ray_version: str, torch_version: str) -> dict:
+def link_key(n_nodes: int, ray_version: str, torch_version: str, transport: str = "socket") -> dict:
     return {"hostname": socket.gethostname(), "cpu": cpu_model(), "cores_available": cores_available(),
-            "ray": ray_version, "torch": torch_version, "n_nodes": n_nodes, "calls": "compiled graph"}
+            "ray": ray_version, "torch": torch_version, "n_nodes": n_nodes, "transport": transport}
 
 
 def _key_id(key: dict) -> str:
@@ -218,7 +228,7 @@ def plan_layouts(wl: Workload, host: Device, link: LinkModel, dims: dict) -> dic
         if layout == "kv":
             gathered = dims["batch"] * dims["kv_heads"] * dims["budget_pages"] * dims["page_size"] * dims["head_dim"] * dims["elem"] * 2
             node_us += layers * gathered / (host.mem_bw_gbs * 1e3) / n
-        link_us = layers * link.ms(b["calls"], b["arrays"], b["total"]) * 1e3
+        link_us = layers * link.ms(b["calls"], b["arrays"], b["total"]) * 1e3 + link.compute_share * node_us
         out[layout] = {"latency_us": round(head_us + node_us + link_us, 3), "head_us": round(head_us, 3),
                        "node_us": round(node_us, 3), "link_us": round(link_us, 3),
                        "bytes_per_layer": b["total"], "calls_per_layer": b["calls"], "where": where}

@@ -1,31 +1,44 @@
 """The memory nodes as Ray actors, and the one way the head talks to them.
 
 ``NodeCluster(n)`` starts a local Ray (``ray.init(num_cpus=..., include_dashboard=False)``) or joins
-``address`` (a cluster started with ``ray start --head`` / ``ray start --address``), creates ``n``
-``NodeActor``s (``max_restarts=-1``: a killed node process is restarted by Ray) and calls them through a
-Ray Compiled Graph (``ray.dag`` + ``experimental_compile``): one graph ``[node_i.call(batch_i) for i]``,
-whose per-call overhead is a shared-memory channel write and read instead of a task submission. With
-``compiled=False`` the same batches go through plain actor calls (measured side by side in
-``benchmarks/bench_disaggregated.py``).
+``address`` (a cluster started with ``ray start --head`` / ``ray start --address``) and creates ``n``
+``NodeActor``s (``max_restarts=-1``: a killed node process is restarted by Ray). Ray starts, places and
+restarts the nodes; the calls of a run go through one of three transports (``transport=``):
 
-Every call has a timeout. When a node died (a SIGKILL, an OOM kill), the head waits for Ray to restart it,
-asks every user of the nodes to re-hydrate what it kept there (``rehydrators``: each returns the batch that
-rebuilds its shards on a node, from the head's own copy or the saved memory), recompiles the graph and
-retries the call. An error raised on a node reaches the user as one line (``HetmemError``).
+    socket    (default) a direct channel per node: the node actor listens (a Unix socket when it runs on the
+              head's machine, TCP otherwise), the head connects once and writes each batch as one message
+              (pickle protocol 5, numpy arrays as out-of-band buffers) and blocks in ``recv`` for the reply;
+              no Ray task, no polling. A killed node's channel closes at once.
+    compiled  a Ray Compiled Graph (``ray.dag`` + ``experimental_compile``): one graph
+              ``[node_i.call(batch_i) for i]`` over shared-memory channels;
+    plain     plain actor calls (``compiled=False``, as before).
+
+``benchmarks/bench_disaggregated.py`` measures all three side by side. Every call has a timeout. When a
+node died (a SIGKILL, an OOM kill), the head waits for Ray to restart it, asks every user of the nodes to
+re-hydrate what it kept there (``rehydrators``: each returns the batch that rebuilds its shards on a node,
+from the head's own copy or the saved memory), opens the channel again (or recompiles the graph) and
+retries the call. An error raised on a node reaches the user as
+one line (``HetmemError``).
 
 Ray is an optional heavy dependency: it is imported when a cluster is made.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
+import pickle
+import secrets
 import socket
+import struct
+import tempfile
 import threading
 import time
 from collections import defaultdict
 
 import numpy as np
+import torch
 
 from hetmem.errors import HetmemError
 from hetmem.runtime.nodes.node import MemoryNode
@@ -97,6 +110,173 @@ def thread_plan(n_nodes: int, total: int | None = None) -> dict:
             "note": "head + nodes x per_node <= cores where it can be (each at least 1)"}
 
 
+# ----------------------------------------------------------------------------------------- the direct channel
+# One message: a 12-byte header (body bytes, out-of-band buffers), then the body: a table of lengths (the
+# pickle's, then each buffer's, uint64), the pickle (protocol 5: numpy arrays leave it as out-of-band
+# buffers, not copied into it) and the buffers, each at a 64-byte aligned offset. The receiver reads the
+# body into one bytearray and the arrays are writable views of it (no copy on either side).
+
+_HDR = struct.Struct("<QI")
+TOKEN_BYTES = 32  # a head presents its token as the first 32 bytes of a connection
+_ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def pack(obj) -> list:
+    """The frames of one message carrying ``obj`` (what ``send_frames`` writes)."""
+    bufs: list = []
+    try:
+        data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    except (pickle.PicklingError, AttributeError, TypeError):  # a step object only cloudpickle can carry
+        from ray import cloudpickle  # noqa: PLC0415  (optional heavy dependency)
+
+        bufs = []
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    raws = [b.raw() for b in bufs]
+    table = struct.pack(f"<{1 + len(raws)}Q", len(data), *(r.nbytes for r in raws))
+    frames, off = [table, data], len(table) + len(data)
+    for r in raws:
+        pad = _aligned(off) - off
+        if pad:
+            frames.append(bytes(pad))
+        frames.append(r)
+        off += pad + r.nbytes
+    return [_HDR.pack(off, len(raws)), *frames]
+
+
+def send_frames(sock: socket.socket, frames: list) -> None:
+    total = sum(memoryview(f).nbytes for f in frames)
+    sent = sock.sendmsg(frames) if len(frames) <= 512 else 0
+    if sent == total:
+        return
+    for f in frames:  # a partial write (a large message): the rest piece by piece
+        m = memoryview(f).cast("B")
+        if sent >= m.nbytes:
+            sent -= m.nbytes
+            continue
+        sock.sendall(m[sent:])
+        sent = 0
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    mv, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(mv[got:], n - got)
+        if k == 0:
+            raise ConnectionResetError("the channel was closed by its other end")
+        got += k
+    return buf
+
+
+def recv_msg(sock: socket.socket):
+    body_len, nbuf = _HDR.unpack(_recv_exact(sock, _HDR.size))
+    body = _recv_exact(sock, body_len)
+    lens = struct.unpack_from(f"<{1 + nbuf}Q", body)
+    mv = memoryview(body)
+    off = 8 * (1 + nbuf)
+    data = mv[off: off + lens[0]]
+    off += lens[0]
+    bufs = []
+    for n in lens[1:]:
+        off = _aligned(off)
+        bufs.append(mv[off: off + n])
+        off += n
+    return pickle.loads(data, buffers=bufs)
+
+
+class NodeActor(MemoryNode):
+    """The memory node as the Ray actor runs it: ``MemoryNode`` plus a direct channel. ``open_channel`` starts
+    (once) a listener in the node's process, a Unix socket when the head is on the same machine, else TCP, and
+    returns its address; a head that connects and presents the token it registered through Ray (the call
+    that opened the channel) sends batches and reads results over it, with no Ray task per call. One thread
+    per connection blocks in ``recv`` (no spinning); calls through the channel and through Ray run one at a
+    time (a lock)."""
+
+    def __init__(self, node: int, threads: int = 1):
+        super().__init__(node, threads)
+        self._call_lock = threading.Lock()
+        self._tokens: set[bytes] = set()
+        self._listeners: dict[str, tuple] = {}
+
+    def call(self, batch: list[dict]) -> dict:
+        with self._call_lock:
+            return super().call(batch)
+
+    def _work(self, req):
+        """The link calibration (``linkcal``): compute for ``ms`` as a decode request's steps do (attention of a
+        query over 512-token slices of 6 MiB of its own keys, one torch op after another, each allocating its
+        result), then echo the arrays back."""
+        if req["ms"] > 0:
+            if getattr(self, "_scratch", None) is None:
+                self._scratch = torch.randn(1, 3, 1 << 13, 64)
+            q = torch.randn(1, 3, 3, 64)
+            t, i = time.perf_counter(), 0
+            with torch.inference_mode():
+                while (time.perf_counter() - t) * 1e3 < req["ms"]:
+                    k = self._scratch[:, :, i: i + 512]
+                    torch.softmax(q @ k.transpose(-1, -2), -1) @ k
+                    i = (i + 512) % (1 << 13)
+        return req.get("x")
+
+    def open_channel(self, token: bytes, local: bool) -> dict:
+        self._tokens.add(token)
+        kind = "unix" if local else "tcp"
+        if kind not in self._listeners:
+            if local:
+                path = os.path.join(tempfile.mkdtemp(prefix="hetmem-node-"), "channel.sock")
+                srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                srv.bind(path)  # in a fresh 0700 directory: only this user reaches it
+                addr = path
+            else:
+                srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                srv.bind(("0.0.0.0", 0))
+                addr = (_ray().util.get_node_ip_address(), srv.getsockname()[1])
+            srv.listen(16)
+            threading.Thread(target=self._accept, args=(srv,), name="hetmem-channel-accept", daemon=True).start()
+            self._listeners[kind] = (srv, addr)
+        return {"kind": kind, "address": self._listeners[kind][1], "pid": os.getpid()}
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            conn, _ = srv.accept()
+            threading.Thread(target=self._serve, args=(conn,), name="hetmem-channel", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if conn.family == socket.AF_INET:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(30)
+            token = bytes(_recv_exact(conn, TOKEN_BYTES))  # raw bytes: nothing is unpickled before the token matches
+            if not any(hmac.compare_digest(token, t) for t in self._tokens):
+                return
+            conn.settimeout(None)
+            send_frames(conn, pack("ok"))
+            while True:
+                batch = recv_msg(conn)
+                t_in = time.perf_counter()
+                try:
+                    reply = ("ok", self.call(batch), t_in)
+                except Exception as e:  # noqa: BLE001 - any error goes back to the head, which reports it
+                    reply = ("error", type(e).__name__, str(e))
+                send_frames(conn, pack(reply))
+        except (OSError, EOFError, pickle.UnpicklingError):
+            pass
+        finally:
+            conn.close()
+
+
+class NodeCallError(Exception):
+    """An error raised on a node, as its channel reports it (the exception's type name and message)."""
+
+    def __init__(self, type_name: str, message: str):
+        super().__init__(message)
+        self.type_name = type_name
+
+
 class Ledger:
     """Measured transfers per (node, layer, phase, step): bytes and arrays each way, calls, round-trip ms, the
     node's own compute ms, and the link's share of the round trip: the round trip minus the slowest node's
@@ -142,11 +322,20 @@ class Ledger:
         return {ph: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()} for ph, t in tot.items()}
 
 
+TRANSPORTS = {
+    "socket": "direct socket channel per node (Unix socket on the head's machine, TCP across machines); Ray "
+              "starts, places and restarts the node actors",
+    "compiled": "compiled graph (ray.dag experimental_compile)",
+    "plain": "plain actor calls",
+}
+
+
 class NodeCluster:
     """``n`` memory nodes; ``call(batches)`` sends ``batches[i]`` to node ``i`` and returns their results."""
 
     def __init__(self, n_nodes: int, address: str | None = None, threads_per_node: int | None = None,
-                 timeout_s: float = 120.0, compiled: bool = True, restart_wait_s: float = 60.0, actors=None):
+                 timeout_s: float = 120.0, compiled: bool | None = None, restart_wait_s: float = 60.0, actors=None,
+                 transport: str | None = None):
         if n_nodes < 1:
             raise HetmemError(f"--memory-nodes must be at least 1 (got {n_nodes})")
         ray = _ray()
@@ -155,13 +344,18 @@ class NodeCluster:
         self.threads = thread_plan(n_nodes)
         if threads_per_node:
             self.threads["per_node"] = threads_per_node
-        self.timeout_s, self.restart_wait_s, self.compiled = timeout_s, restart_wait_s, compiled
+        if transport is None:
+            transport = "socket" if compiled is None else ("compiled" if compiled else "plain")
+        if transport not in TRANSPORTS:
+            raise HetmemError(f"unknown node transport '{transport}': use one of {', '.join(TRANSPORTS)}")
+        self.transport = transport
+        self.timeout_s, self.restart_wait_s = timeout_s, restart_wait_s
         self.address = address
         self.started_ray = init_ray(address, max(2, n_nodes))
         if actors is not None:  # the first n nodes of another cluster (tests, the benchmark: one set of processes)
             self.actors = list(actors[:n_nodes])
         else:
-            actor_cls = ray.remote(MemoryNode)
+            actor_cls = ray.remote(NodeActor)
             opts = dict(max_restarts=-1, max_task_retries=0, num_cpus=1)
             if address:
                 opts["scheduling_strategy"] = "SPREAD"
@@ -174,8 +368,14 @@ class NodeCluster:
         # every sequence's NodeMethod (through one hook, runtime.nodes.client), every loaded RAG memory
         self.rehydrators: list = []
         self.restarts = 0
+        self.last: dict = {}  # the last call's round trip and slowest node's compute (ms)
+        self.timeline: list = []  # socket: per node (sent, node has it, node done, head has its reply), perf_counter
         self.fallback = None
         self._dag = None
+        self._socks: list[socket.socket] | None = None  # the direct channels (transport "socket"), once opened
+        self._channel_kinds: list[str] = []
+        self._token = secrets.token_bytes(TOKEN_BYTES)
+        self._channel_lock = threading.Lock()
         self._lock = threading.Lock()
         self._call_lock = threading.RLock()
         self._inflight: float | None = None  # when the compiled-graph call now in flight began
@@ -201,8 +401,10 @@ class NodeCluster:
             return False
 
     def _watch(self) -> None:
-        """While a compiled-graph call is in flight, check the nodes: a compiled graph whose actor died waits on
-        its channel, so the watcher tears the graph down, which ends the head's wait with an error at once."""
+        """While a call is in flight, check the nodes: a compiled graph whose actor died waits on its channel, so
+        the watcher tears the graph down, which ends the head's wait with an error at once. (A socket to a dead
+        local process is closed by the kernel and the head's read ends by itself; a remote machine that died
+        may leave it open: the watcher shuts it.)"""
         while not self._watch_stop.wait(0.2):
             t = self._inflight
             if t is None or time.monotonic() - t < 0.2:
@@ -211,6 +413,7 @@ class NodeCluster:
             if dead and self._inflight is not None:
                 self._died = True
                 self._teardown()
+                self._close_channels(shutdown_only=True)
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def _get(self, refs, what: str, timeout: float | None = None):
@@ -225,7 +428,7 @@ class NodeCluster:
             return self._compile_locked()
 
     def _compile_locked(self):
-        if self._dag is None and self.compiled:
+        if self._dag is None and self.transport == "compiled":
             from ray.dag import InputNode, MultiOutputNode  # noqa: PLC0415  (optional heavy dependency)
 
             with InputNode() as inp:
@@ -249,9 +452,89 @@ class NodeCluster:
                 except Exception:  # noqa: BLE001 - a graph over a dead actor may fail to tear down cleanly
                     pass
 
+    # -- the direct channels (transport "socket") --------------------------------------------------------------
+    def _connect(self) -> list[socket.socket]:
+        """Open (once) a channel to every node: each node listens (``NodeActor.open_channel``, a Ray call that
+        registers this cluster's token), the head connects and presents the token."""
+        if self._socks is not None:
+            return self._socks
+        socks, kinds = [], []
+        try:
+            for i, a in enumerate(self.actors):
+                local = self.info[i].get("host") == self._host
+                ch = self._get(a.open_channel.remote(self._token, local), f"memory node {i} (opening its channel)")
+                fam = socket.AF_UNIX if ch["kind"] == "unix" else socket.AF_INET
+                s = socket.socket(fam, socket.SOCK_STREAM)
+                socks.append(s)
+                s.settimeout(self.timeout_s)
+                if fam == socket.AF_INET:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.connect(ch["address"] if fam == socket.AF_UNIX else tuple(ch["address"]))
+                s.sendall(self._token)
+                if recv_msg(s) != "ok":
+                    raise ConnectionError(f"memory node {i} refused the channel")
+                kinds.append(ch["kind"])
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        self._socks, self._channel_kinds = socks, kinds
+        return socks
+
+    def _close_channels(self, shutdown_only: bool = False) -> None:
+        """Close the channels (the next call opens them again); ``shutdown_only``: from the watcher thread, end
+        a read in flight (the calling thread closes them when it sees the error)."""
+        socks = self._socks
+        if socks is None:
+            return
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if not shutdown_only:
+                s.close()
+        if not shutdown_only:
+            self._socks = None
+
+    def _send_socket(self, batches: list[list[dict]]) -> list[dict]:
+        with self._channel_lock:  # one exchange at a time on the channels (callers on several threads)
+            return self._exchange(batches)
+
+    def _exchange(self, batches: list[list[dict]]) -> list[dict]:
+        socks = self._connect()
+        self._inflight = time.monotonic()
+        try:
+            packed: dict[int, list] = {}  # a batch object sent to several nodes is pickled once
+            sent = []
+            for s, b in zip(socks, batches):
+                f = packed.get(id(b))
+                if f is None:
+                    f = packed[id(b)] = pack(b)
+                send_frames(s, f)
+                sent.append(time.perf_counter())
+            replies = []
+            for s in socks:  # every node's reply is read: the channels stay in step
+                replies.append(recv_msg(s))
+                replies[-1] += (time.perf_counter(),)
+        except BaseException:
+            self._close_channels()
+            raise
+        finally:
+            self._inflight = None
+        for r in replies:
+            if r[0] == "error":
+                raise NodeCallError(r[1], r[2])
+        # the same machine's clock (perf_counter is CLOCK_MONOTONIC): send -> the node has the batch, and the
+        # node's reply -> the head has it (only meaningful for nodes on the head's machine)
+        self.timeline = [(t_s, r[2], r[2] + r[1]["node_ms"] / 1e3, r[3]) for t_s, r in zip(sent, replies)]
+        return [r[1] for r in replies]
+
     def _send(self, batches: list[list[dict]]) -> list[dict]:
         ray = _ray()
-        if self.compiled:
+        if self.transport == "socket":
+            return self._send_socket(batches)
+        if self.transport == "compiled":
             dag = self._compile()
             self._inflight = time.monotonic()  # before execute: a write to a dead node's channel blocks too
             try:
@@ -274,10 +557,12 @@ class NodeCluster:
         try:
             res = self._send(batches)
         except Exception as e:  # noqa: BLE001 - sorted below: a dead node, a timeout, an error raised on a node
-            if self._died or isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.RayChannelError)):
+            if self._died or isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.RayChannelError)) or (
+                    isinstance(e, OSError) and not isinstance(e, TimeoutError)):  # a channel closed by its node
                 return self._recover_and_retry(batches, layer, phase, step)
             return self._fail(e, step)
         rt = (time.perf_counter() - t0) * 1e3
+        self.last = {"rt_ms": rt, "node_ms": max(r["node_ms"] for r in res)}
         if phase:  # housekeeping calls (drop) are not transfers of a phase
             link = max(0.0, rt - max(r["node_ms"] for r in res))
             for i, (b, r) in enumerate(zip(batches, res)):
@@ -288,24 +573,25 @@ class NodeCluster:
     def _fail(self, e: Exception, step: str):
         ray = _ray()
         self._teardown()
-        if isinstance(e, ray.exceptions.GetTimeoutError):
-            self._teardown()
+        self._close_channels()
+        if isinstance(e, (ray.exceptions.GetTimeoutError, TimeoutError)):
             raise HetmemError(f"memory nodes did not answer a {step or 'call'} within {self.timeout_s:.0f} s") from None
         cause = getattr(e, "cause", None) or e
+        name = cause.type_name if isinstance(cause, NodeCallError) else type(cause).__name__
         msg = str(cause).strip().splitlines()
-        raise HetmemError(f"memory node error during {step or 'a call'}: {type(cause).__name__}"
+        raise HetmemError(f"memory node error during {step or 'a call'}: {name}"
                           f"{': ' + msg[0] if msg else ''}") from None
 
     def _recover_and_retry(self, batches, layer, phase, step):
         """A node died: wait for Ray to restart it, re-hydrate it from the head's copy, retry once."""
-        ray = _ray()
         self._teardown()
+        self._close_channels()  # the next call opens them again (to the restarted node's new listener)
         self.restarts += 1
         dead = self.wait_alive()
-        if self.compiled:
+        if self.transport == "compiled":
             # A compiled graph built again over a restarted actor hangs on its second call (Ray 2.60: the old
             # graph's teardown still reaches the actor's new loop); the rest of the run uses plain actor calls.
-            self.compiled = False
+            self.transport = "plain"
             self.fallback = "plain actor calls after a node restart (a recompiled graph over a restarted actor hangs)"
         for i in dead:
             batch = [r for fn in list(self.rehydrators) for r in fn(i)]
@@ -315,6 +601,7 @@ class NodeCluster:
             res = self._send(batches)
         except Exception as e:  # noqa: BLE001 - a second failure is reported, not retried forever
             self._teardown()
+            self._close_channels()
             raise HetmemError(f"memory node call failed again after a restart: {type(e).__name__}") from None
         for i, (b, r) in enumerate(zip(batches, res)):
             self.ledger.add(i, layer, phase, step, nbytes(b), nbytes(r["results"]), 0.0, r["node_ms"], 0.0,
@@ -353,6 +640,7 @@ class NodeCluster:
     def close(self) -> None:
         self._watch_stop.set()
         self._teardown()
+        self._close_channels()
         ray = _ray()
         for a in self.actors if self.owns_actors else []:
             try:
@@ -367,6 +655,7 @@ class NodeCluster:
         """What the run record says about the nodes."""
         ray = _ray()
         return {"n": self.n, "ray": ray.__version__, "address": self.address or "local",
-                "calls": "compiled graph (ray.dag experimental_compile)" if self.compiled else "plain actor calls",
+                "transport": self.transport, "calls": TRANSPORTS[self.transport],
+                "channels": self._channel_kinds or None,
                 "threads": self.threads, "restarts": self.restarts, "fallback": self.fallback, "timeout_s": self.timeout_s,
                 "pids": self.pids}
