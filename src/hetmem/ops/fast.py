@@ -11,6 +11,8 @@ through ``at::parallel_for``, so they use torch's thread count) into ``<hetmem c
     page_attention(q, k, v, pages, ...) decode attention over the selected pages *in place*: the selected K/V
                                        are read once from the cache buffers, never copied (online softmax,
                                        Milakov & Gimelshein 2018, arXiv 1805.02867; as in FlashDecoding)
+    page_partials(q, k, v, pages, ...) attention over each selected page on its own, in place: per page the
+                                       output and its log-sum-exp (a memory node's one-round attention layout)
     index_scores(q, w, k)              DSA's lightning indexer sum_h w_h ReLU(q_h . k_t) in one pass over the
                                        index keys: no ``[H_i, L]`` intermediate (DeepSeek-V3.2)
     block_scores(q, k, scale)          seer's gated query . gated block summaries, one pass (a GEMV per KV head,
@@ -451,6 +453,92 @@ torch::Tensor page_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   return out;
 }
 
+// Attention of q [R, G, Dk] over each page of pages [R, n] on its own (ids < 0: none), K/V read in place as in
+// page_attention (tokens >= length left out): per page its normalised output out [R, n, G, Dv] and its
+// log-sum-exp lse [R, n, G] (-inf, output 0, for a page with no token). What a memory node returns in the
+// one-round attention layout (runtime/nodes): the head merges the selected pages' partials.
+template <typename T>
+static void partials_impl(const float* q, const T* k, const T* v, const int64_t* pages, float* out, float* lse,
+                          int64_t R, int64_t G, int64_t Dk, int64_t Dv, int64_t n, int64_t P, int64_t kr, int64_t ks,
+                          int64_t vr, int64_t vs, int64_t length, float scale, float softcap) {
+  at::parallel_for(0, R * n, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> s(G * P);
+    for (int64_t rj = a; rj < b; ++rj) {
+      int64_t r = rj / n;
+      const float* qr = q + r * G * Dk;
+      float* o = out + rj * G * Dv;
+      float* ls = lse + rj * G;
+      int64_t pg = pages[rj];
+      int64_t t0 = pg * P, t1 = pg >= 0 ? std::min<int64_t>(t0 + P, length) : t0;
+      int64_t T_ = t1 - t0;
+      if (pg < 0 || T_ <= 0) {
+        std::fill(o, o + G * Dv, 0.f);
+        std::fill(ls, ls + G, -std::numeric_limits<float>::infinity());
+        continue;
+      }
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* kt = k + r * kr + (t0 + t) * ks;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qr + g * Dk;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < Dk; ++d) dot += qg[d] * f32(kt[d]);
+          dot *= scale;
+          if (softcap > 0) dot = std::tanh(dot / softcap) * softcap;
+          s[g * P + t] = dot;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, s[g * P + t]);
+        float l = 0.f;
+        float* og = o + g * Dv;
+        std::fill(og, og + Dv, 0.f);
+        for (int64_t t = 0; t < T_; ++t) {
+          float p = std::exp(s[g * P + t] - mx);
+          l += p;
+          const T* vt = v + r * vr + (t0 + t) * vs;
+#pragma omp simd
+          for (int64_t d = 0; d < Dv; ++d) og[d] += p * f32(vt[d]);
+        }
+        float inv = 1.f / l;
+        for (int64_t d = 0; d < Dv; ++d) og[d] *= inv;
+        ls[g] = mx + std::log(l);
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> page_partials(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor pages,
+                                         int64_t P, int64_t length, double scale, double softcap) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && pages.dim() == 3,
+              "page_partials: q [B, H, G, Dk], k [B, H, cap, Dk], v [B, H, cap, Dv], pages [B, H, n]");
+  auto B = k.size(0), H = k.size(1), Dk = k.size(3), Dv = v.size(3), G = q.size(2), n = pages.size(2);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(3) == Dk && v.size(0) == B && v.size(1) == H &&
+              v.size(2) == k.size(2) && pages.size(0) == B && pages.size(1) == H, "page_partials: shapes disagree");
+  TORCH_CHECK(P >= 1 && length >= 0 && length <= k.size(2), "page_partials: P >= 1, 0 <= length <= capacity");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(0) == H * k.stride(1) && v.stride(0) == H * v.stride(1),
+              "page_partials: K/V heads adjacent, last dim contiguous");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "page_partials: K and V of one dtype");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto pg = pages.to(torch::kLong).contiguous();
+  auto out = torch::empty({B, H, n, G, Dv}, qf.options());
+  auto lse = torch::empty({B, H, n, G}, qf.options());
+  if (n == 0) return {out, lse};
+  auto go = [&](auto* kp, auto* vp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+    partials_impl<T>(qf.data_ptr<float>(), kp, vp, pg.data_ptr<int64_t>(), out.data_ptr<float>(), lse.data_ptr<float>(),
+                     B * H, G, Dk, Dv, n, P, k.stride(1), k.stride(2), v.stride(1), v.stride(2), length, (float)scale,
+                     (float)softcap);
+  };
+  auto st = k.scalar_type();
+  if (st == torch::kFloat) go(k.data_ptr<float>(), v.data_ptr<float>());
+  else if (st == torch::kBFloat16) go(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+  else if (st == torch::kHalf) go(k.data_ptr<at::Half>(), v.data_ptr<at::Half>());
+  else TORCH_CHECK(false, "page_partials: float32, bfloat16 or float16 K/V");
+  return {out, lse};
+}
+
 // DSA lightning indexer, one pass over the index keys: out[b, t] = sum_h w[b, h] * ReLU(q[b, h] . k[b, t]) for
 // q [B, Hi, D] float, w [B, Hi] float, k [B, L, D] (row stride kb, token stride kt, D contiguous); out [B, L]
 // float. No [Hi, L] intermediate: each key row is read once for every index head.
@@ -636,7 +724,7 @@ torch::Tensor block_scores(torch::Tensor q, torch::Tensor k, double scale) {
 }
 """
 
-_FUNCTIONS = ["quest_scores", "topk_ids", "page_attention", "index_scores", "block_scores"]
+_FUNCTIONS = ["quest_scores", "topk_ids", "page_attention", "page_partials", "index_scores", "block_scores"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _why: str = ""
 
@@ -733,3 +821,10 @@ def block_scores(q, k, scale: float):
 
 def page_attention(q, k, v, pages, page_size: int, start: int, length: int, scale: float, softcap=None, sinks=None):
     return _lib().page_attention(q, k, v, pages, page_size, start, length, scale, float(softcap or 0.0), sinks)
+
+
+def page_partials(q, k, v, pages, page_size: int, length: int, scale: float, softcap=None):
+    """Attention over each page of ``pages [B, H, n]`` (ids < 0: none) on its own, in place: per page the
+    normalised output ``[B, H, n, G, Dv]`` and its log-sum-exp ``[B, H, n, G]`` (-inf for an empty page)."""
+    out, lse = _lib().page_partials(q, k, v, pages, page_size, length, scale, float(softcap or 0.0))
+    return out, lse

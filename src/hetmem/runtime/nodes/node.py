@@ -40,6 +40,7 @@ import hetmem.methods  # noqa: F401  (the steps a head sends are the methods': i
 from hetmem.core.pipeline import MemoryPipeline
 from hetmem.core.types import Query
 from hetmem.llm.paged_cache import PagedKVLayer
+from hetmem.ops import fast
 from hetmem.ops.sparse_attention import gather_pages
 from hetmem.rag.shards import RagShard
 from hetmem.ops.topk import topk_indices
@@ -162,7 +163,17 @@ class MemoryNode:
 
     def _page_partials(self, sh, q, pages_loc, req):
         """Attention over each local page of ``pages_loc [B, H, C]`` (-1: padding) on its own:
-        ``out [B, H, C, G, Dv]`` and ``lse [B, H, C, G]`` (-inf for padding)."""
+        ``out [B, H, C, G, Dv]`` and ``lse [B, H, C, G]`` (-inf for padding). The compiled op reads the pages
+        in place (``ops.fast.page_partials``); the torch code below is its reference and fallback."""
+        B, H, G, _ = q.shape
+        P = sh.page_size
+        L = sh.layer
+        if fast.available(q, L.buf_k, L.buf_v) and L.buf_k.stride(-1) == 1 and L.buf_v.stride(-1) == 1:
+            # local tokens: only the global last page can be partial, and it is this node's last local page
+            return fast.page_partials(q, L.buf_k, L.buf_v, pages_loc, P, L.length, req["scale"], req.get("softcap"))
+        return self._page_partials_torch(sh, q, pages_loc, req)
+
+    def _page_partials_torch(self, sh, q, pages_loc, req):
         B, H, G, _ = q.shape
         P = sh.page_size
         L = sh.layer
