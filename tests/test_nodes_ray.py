@@ -275,6 +275,11 @@ def test_single_round_attention_makes_one_call_per_layer(nodes, model, prompt):
     try:
         on_nodes(model, prompt, sub, "attention", "quest", QUEST)
         rows = [t for t in sub.ledger.transfers() if t["phase"] == "decode" and t["direction"] == "head->node"]
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2:  # each local node pinned to a core of its own, every thread of it
+            assert sub.record()["pinned_cores"] == {"node0": cpus[0], "node1": cpus[1]}
+            for i, pid in enumerate(sub.pids):
+                assert all(os.sched_getaffinity(int(t)) == {cpus[i]} for t in os.listdir(f"/proc/{pid}/task"))
     finally:
         sub.close()
     assert {t["step"] for t in rows} == {"relevancy"}

@@ -335,7 +335,7 @@ class NodeCluster:
 
     def __init__(self, n_nodes: int, address: str | None = None, threads_per_node: int | None = None,
                  timeout_s: float = 120.0, compiled: bool | None = None, restart_wait_s: float = 60.0, actors=None,
-                 transport: str | None = None):
+                 transport: str | None = None, pin: bool = True):
         if n_nodes < 1:
             raise HetmemError(f"--memory-nodes must be at least 1 (got {n_nodes})")
         ray = _ray()
@@ -363,6 +363,7 @@ class NodeCluster:
         self.owns_actors = actors is None
         self.info = [self._get(a.info.remote(), f"memory node {i}") for i, a in enumerate(self.actors)]
         self.pids = [x["pid"] for x in self.info]
+        self.pin, self.pinned = pin, {}  # node -> the core it is pinned to (``_pin``)
         self.ledger = Ledger()
         # node -> the batch that rebuilds what one user of the nodes keeps there (its shards), one per user:
         # every sequence's NodeMethod (through one hook, runtime.nodes.client), every loaded RAG memory
@@ -479,7 +480,30 @@ class NodeCluster:
                 s.close()
             raise
         self._socks, self._channel_kinds = socks, kinds
+        self._pin()  # the nodes' channel threads exist now
         return socks
+
+    def _pin(self) -> None:
+        """Pin each node process on this machine to a core of its own (node ``i`` to the ``i % cores``-th core
+        this process may use), every thread of it, when there are at least as many cores as nodes. Left to the
+        scheduler, a node woken by the head lands on the head's core (wake-affine) and waits for it, and two
+        nodes of one call run one after the other: measured here, pinning cut 2 local nodes' decode by about an
+        eighth. The head is not pinned. ``pin=False`` leaves the nodes alone; ``record()`` says which."""
+        if not self.pin or not hasattr(os, "sched_setaffinity"):
+            return
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < self.n:
+            return
+        for i, pid in enumerate(self.pids):
+            if self.info[i].get("host") != self._host:
+                continue
+            core = cpus[i % len(cpus)]
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(tid), {core})
+                self.pinned[i] = core
+            except (OSError, ValueError):  # a thread that just ended, a process gone: best effort
+                pass
 
     def _close_channels(self, shutdown_only: bool = False) -> None:
         """Close the channels (the next call opens them again); ``shutdown_only``: from the watcher thread, end
@@ -658,4 +682,4 @@ class NodeCluster:
                 "transport": self.transport, "calls": TRANSPORTS[self.transport],
                 "channels": self._channel_kinds or None,
                 "threads": self.threads, "restarts": self.restarts, "fallback": self.fallback, "timeout_s": self.timeout_s,
-                "pids": self.pids}
+                "pids": self.pids, "pinned_cores": {f"node{i}": c for i, c in sorted(self.pinned.items())} or None}
