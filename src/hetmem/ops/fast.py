@@ -231,6 +231,25 @@ torch::Tensor topk_ids(torch::Tensor scores, int64_t k) {
   return out;
 }
 
+// The scores of one page's T_ tokens (keys from kp, token stride ks) for the G query heads of qr:
+// s[g * P + t] = scale * q_g . k_t, soft-capped (tanh(s / cap) * cap) when softcap > 0.
+template <typename T>
+static inline void page_scores(const float* qr, const T* kp, float* s, int64_t G, int64_t Dk, int64_t P, int64_t T_,
+                               int64_t ks, float scale, float softcap) {
+  for (int64_t t = 0; t < T_; ++t) {
+    const T* kt = kp + t * ks;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qr + g * Dk;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < Dk; ++d) dot += qg[d] * f32(kt[d]);
+      dot *= scale;
+      if (softcap > 0) dot = std::tanh(dot / softcap) * softcap;
+      s[g * P + t] = dot;
+    }
+  }
+}
+
 // Decode attention of q [R, G, Dk] over the tokens of the selected pages, read in place from k [R, cap, Dk]
 // and v [R, cap, Dv] (token stride ks / vs, row stride kr / vr). pages [R, n] sorted ids; tokens < start and
 // >= length are left out. Optional softcap (tanh(s / cap) * cap) and sinks [R, G] (an extra logit in the
@@ -250,18 +269,7 @@ static void attn_impl(const float* q, const T* k, const T* v, const int64_t* pag
         int64_t t0 = std::max<int64_t>(pages[r * n + j] * P, start), t1 = std::min<int64_t>(pages[r * n + j] * P + P, length);
         int64_t T_ = t1 - t0;
         if (T_ <= 0) continue;
-        for (int64_t t = 0; t < T_; ++t) {
-          const T* kt = k + r * kr + (t0 + t) * ks;
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qr + g * Dk;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < Dk; ++d) dot += qg[d] * f32(kt[d]);
-            dot *= scale;
-            if (softcap > 0) dot = std::tanh(dot / softcap) * softcap;
-            s[g * P + t] = dot;
-          }
-        }
+        page_scores(qr, k + r * kr + t0 * ks, s.data(), G, Dk, P, T_, ks, scale, softcap);
         for (int64_t g = 0; g < G; ++g) {
           float mx = m[g];
           for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, s[g * P + t]);
@@ -476,18 +484,7 @@ static void partials_impl(const float* q, const T* k, const T* v, const int64_t*
         std::fill(ls, ls + G, -std::numeric_limits<float>::infinity());
         continue;
       }
-      for (int64_t t = 0; t < T_; ++t) {
-        const T* kt = k + r * kr + (t0 + t) * ks;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qr + g * Dk;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < Dk; ++d) dot += qg[d] * f32(kt[d]);
-          dot *= scale;
-          if (softcap > 0) dot = std::tanh(dot / softcap) * softcap;
-          s[g * P + t] = dot;
-        }
-      }
+      page_scores(qr, k + r * kr + t0 * ks, s.data(), G, Dk, P, T_, ks, scale, softcap);
       for (int64_t g = 0; g < G; ++g) {
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, s[g * P + t]);
