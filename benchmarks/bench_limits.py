@@ -523,20 +523,18 @@ def main(argv=None) -> int:
         rec.figure("p3_dense_ms_per_token", r["dense"]["ms_per_token"], "ms/token")
         rec.figure("p3_quest_ms_per_token", r["quest"]["ms_per_token"], "ms/token")
         rec.figure("quest_over_dense", r["quest_over_dense"]["median"], "x dense decode speed")
+
+        def p3_variant(tag: str, row: dict) -> None:  # a P3 run with another KV or weight dtype: its keys
+            out[f"p3_{tag}"] = {"length": r["prompt_tokens"], **row}
+            for m in ("dense", "quest"):
+                rec.figure(f"p3_{m}_{tag}_ms_per_token", row[m]["ms_per_token"], "ms/token")
+                rec.figure(f"p3_{m}_{tag}", row[m]["ratio"], "x bandwidth-limit ms/token")
+            rec.figure(f"quest_over_dense_{tag}", row["quest_over_dense"]["median"], "x dense decode speed")
+
         for kvd, row in r["kv_dtypes"].items():
-            out[f"p3_kv_{kvd}"] = {"length": r["prompt_tokens"], **row}
-            rec.figure(f"p3_dense_kv_{kvd}_ms_per_token", row["dense"]["ms_per_token"], "ms/token")
-            rec.figure(f"p3_quest_kv_{kvd}_ms_per_token", row["quest"]["ms_per_token"], "ms/token")
-            rec.figure(f"p3_dense_kv_{kvd}", row["dense"]["ratio"], "x bandwidth-limit ms/token")
-            rec.figure(f"p3_quest_kv_{kvd}", row["quest"]["ratio"], "x bandwidth-limit ms/token")
-            rec.figure(f"quest_over_dense_kv_{kvd}", row["quest_over_dense"]["median"], "x dense decode speed")
+            p3_variant(f"kv_{kvd}", row)
         for wd, row in r["weight_dtypes"].items():
-            out[f"p3_weights_{wd}"] = {"length": r["prompt_tokens"], **row}
-            rec.figure(f"p3_dense_weights_{wd}_ms_per_token", row["dense"]["ms_per_token"], "ms/token")
-            rec.figure(f"p3_quest_weights_{wd}_ms_per_token", row["quest"]["ms_per_token"], "ms/token")
-            rec.figure(f"p3_dense_weights_{wd}", row["dense"]["ratio"], "x bandwidth-limit ms/token")
-            rec.figure(f"p3_quest_weights_{wd}", row["quest"]["ratio"], "x bandwidth-limit ms/token")
-            rec.figure(f"quest_over_dense_weights_{wd}", row["quest_over_dense"]["median"], "x dense decode speed")
+            p3_variant(f"weights_{wd}", row)
             rec.figure(f"quest_over_dense_weights_{wd}_at_limit", row["quest_over_dense"]["at_limit"],
                        "x dense decode speed", source="modelled")
     if bw is not None:
