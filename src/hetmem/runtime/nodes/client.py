@@ -258,6 +258,15 @@ def _timer_of(sh: LayerShard):
     return sh.timer
 
 
+def _query_fields(sh: "LayerShard", query) -> dict:
+    """What every request about a layer's decode query carries: the sequence, the layer, the query and how it
+    is scored (scale, soft-cap, sink logits)."""
+    meta = query.meta
+    sinks = meta.get("sinks")
+    return {"cache": sh.owner.session.id, "layer": sh.layer_idx, "q": _np(query.vectors), "scale": meta.get("scale"),
+            "softcap": meta.get("softcap"), "sinks": None if sinks is None else _np(sinks)}
+
+
 @dataclasses.dataclass
 class RemoteRelevancy:
     """The nodes' Relevancy (``score``), or, in the single-round ``attention`` layout, Relevancy and every
@@ -271,11 +280,7 @@ class RemoteRelevancy:
     def request(self, memory: Memory, query) -> dict:
         sh = self.shard
         rel = sh.head_relevancy
-        meta = query.meta
-        sinks = meta.get("sinks")
-        req = {"op": "score", "cache": sh.owner.session.id, "layer": sh.layer_idx, "q": _np(query.vectors),
-               "m": rel.budget_pages, "scale": meta.get("scale"), "softcap": meta.get("softcap"),
-               "sinks": None if sinks is None else _np(sinks)}
+        req = {"op": "score", **_query_fields(sh, query), "m": rel.budget_pages}
         if sh.single_round:
             top = attend_top(rel.budget_pages - rel.sink_pages - rel.recent_pages, sh.cluster.n, ATTEND_SLACK)
             req.update(op="score_attend", sink=rel.sink_pages, recent=rel.recent_pages, n_pages=memory.n_units,
@@ -472,13 +477,10 @@ class SplitRelevancy:
     def score(self, memory: Memory, query) -> Scores:
         sh = self.shard
         rel = sh.head_relevancy
-        meta = query.meta
-        sinks = meta.get("sinks")
         exact = sh.owner.exact_meter is not None
-        base = {"op": "select_attend", "cache": sh.owner.session.id, "layer": sh.layer_idx, "q": _np(query.vectors),
-                "sink": rel.sink_pages, "recent": rel.recent_pages, "n_pages": memory.n_units,
-                "scale": meta.get("scale"), "softcap": meta.get("softcap"), "length": memory.meta["length"],
-                "sinks": None if sinks is None else _np(sinks), "candidates": rel.budget_pages if exact else 0}
+        base = {"op": "select_attend", **_query_fields(sh, query), "sink": rel.sink_pages, "recent": rel.recent_pages,
+                "n_pages": memory.n_units, "length": memory.meta["length"],
+                "candidates": rel.budget_pages if exact else 0}
         reqs = [dict(base, m=m) for m in node_budgets(rel.budget_pages, sh.cluster.n)]
         res = sh.call(reqs, "relevancy", _timer_of(sh).phase)
         sh.partials = ([_t(r["out"]) for r in res], [_t(r["lse"]) for r in res])

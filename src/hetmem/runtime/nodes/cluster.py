@@ -101,7 +101,7 @@ def thread_plan(n_nodes: int, total: int | None = None) -> dict:
     """Torch threads for the head and each node such that together they ask for no more threads than there are
     cores (at least 1 each, so 2 nodes and a head on 2 cores are one thread over). A decode step is synchronous,
     but a process that just left a parallel region keeps its OpenMP threads spinning for a while, and a node
-    with 2 threads next to a head of 1 on 2 busy cores measured 5-20x slower per call here than with 1: the
+    with 2 threads next to a head of 1 on 2 busy cores was several times slower per call here than with 1: the
     nodes share the cores the head leaves them, the head keeps at least one."""
     total = total or cores()
     node = max(1, (total - 1) // max(1, n_nodes))
